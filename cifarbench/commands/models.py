@@ -1,0 +1,47 @@
+"""``cifarbench models``: the zoo, with parameter counts and bundled-weights status."""
+from __future__ import annotations
+
+import typer
+
+from ..options import JsonOpt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("models")
+    def models(json: JsonOpt = False) -> None:
+        """List the nets of the report with parameter counts, FLOPs and bundled weights."""
+        from ..console import console, emit_json
+        from ..nets import count_flops, count_parameters
+        from ..zoo import bundled_weights, create_model, get_spec, list_models
+
+        rows = []
+        for name in list_models():
+            spec, model = get_spec(name), create_model(name)
+            weights = bundled_weights(name)
+            meta = None
+            if weights:
+                from ..checkpoint import read_metadata
+
+                meta = read_metadata(weights)
+            rows.append({
+                "name": name, "params": count_parameters(model), "mflops": round(count_flops(model) / 1e6, 1),
+                "hparams": model.hparams, "report_params": spec["report"]["params"],
+                "report_test_accuracy": spec["report"]["test_accuracy"],
+                "bundled_weights": str(weights) if weights else None,
+                "bundled_test_accuracy": (meta or {}).get("metrics", {}).get("test_accuracy"),
+                "description": spec["description"],
+            })
+        if json:
+            emit_json({"models": rows})
+            return
+        from rich.table import Table
+
+        table = Table(title="cifarbench model zoo")
+        for col in ("net", "params", "MFLOPs", "hyper-parameters", "report acc", "bundled acc"):
+            table.add_column(col)
+        for r in rows:
+            hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items() if v is not None)
+            acc = f"{r['bundled_test_accuracy']:.2%}" if r["bundled_test_accuracy"] is not None else "no weights"
+            table.add_row(r["name"], f"{r['params']:,}", f"{r['mflops']:,}", hp,
+                          f"{r['report_test_accuracy']:.2%}", acc)
+        console.print(table)

@@ -1,0 +1,55 @@
+"""Shared test fixtures. Tests run on the CPU; GPU-marked tests skip without CUDA; data-marked ones without
+``../shared/data``."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("CIFARBENCH_SHARED_DATA", REPO.parent / "shared" / "data" / "cifar10-jpeg75.tar.gz"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "data" in item.keywords and not SHARED_DATA.is_file():
+            item.add_marker(pytest.mark.skip(reason=f"needs the CIFAR-10 copy at {SHARED_DATA}"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Decoded-data caches go to a per-session temp folder, never the user's home."""
+    monkeypatch.setattr("cifarbench.data.CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_file():
+        pytest.skip(f"needs the CIFAR-10 copy at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_test():
+    from cifarbench.data import load_split
+
+    return load_split("synthetic", "test")
+
+
+def random_model(name: str, seed: int = 0, **overrides):
+    """A net with random weights and non-trivial BN statistics, in eval mode (no training needed)."""
+    from cifarbench import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(name, **overrides)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()

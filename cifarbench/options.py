@@ -21,3 +21,19 @@ DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Where to
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for CSV, NPY and PNG files.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded with the results).")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Hyper-parameter override key=value (l1_oc, filter_multiplier, kernel_size, stride, dropout); "
+                  "repeatable.")]
+
+
+def parse_sets(items: list[str] | None) -> dict:
+    """``["l1_oc=32", "dropout=0.5"]`` -> ``{"l1_oc": "32", "dropout": "0.5"}``; values are checked by the zoo."""
+    from .errors import UserError
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise UserError(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out

@@ -135,12 +135,14 @@ def _decode_folder(path: Path, split: str):
                 if f.suffix.lower() in IMAGE_SUFFIXES:
                     entries.append((cls_dir.name, f.name, f.read_bytes))
     elif tarfile.is_tarfile(path):
-        tar = tarfile.open(path)
-        for m in tar.getmembers():
-            parts = Path(m.name).parts
-            parts = parts[parts.index(split):] if split in parts else ()
-            if m.isfile() and len(parts) == 3 and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
-                entries.append((parts[1], parts[2], lambda m=m: tar.extractfile(m).read()))
+        # read members in archive order: seeking backwards in a gzip stream re-decompresses from the start
+        with tarfile.open(path) as tar:
+            for m in tar:
+                parts = Path(m.name).parts
+                parts = parts[parts.index(split):] if split in parts else ()
+                if m.isfile() and len(parts) == 3 and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
+                    blob = tar.extractfile(m).read()
+                    entries.append((parts[1], parts[2], lambda blob=blob: blob))
         entries.sort(key=lambda e: (e[0], e[1]))
     else:
         raise UserError(f"--data {path}: not a directory or a .tar.gz image-folder archive")

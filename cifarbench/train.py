@@ -218,9 +218,11 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 **({"rng_cuda": torch.cuda.get_rng_state(device)} if on_gpu else {}),
                 "history": history})
             write_text(out / "metrics.csv", _csv(history, columns))
+            status = f"loss {train_loss:.3f} train {train_acc:.2%} test {test_acc:.2%}"
             if bar is not None:
-                bar.update(task, advance=1, status=f"loss {train_loss:.3f} train {train_acc:.2%} "
-                                                   f"test {test_acc:.2%}")
+                bar.update(task, advance=1, status=status)
+                if bar.disable:  # not a terminal (a log file): one line per epoch instead of a bar
+                    bar.console.print(f"{cfg['net']} epoch {epoch}/{cfg['epochs']} {status} ({epoch_time:.1f} s)")
             if on_epoch is not None:
                 on_epoch(row)
     finally:

@@ -1,0 +1,29 @@
+"""torch.compile (Inductor) runtime. On CUDA, ``mode="reduce-overhead"`` captures CUDA graphs per batch size;
+``max-autotune`` adds kernel autotuning. The first call of each new batch shape pays the compile."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UserError
+from .torch_eager import TorchRuntime
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+class CompiledRuntime(TorchRuntime):
+    name = "torch-compile"
+
+    def __init__(self, model, device: str | torch.device = "cpu", mode: str | None = None,
+                 precision: str = "fp32", channels_last: bool = True):
+        super().__init__(model, device, channels_last=channels_last, precision=precision)
+        mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        if mode not in MODES:
+            raise UserError(f"unknown torch.compile mode {mode!r}; known: {', '.join(MODES)}")
+        self.mode = mode
+        self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
+
+    @torch.inference_mode()
+    def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self._compiled(self._prepare(batch))
+        # CUDA-graph outputs live in a pool the next replay overwrites: hand back a copy
+        return out.float().clone() if self.mode in ("reduce-overhead", "max-autotune") else out.float()

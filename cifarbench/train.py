@@ -65,9 +65,12 @@ class TrainConfig:
         r = dict(RECIPES[self.recipe])
         if self.recipe == "fast" and not spec["batchnorm"]:
             r["lr"] = FAST_LR_NO_BN
-        r["epochs"] = self.epochs or (spec["seed_recipe"]["epochs"] if self.recipe == "seed" else FAST_EPOCHS[self.net])
+        if self.epochs is not None:
+            r["epochs"] = self.epochs
+        else:
+            r["epochs"] = spec["seed_recipe"]["epochs"] if self.recipe == "seed" else FAST_EPOCHS[self.net]
         r["lr"] = self.lr if self.lr is not None else r["lr"]
-        r["batch_size"] = self.batch_size or r["batch_size"]
+        r["batch_size"] = self.batch_size if self.batch_size is not None else r["batch_size"]
         r["augment"] = spec["seed_recipe"]["augment"]
         if r["epochs"] < 1 or r["batch_size"] < 1 or r["lr"] <= 0:
             raise UserError(f"epochs, batch size and lr must be positive (got {r['epochs']}, {r['batch_size']}, "

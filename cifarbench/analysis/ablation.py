@@ -55,14 +55,14 @@ def variant_runtime(runtime, model: CifarNet, selection: Selection, zero_bias: b
     """The same backend running the filter-zeroed variant: a zeroed torch copy, or a zeroed ONNX graph."""
     from ..runtime import TorchRuntime
 
-    if isinstance(runtime, TorchRuntime):
+    if type(runtime) is TorchRuntime:
         return TorchRuntime(zeroed_model(runtime.model, selection, zero_bias), runtime.device,
-                            channels_last=runtime.channels_last)
-    proto = getattr(runtime, "onnx_model", None)
-    if proto is not None:
-        from ..export.variants import onnx_variant
+                            channels_last=runtime.channels_last, precision=runtime.precision)
+    if runtime.name == "onnxruntime":
+        from ..export.variants import onnx_variant, runtime_proto
+        from ..runtime.ort import OrtRuntime
 
-        return runtime.with_model(onnx_variant(proto, model, selection, zero_bias))
+        return OrtRuntime(onnx_variant(runtime_proto(runtime, model), model, selection, zero_bias), runtime.device)
     raise UserError(f"filter-zeroed variants are not available for backend {runtime.name!r}; "
                     f"use torch or onnxruntime")
 
@@ -180,9 +180,10 @@ def sweep(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bi
     over the data for every layer; other runtimes run each variant through the runtime."""
     from ..runtime import TorchRuntime
 
-    if not isinstance(runtime, TorchRuntime):
+    if type(runtime) is not TorchRuntime:
         return sweep_by_variants(runtime, model, data, selection, zero_bias, batch_size, progress)
     net, dev = runtime.model, runtime.device
+    dtype = next(net.parameters()).dtype
     layers = by_layer(selection)
     splits = {layer: _split(net, layer, zero_bias) for layer in layers}
     js = {layer: torch.tensor(idx, device=dev) for layer, idx in layers.items()}
@@ -192,7 +193,7 @@ def sweep(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bi
     mods = list(net.layers.children())
     with torch.inference_mode():
         for i in range(0, n, batch_size):
-            x = data.images[i:i + batch_size].to(dev).float().div_(255)
+            x = data.images[i:i + batch_size].to(dev).float().div_(255).to(dtype)
             if runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             h, base_done = (x - 0.5) / 0.5, False

@@ -1,0 +1,202 @@
+"""``cifarbench ablate``: filter-zeroed variants with per-class tables and confusion matrices, and whole-layer
+sweeps ranked by accuracy drop."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+
+SpecsArg = Annotated[Optional[list[str]], typer.Argument(
+    help="More filter specs, so that `--filters conv1:0,1 conv2:0,1` works unquoted.", show_default=False)]
+FiltersOpt = Annotated[Optional[list[str]], typer.Option(
+    "--filters", "-f", help="Filters as LAYER:I[,J,...] (ranges I-J allowed), e.g. conv1:0,1 conv2:0,1; "
+                            "default: filters 0 and 1 of conv1..conv5 (the report's).")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N test images.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per runtime call.")]
+
+
+def open_analysis(model: str, select, backend: str, device: str | None, data: str, data_dir, limit: int | None):
+    """(torch net, selection, runtime, test split) for an analysis command; every mistake a UserError.
+
+    ``select(net)`` resolves the filters before the runtime is built, so a bad spec fails fast."""
+    from ..data import load_split
+    from ..errors import UserError
+    from ..runtime import open_runtime, resolve_module
+
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    net = resolve_module(model)
+    selection = select(net)
+    dataset = load_split(data, "test", data_dir)
+    if limit is not None:
+        dataset = dataset.subset(slice(0, limit))
+    return net, selection, open_runtime(net, backend=backend, device=device), dataset
+
+
+def run_progress(total: int, what: str):
+    """(progress context, advance callback) on stderr."""
+    from ..console import progress
+
+    bar = progress()
+    task = bar.add_task(what, total=total, status="")
+    return bar, lambda n: bar.advance(task, n)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}"
+
+
+def _csv(rows) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
+def write_ablation(result: dict, data, out: Path) -> list[Path]:
+    import numpy as np
+
+    from ..analysis.figures import confusion_figure, flipped_grid
+    from ..io import write_json, write_text
+
+    classes = list(data.classes)
+    b, a, d = result["before"], result["after"], result["difference"]
+    rows = [["class", "before", "after", "difference_before_minus_after"]]
+    rows += [[c, _fmt(b["per_class"][c]), _fmt(a["per_class"][c]), _fmt(d["per_class"][c])] for c in classes]
+    rows.append(["overall", _fmt(b["accuracy"]), _fmt(a["accuracy"]), _fmt(d["accuracy"])])
+    paths = [out / "per_class.csv", out / "ablation.json"]
+    write_text(paths[0], _csv(rows))
+    write_json(paths[1], result)
+    before, after = np.array(result["confusion"]["before"]), np.array(result["confusion"]["after"])
+    for name, mat in (("before", before), ("after", after), ("diff", after - before)):
+        path = out / f"confusion_{name}.csv"
+        write_text(path, _csv([["true\\predicted", *classes], *([c, *map(int, r)] for c, r in zip(classes, mat))]))
+        paths.append(path)
+    paths.append(confusion_figure(before, after, classes, out / "confusion.png"))
+    images = [data.images[f["index"]].numpy() for f in result["flipped"]]
+    paths.append(flipped_grid(images, result["flipped"], out / "flipped.png"))
+    return paths
+
+
+def write_sweep(result: dict, out: Path) -> list[Path]:
+    from ..analysis.figures import sweep_figure
+    from ..io import write_json, write_text
+
+    rows = [["rank", "layer", "filter", "accuracy", "drop", "largest_gain_class", "largest_gain",
+             "largest_loss_class", "largest_loss"]]
+    rows += [[r["rank"], r["layer"], r["filter"], _fmt(r["accuracy"]), _fmt(r["drop"]), r["largest_gain"]["class"],
+              _fmt(r["largest_gain"]["change"]), r["largest_loss"]["class"], _fmt(r["largest_loss"]["change"])]
+             for r in result["filters"]]
+    write_text(out / "sweep.csv", _csv(rows))
+    write_json(out / "sweep.json", result)
+    return [out / "sweep.csv", out / "sweep.json", sweep_figure(result, out / "sweep.png")]
+
+
+def show_ablation(result: dict, classes) -> None:
+    from rich.table import Table
+
+    from ..console import console
+
+    names = ", ".join(f"{f['layer']}:{f['filter']}" for f in result["filters"])
+    table = Table(title=f"per-class accuracy (%), filters zeroed: {names}")
+    for col in ("class", "before", "after", "difference"):
+        table.add_column(col, justify="right" if col != "class" else "left")
+    b, a, d = result["before"], result["after"], result["difference"]
+    for c in classes:
+        table.add_row(c, _pct(b["per_class"][c]), _pct(a["per_class"][c]), _pct(d["per_class"][c]))
+    table.add_row("overall", _pct(b["accuracy"]), _pct(a["accuracy"]), _pct(d["accuracy"]), style="bold")
+    console.print(table)
+    console.print(f"{len(result['flipped'])} images right before and wrong after")
+
+
+def show_sweep(result: dict, top: int = 20) -> None:
+    from rich.table import Table
+
+    from ..console import console
+
+    table = Table(title=f"filters ranked by accuracy drop (baseline {_pct(result['baseline']['accuracy'])} %)")
+    for col in ("rank", "filter", "accuracy %", "drop pp", "largest gain", "largest loss"):
+        table.add_column(col)
+    for r in result["filters"][:top]:
+        g, lo = r["largest_gain"], r["largest_loss"]
+        table.add_row(str(r["rank"]), f"{r['layer']}:{r['filter']}", _pct(r["accuracy"]), _pct(r["drop"]),
+                      f"{g['class']} {_pct(g['change'])}", f"{lo['class']} {_pct(lo['change'])}")
+    console.print(table)
+    if len(result["filters"]) > top:
+        console.print(f"... {len(result['filters']) - top} more filters (see --out or --json)")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ablate")
+    def ablate(
+        model: ModelArg,
+        specs: SpecsArg = None,
+        filters: FiltersOpt = None,
+        zero_bias: Annotated[bool, typer.Option("--zero-bias", help="Zero the filters' biases too.")] = False,
+        sweep: Annotated[Optional[str], typer.Option(
+            "--sweep", help="Ablate each filter of LAYER on its own (conv3, conv3,conv5 or all) and rank them.",
+            show_default=False)] = None,
+        flipped: Annotated[int, typer.Option(
+            "--flipped", help="Look for right-before, wrong-after images among the first N test images.")] = 256,
+        backend: BackendOpt = "auto",
+        device: DeviceOpt = None,
+        data: DataOpt = "cifar10",
+        data_dir: DataDirOpt = None,
+        limit: LimitOpt = None,
+        batch_size: BatchOpt = 250,
+        out: OutOpt = None,
+        json: JsonOpt = False,
+    ) -> None:
+        """Zero filters and compare per-class accuracy and confusion matrices before and after (the report's
+        Table 1), or sweep every filter of a layer and rank the filters by accuracy drop."""
+        from ..analysis.ablation import ablate as run_ablate
+        from ..analysis.ablation import sweep as run_sweep
+        from ..console import console, emit_json
+        from ..errors import UserError
+        from ..filters import all_filters, resolve_layers, resolve_selection
+
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        given = [*(filters or []), *(specs or [])]
+        if sweep is not None and given:
+            raise UserError("give either --sweep or filter specs, not both")
+
+        def select(net):
+            return all_filters(net, resolve_layers(net, sweep)) if sweep is not None else resolve_selection(net, given)
+
+        net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
+        if sweep is not None:
+            console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
+            from ..runtime import TorchRuntime
+
+            passes = 1 if type(runtime) is TorchRuntime else 1 + len(selection)  # see analysis.ablation.sweep
+            bar, step = run_progress(passes * len(dataset), "sweep")
+            with bar:
+                result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)
+            if out:
+                for p in write_sweep(result, out):
+                    console.print(f"wrote {p}")
+            if json:
+                emit_json(result)
+            else:
+                show_sweep(result)
+            return
+        bar, step = run_progress(2 * len(dataset), "ablate")
+        with bar:
+            result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
+        if out:
+            for p in write_ablation(result, dataset, out):
+                console.print(f"wrote {p}")
+        if json:
+            emit_json(result)
+        else:
+            show_ablation(result, dataset.classes)

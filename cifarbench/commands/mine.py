@@ -1,0 +1,106 @@
+"""``cifarbench mine``: the top-K test images of each filter, their max-response patches, and dead filters."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from .ablate import BatchOpt, FiltersOpt, LimitOpt, SpecsArg, _csv, open_analysis, run_progress
+
+
+def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
+    from ..analysis.figures import mining_figure
+    from ..io import write_json, write_text
+
+    classes = list(data.classes)
+    top_rows = [["layer", "filter", "rank", "index", "label", "response", "y0", "x0", "y1", "x1"]]
+    hist_rows = [["layer", "filter", *classes, "max_class"]]
+    resp_rows = [["layer", "filter", "mean_top_response", "max_response"]]
+    paths = []
+    for f in result["filters"]:
+        for k, t in enumerate(f["top"], 1):
+            top_rows.append([f["layer"], f["filter"], k, t["index"], t["label"], f"{t['response']:.6g}", *t["patch"]])
+        hist_rows.append([f["layer"], f["filter"], *(f["class_histogram"][c] for c in classes), f["max_class"]])
+        resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}"])
+        shown = dict(f, top=f["top"][:show])
+        images = [data.images[t["index"]].numpy() for t in shown["top"]]
+        paths.append(mining_figure(images, shown, out / "filters" / f"{f['layer']}_filter{f['filter']}.png"))
+    tables = {
+        "top_images.csv": top_rows, "class_histogram.csv": hist_rows, "responses.csv": resp_rows,
+        "receptive_fields.csv": [["layer", "receptive_field"], *result["receptive_fields"].items()],
+        "dead_filters.csv": [["layer", "filter"], *((d["layer"], d["filter"]) for d in result["dead_filters"])],
+    }
+    for name, rows in tables.items():
+        write_text(out / name, _csv(rows))
+        paths.append(out / name)
+    write_json(out / "mining.json", result)
+    return [*paths, out / "mining.json"]
+
+
+def show_mining(result: dict, classes) -> None:
+    from rich.table import Table
+
+    from ..console import console
+
+    table = Table(title="top-K images per filter: class histogram (Table 2) and responses (Table 3)")
+    for col in ("filter", *(c[:5] for c in classes), "max class", "mean top", "max"):
+        table.add_column(col)
+    for f in result["filters"][:40]:
+        table.add_row(f"{f['layer']}:{f['filter']}", *(str(f["class_histogram"][c]) for c in classes),
+                      str(f["max_class"]), f"{f['mean_top_response']:.4g}", f"{f['max_response']:.4g}")
+    console.print(table)
+    if len(result["filters"]) > 40:
+        console.print(f"... {len(result['filters']) - 40} more filters (see --out or --json)")
+    console.print("receptive fields (Table 4): " +
+                  ", ".join(f"{k} {v}" for k, v in result["receptive_fields"].items()))
+    dead = result["dead_filters"]
+    console.print(f"dead filters (pre-ReLU <= 0 everywhere on every image): {len(dead)}"
+                  + (": " + ", ".join(f"{d['layer']}:{d['filter']}" for d in dead[:30]) if dead else ""))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("mine")
+    def mine(
+        model: ModelArg,
+        specs: SpecsArg = None,
+        filters: FiltersOpt = None,
+        every: Annotated[bool, typer.Option("--all", help="Mine every filter of the net.")] = False,
+        top: Annotated[int, typer.Option("--top", help="Images kept per filter (K).")] = 20,
+        show: Annotated[int, typer.Option("--show", help="Images per filter in the PNG figures.")] = 5,
+        backend: BackendOpt = "auto",
+        device: DeviceOpt = None,
+        data: DataOpt = "cifar10",
+        data_dir: DataDirOpt = None,
+        limit: LimitOpt = None,
+        batch_size: BatchOpt = 250,
+        out: OutOpt = None,
+        json: JsonOpt = False,
+    ) -> None:
+        """Mine the test images that excite each filter most (response: spatial sum of the pre-ReLU map), with
+        their receptive-field patches, and list the net's filters that never activate."""
+        from ..analysis.mining import mine as run_mine
+        from ..console import console, emit_json
+        from ..errors import UserError
+        from ..filters import resolve_selection
+
+        if top < 1:
+            raise UserError(f"--top must be at least 1, got {top}")
+        if show < 0:
+            raise UserError(f"--show must be at least 0, got {show}")
+        if batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+        given = [*(filters or []), *(specs or [])]
+        net, selection, runtime, dataset = open_analysis(
+            model, lambda net: resolve_selection(net, given, every), backend, device, data, data_dir, limit)
+        bar, step = run_progress(len(dataset), "mine")
+        with bar:
+            result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
+        if out:
+            written = write_mining(result, dataset, out, min(show, top))
+            console.print(f"wrote {len(written)} files under {out}")
+        if json:
+            emit_json(result)
+        else:
+            show_mining(result, dataset.classes)

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The one-call GPU check: install offline, train the nets whose weights are not bundled yet, run the GPU tests,
+# measure the GPU targets and run the benchmark suite; everything lands in OUTDIR (at most 8 files):
+#   log.txt, summary.json (targets), bench.json (pytest-benchmark), runs.json (metrics of each training run),
+#   net1..net4.safetensors (weights to bundle).
+# usage: benchmarks/gpu/run.sh OUTDIR [--dry-run]
+#   --dry-run: the same steps on the CPU on a tiny budget (synthetic data, 1 epoch), as CI runs it.
+# env: CIFARBENCH_GPU_DATA (default .data/cifar10-jpeg75.tar.gz), PYTHON (default python3),
+#      CIFARBENCH_GPU_BUDGET seconds for the whole script (default 450).
+set -uo pipefail
+OUT=${1:?usage: run.sh OUTDIR [--dry-run]}
+DRY=${2:-}
+cd "$(dirname "$0")/../.."
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+exec > >(tee -a "$OUT/log.txt") 2>&1
+PY=${PYTHON:-python3}
+START=$(date +%s)
+BUDGET=${CIFARBENCH_GPU_BUDGET:-450}
+WORK=$(mktemp -d)
+left() { echo $(( BUDGET - ($(date +%s) - START) )); }
+say() { echo "== [$(( $(date +%s) - START )) s] $*"; }
+
+if [ "$DRY" = "--dry-run" ]; then
+    DATA=synthetic:200; EPOCHS=(--epochs 1); SMALL=(--set l1_oc=4); DEVICE=(--device cpu)
+    export CUDA_VISIBLE_DEVICES=""
+else
+    DATA=${CIFARBENCH_GPU_DATA:-.data/cifar10-jpeg75.tar.gz}; EPOCHS=(); SMALL=(); DEVICE=()
+    [ -f "$DATA" ] || { echo "missing $DATA: copy ../shared/data/cifar10-jpeg75.tar.gz there and carry .data"; }
+fi
+
+say "install"
+if ! $PY -c "import cifarbench" 2>/dev/null; then
+    $PY -m pip install -q --no-deps --no-index --no-build-isolation -e . || { echo "install failed"; exit 1; }
+fi
+CB=("$PY" -m cifarbench.cli)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || true
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+
+train() {  # train NET RECIPE SECONDS [extra args...]: train unless weights are bundled, then bundle them
+    local net=$1 recipe=$2 seconds=$3; shift 3
+    if [ -f "models/weights/$net.safetensors" ]; then say "$net: weights already bundled"; return; fi
+    if [ "$(left)" -lt "$seconds" ]; then say "$net: skipped, $(left) s left of the budget"; return; fi
+    local cmd=(cifarbench train "$net" --recipe "$recipe" "$@" "${EPOCHS[@]}" "${SMALL[@]}")
+    say "train: ${cmd[*]}"
+    timeout "$seconds" "${CB[@]}" train "$net" --recipe "$recipe" "$@" "${EPOCHS[@]}" "${SMALL[@]}" \
+        "${DEVICE[@]}" --data "$DATA" --out "$WORK/$net" --json
+    # a run stopped by the timeout still has its best epoch on disk: bundle that
+    [ -f "$WORK/$net/best.safetensors" ] && $PY benchmarks/gpu/bundle.py "$WORK/$net" "$OUT" --command "${cmd[*]} --data cifar10-jpeg75.tar.gz" \
+            --trained-on "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu)"
+}
+
+train net4 fast 150
+train net1 seed 90
+say "targets (check.py)"
+timeout $(( $(left) > 150 ? 150 : $(left) )) $PY benchmarks/gpu/check.py --out "$OUT" --data "$DATA" \
+    --net4-run "$WORK/net4" ${DRY:+--dry-run}
+say "GPU tests"
+timeout 90 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
+say "benchmarks"
+if [ "$DRY" = "--dry-run" ]; then BENCH=(--benchmark-disable -k "net1 and not captum"); else BENCH=(); fi
+timeout $(( $(left) > 200 ? 120 : 60 )) $PY -m pytest -q benchmarks -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" "${BENCH[@]}" 2>&1 | tail -n 40
+train net3 fast 140 --epochs 12
+train net2 fast 100 --epochs 10
+say "done: $(ls "$OUT" | tr '\n' ' ')"
+rm -rf "$WORK"

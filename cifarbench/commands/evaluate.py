@@ -1,0 +1,64 @@
+"""``cifarbench eval``: overall and per-class test accuracy and the confusion matrix, through any runtime."""
+from __future__ import annotations
+
+import typer
+
+from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def evaluate_cmd(model: ModelArg, data: DataOpt = "cifar10", data_dir: DataDirOpt = None,
+                     backend: BackendOpt = "torch", device: DeviceOpt = None, out: OutOpt = None,
+                     json: JsonOpt = False) -> None:
+        """Test-set accuracy, per-class accuracy and confusion matrix (CSV and PNG under --out)."""
+        from ..analysis.ablation import predictions
+        from ..analysis.metrics import confusion_matrix, summary
+        from ..console import console, emit_json, progress
+        from ..data import load_split
+        from ..runtime import open_runtime
+
+        runtime = open_runtime(model, backend=backend, device=device)
+        test = load_split(data, "test", data_dir)
+        with progress() as bar:
+            task = bar.add_task("eval", total=len(test), status=runtime.name)
+            preds = predictions(runtime, test, progress=lambda n: bar.advance(task, n))
+        conf = confusion_matrix(preds, test.labels, len(test.classes))
+        result = {**summary(conf, test.classes), "confusion": conf.tolist(), "classes": list(test.classes),
+                  "images": len(test), "backend": runtime.name, "data": test.identity}
+        if out is not None:
+            _write(out, result, test.classes)
+        if json:
+            emit_json(result)
+            return
+        from rich.table import Table
+
+        table = Table(title=f"{model} on {test.identity} ({runtime.name})")
+        table.add_column("class")
+        table.add_column("accuracy", justify="right")
+        for cls, acc in result["per_class"].items():
+            table.add_row(cls, f"{acc:.2%}" if acc is not None else "-")
+        table.add_row("[bold]overall", f"[bold]{result['accuracy']:.2%}")
+        console.print(table)
+
+
+def _write(out, result: dict, classes) -> None:
+    import csv
+    import io
+
+    from ..analysis.figures import confusion_figure
+    from ..io import write_json, write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true \\ predicted", *classes])
+    for cls, row in zip(classes, result["confusion"]):
+        w.writerow([cls, *row])
+    write_text(out / "confusion.csv", buf.getvalue())
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["class", "accuracy"])
+    w.writerows([*result["per_class"].items(), ("overall", result["accuracy"])])
+    write_text(out / "per_class.csv", buf.getvalue())
+    write_json(out / "eval.json", result)
+    confusion_figure(result["confusion"], result["confusion"], classes, out / "confusion.png")

@@ -11,7 +11,7 @@ import csv
 import io
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -109,6 +109,35 @@ def evaluate_logits(model: torch.nn.Module, data: Dataset, device: torch.device,
     return torch.cat(out)
 
 
+def build(cfg: dict, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The seeded model (channels_last: faster convs on both oneDNN and cuDNN) and its optimizer; biases and BN
+    parameters get no weight decay."""
+    torch.manual_seed(cfg["seed"])
+    model = create_model(cfg["net"], **cfg["hparams"]).to(device).to(memory_format=torch.channels_last)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    return model, opt
+
+
+def batch_input(images: torch.Tensor, cfg: dict, gen: torch.Generator) -> torch.Tensor:
+    """A uint8 batch as the net's float input, augmented when the net's recipe augments."""
+    x = augment(images, gen, jitter=cfg["jitter"]) if cfg["augment"] else images.float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, cfg: dict, autocast: bool):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss, logits
+
+
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_set: Dataset | None = None,
           test_set: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None,
           show_progress: bool = True) -> dict:
@@ -122,14 +151,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
     train_set = train_set or load_split(config.data, "train", config.data_dir)
     test_set = test_set or load_split(config.data, "test", config.data_dir)
 
-    torch.manual_seed(cfg["seed"])
-    model = create_model(cfg["net"], **cfg["hparams"]).to(device)
-    model = model.to(memory_format=torch.channels_last)  # faster convs on both oneDNN and cuDNN
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                           {"params": no_decay, "weight_decay": 0.0}],
-                          lr=cfg["lr"], momentum=cfg["momentum"], nesterov=cfg["nesterov"])
+    model, opt = build(cfg, device)
     steps_per_epoch = math.ceil(len(train_set) / cfg["batch_size"])
     total_steps = steps_per_epoch * cfg["epochs"]
     n_params = count_parameters(model)
@@ -177,18 +199,8 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 step = (epoch - 1) * steps_per_epoch + b
                 for g in opt.param_groups:
                     g["lr"] = cfg["lr"] * _lr_factor(cfg, step, total_steps)
-                if cfg["augment"]:
-                    x = augment(train_images[idx], gen, jitter=cfg["jitter"])
-                else:
-                    x = train_images[idx].float().div_(255)
-                x = x.contiguous(memory_format=torch.channels_last)
                 y = train_labels[idx]
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg["label_smoothing"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                loss, logits = train_step(model, opt, batch_input(train_images[idx], cfg, gen), y, cfg, use_autocast)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
             train_loss = loss_sum.item() / len(train_set)

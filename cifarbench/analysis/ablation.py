@@ -167,8 +167,9 @@ def _variant_logits(split: _LayerSplit, a: torch.Tensor, z: torch.Tensor, js: to
 
 
 def _variant_group(split: _LayerSplit, a: torch.Tensor, z: torch.Tensor) -> int:
-    """How many variants to stack per pass so the largest stacked tensor stays under SWEEP_ELEMENTS."""
-    per_variant = max(z[0].numel(), a[0].numel()) * len(a)
+    """How many variants to stack per pass so the largest stacked tensor (the channel change [B, V, H, W] or the
+    next op's output [B, V, ...]) stays under SWEEP_ELEMENTS."""
+    per_variant = len(a) * max(z[0].numel(), a[0, 0].numel())
     return max(1, SWEEP_ELEMENTS // per_variant)
 
 

@@ -95,3 +95,22 @@ def export_int8(model_or_onnx, out: str | Path, images: torch.Tensor, **options)
     with atomic_path(out) as tmp:
         onnx.save(quantized, str(tmp))
     return out
+
+
+def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None, limit: int | None = None,
+                         batch: int = 500) -> dict:
+    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images."""
+    from ..data import load_split
+    from ..export import cached_artifact
+    from ..runtime.ort import OrtRuntime
+
+    test = load_split(data, "test", data_dir)
+    if limit:
+        test = test.subset(slice(0, limit))
+    preds = {}
+    for key, rt in (("fp32", OrtRuntime(cached_artifact(model, "onnx"))), ("int8", OrtRuntime(int8_path))):
+        preds[key] = torch.cat([rt.logits(test.subset(slice(i, i + batch)).float_images()).argmax(1)
+                                for i in range(0, len(test), batch)])
+    acc = {k: (p == test.labels).double().mean().item() for k, p in preds.items()}
+    return {"images": len(test), "fp32": acc["fp32"], "int8": acc["int8"], "drop": acc["fp32"] - acc["int8"],
+            "top1_agreement": (preds["fp32"] == preds["int8"]).double().mean().item()}

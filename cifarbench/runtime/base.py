@@ -27,10 +27,17 @@ class Runtime(ABC):
         """Logits for a batch no larger than ``max_batch``, already on the right device and contiguous."""
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, 32, 32):
-            from ..errors import UserError
+        from ..errors import UserError
 
+        if not isinstance(batch, torch.Tensor):
+            raise UserError(f"expected a torch.Tensor batch, got {type(batch).__name__}")
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, 32, 32):
             raise UserError(f"expected a [N, 3, 32, 32] batch, got {tuple(batch.shape)}")
+        if not batch.is_floating_point():
+            raise UserError(f"expected float images in [0, 1], got {batch.dtype} (convert with "
+                            f"Dataset.float_images() or .float() / 255)")
+        if len(batch) == 0:
+            return torch.empty(0, 10, device=self.device)
         batch = batch.to(self.device, torch.float32).contiguous()
         step = self.max_batch or len(batch)
         if len(batch) <= step:

@@ -66,6 +66,7 @@ class OrtRuntime(Runtime):
 
         self.device = torch.device(device)
         proto = load_onnx(source)
+        self.proto = proto  # the graph itself: variant and probe builders edit a copy of it
         self.metadata = read_metadata(proto)
         self.net = self.metadata.get("net", "")
         self.precision = self.metadata.get("precision", "fp32")

@@ -1,0 +1,89 @@
+"""``cifarbench bench``: throughput, latency percentiles and GFLOP/s per backend, precision and batch; renders
+and compares saved runs."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import DeviceOpt, JsonOpt
+
+
+def parse_batches(text: str) -> list[int]:
+    from ..errors import UserError
+
+    try:
+        batches = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserError(f"--batch {text!r}: expected a comma list of integers such as 1,64,625") from None
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch {text!r}: batch sizes must be positive")
+    return batches
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench")
+    def bench_cmd(
+        model: Annotated[Optional[str], typer.Argument(
+            help="Zoo name or checkpoint to benchmark (not needed with --from).", show_default=False)] = None,
+        backends: Annotated[Optional[str], typer.Option(
+            "--backends", help="Comma list of backend[:precision] (default: torch and the auto backend).")] = None,
+        batch: Annotated[str, typer.Option("--batch", help="Comma list of batch sizes.")] = "1,64,625",
+        iters: Annotated[int, typer.Option("--iters", help="Timed calls per batch size (at least).")] = 20,
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls first.")] = 3,
+        min_seconds: Annotated[float, typer.Option("--min-seconds", help="Keep timing until this much time.")] = 0.0,
+        calib_data: Annotated[str, typer.Option("--calib-data", help="INT8 calibration images (as --data).")]
+        = "cifar10",
+        device: DeviceOpt = None,
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the run as JSON here.")] = None,
+        from_: Annotated[Optional[Path], typer.Option("--from", help="Render a saved run instead of measuring.")]
+        = None,
+        compare_: Annotated[Optional[Path], typer.Option("--compare", help="With --from: compare with this run.")]
+        = None,
+        json: JsonOpt = False,
+    ) -> None:
+        """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
+        import torch
+
+        from ..console import console, emit_json
+        from ..errors import UserError
+        from ..io import write_json
+        from ..timing import compare, compare_table, load_results, results_table, run_bench
+
+        if from_ is not None:
+            if model is not None:
+                raise UserError("give either MODEL (to measure) or --from (to render a saved run), not both")
+            doc = load_results(from_)
+            if compare_ is None:
+                emit_json(doc) if json else console.print(results_table(doc))
+                return
+            rows = compare(doc, load_results(compare_))
+            if json:
+                emit_json({"base": str(from_), "other": str(compare_), "rows": rows})
+            else:
+                console.print(compare_table(rows, str(from_), str(compare_)))
+            return
+        if compare_ is not None:
+            raise UserError("--compare needs --from (the run to compare against)")
+        if model is None:
+            raise UserError("give a MODEL to benchmark, or --from RESULTS.json")
+        if iters < 1 or warmup < 0:
+            raise UserError("--iters must be >= 1 and --warmup >= 0")
+        from ..parity import BackendSpec, parse_backends
+        from ..runtime import default_device, resolve_backend
+
+        dev = torch.device(device) if device else default_device()
+        if backends:
+            specs = parse_backends(backends)
+        else:
+            auto = resolve_backend("auto", dev)
+            specs = [BackendSpec("torch", "fp32")] + ([BackendSpec(auto, "fp32")] if auto != "torch" else [])
+        doc = run_bench(model, specs, parse_batches(batch), dev, warmup=warmup, iters=iters,
+                        min_seconds=min_seconds, calib_data=calib_data)
+        if out is not None:
+            write_json(out, doc)
+        if json:
+            emit_json(doc)
+        else:
+            console.print(results_table(doc))

@@ -1,0 +1,70 @@
+"""``cifarbench export``: a checkpoint or zoo net to ONNX, INT8 ONNX, AOTInductor or a TensorRT engine."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, SeedOpt
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_cmd(
+        model: ModelArg,
+        to: Annotated[str, typer.Option("--to", help="onnx | onnx-int8 | aoti | tensorrt")] = "onnx",
+        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact path (default: ./<net>.<ext>).")]
+        = None,
+        fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (tensorrt) or fp16 package (aoti, CUDA).")]
+        = False,
+        int8: Annotated[bool, typer.Option("--int8", help="INT8 TensorRT engine, calibrated on --calib images.")]
+        = False,
+        calib: Annotated[int, typer.Option("--calib", help="Training images for INT8 calibration.")] = 512,
+        data: DataOpt = "cifar10",
+        data_dir: DataDirOpt = None,
+        eval_images: Annotated[int, typer.Option(
+            "--eval-images", help="onnx-int8: test images for the fp32-vs-int8 accuracy report (0: skip).")] = 10000,
+        max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="tensorrt: profile max batch.")]
+        = None,
+        opt_batch: Annotated[Optional[int], typer.Option("--opt-batch", help="tensorrt: profile opt batch.")]
+        = None,
+        device: DeviceOpt = None,
+        seed: SeedOpt = 0,
+        json: JsonOpt = False,
+    ) -> None:
+        """Export MODEL; onnx-int8 also reports test accuracy of the int8 model next to fp32."""
+        from ..checkpoint import file_sha256
+        from ..console import console, emit_json
+        from ..errors import UserError
+        from ..export import check_target, export
+        from ..runtime import default_device, resolve_module
+
+        check_target(to)
+        if fp16 and int8:
+            raise UserError("--fp16 and --int8 are exclusive")
+        if (fp16 and to not in ("tensorrt", "aoti")) or (int8 and to != "tensorrt"):
+            raise UserError(f"--fp16 applies to tensorrt and aoti, --int8 to tensorrt (use --to onnx-int8 for ONNX)")
+        precision = "fp16" if fp16 else "int8" if int8 else "fp32"
+        dev = device or (str(default_device()) if to in ("aoti", "tensorrt") else "cpu")
+        net = resolve_module(model)
+        start = time.perf_counter()
+        path = export(net, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
+                      data_dir=data_dir, seed=seed, max_batch=max_batch, opt_batch=opt_batch)
+        result = {"artifact": str(path), "target": to, "net": net.name, "precision": "int8" if to == "onnx-int8"
+                  else precision, "bytes": path.stat().st_size, "sha256": file_sha256(path),
+                  "seconds": round(time.perf_counter() - start, 2)}
+        if to == "onnx-int8" and eval_images > 0:
+            from ..export.int8 import int8_accuracy_report
+
+            result["accuracy"] = int8_accuracy_report(net, path, data, data_dir, eval_images)
+        if json:
+            emit_json(result)
+            return
+        console.print(f"wrote {result['artifact']} ({result['bytes'] / 1e6:.1f} MB, {result['precision']}) "
+                      f"in {result['seconds']:.1f} s")
+        if "accuracy" in result:
+            a = result["accuracy"]
+            console.print(f"test accuracy on {a['images']} images: fp32 {a['fp32']:.2%}, int8 {a['int8']:.2%} "
+                          f"(drop {a['drop']:+.2%}), top-1 agreement {a['top1_agreement']:.2%}")

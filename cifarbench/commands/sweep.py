@@ -1,0 +1,158 @@
+"""``cifarbench sweep``: a net's hyper-parameter grid, locally or on Ray, resumable, summarized as the report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import DataDirOpt, DataOpt, JsonOpt, OutOpt, SeedOpt
+
+GridOpt = Annotated[Optional[list[str]], typer.Option(
+    "--grid", help="key=v1,v2,... for l1_oc, filter_multiplier, kernel_size, stride, dropout, lr, batch_size; "
+                   "repeatable (one key per --grid). A single value fixes that setting. Default: the net's grid "
+                   "from the report.")]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("sweep")
+    def sweep_cmd(
+        net: Annotated[str, typer.Argument(help="net1 | net2 | net3 | net4")],
+        grid: GridOpt = None,
+        epochs: Annotated[Optional[int], typer.Option("--epochs", help="Default: the recipe's.")] = None,
+        recipe: Annotated[str, typer.Option("--recipe", help="seed (the report's) | fast")] = "seed",
+        data: DataOpt = "cifar10",
+        data_dir: DataDirOpt = None,
+        executor: Annotated[str, typer.Option("--executor", help="local (one run after another in this "
+                                                                 "process) | ray (one Ray task per run)")] = "local",
+        address: Annotated[Optional[str], typer.Option(
+            "--address", help="Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: start a local Ray. "
+                              "--out must be on storage every node sees, and cifarbench installed there.")] = None,
+        gpus_per_trial: Annotated[float, typer.Option("--gpus-per-trial", help="GPUs per Ray task.")] = 0.0,
+        cpus_per_trial: Annotated[float, typer.Option("--cpus-per-trial", help="CPUs per Ray task.")] = 1.0,
+        ray_cpus: Annotated[Optional[int], typer.Option(
+            "--ray-cpus", help="CPUs of the local Ray started without --address (default: all).")] = None,
+        out: OutOpt = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in --out: skip finished runs, "
+                                                              "continue unfinished ones from their last epoch.")] = False,
+        seed: SeedOpt = 0,
+        json: JsonOpt = False,
+    ) -> None:
+        """Train every point of a grid; writes metrics.csv, summary.json, grouped/*.csv and plots/*.png to --out."""
+        from .. import sweep as sw
+        from ..console import console, emit_json
+
+        values = sw.parse_grid(grid) if grid else sw.default_grid(net)
+        sw.check_executor(executor, address, cpus_per_trial, gpus_per_trial)
+        out = Path(out or Path("runs") / f"sweep-{net}-{recipe}-s{seed}").resolve()
+        trials = sw.plan(net, values, out, recipe=recipe, epochs=epochs, data=data,
+                         data_dir=str(data_dir) if data_dir else None, seed=seed, resume=resume)
+        board = Board(trials, console)
+        with board:
+            results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
+                                   gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, on_event=board.update)
+        summary = sw.summarize(trials, results)
+        files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))
+        if json:
+            emit_json({**summary, "files": files})
+            return
+        render_summary(summary, console)
+        console.print(f"sweep saved in {out} (metrics.csv, summary.json, grouped/, plots/)")
+
+
+class Board:
+    """The live table on stderr: one row per run, updated every epoch; one log line per event off a terminal."""
+
+    def __init__(self, trials, console):
+        self.trials, self.console = trials, console
+        self.state = {t.index: {"status": "pending", "epoch": 0} for t in trials}
+        self.epochs = trials[0].config.resolved()["epochs"]
+        self.live = None
+        self.t0 = time.perf_counter()
+
+    def __enter__(self):
+        if self.console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(self.table(), console=self.console, refresh_per_second=2)
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self.table())
+            self.live.stop()
+
+    def update(self, kind: str, trial, payload) -> None:
+        s = self.state[trial.index]
+        if kind == "epoch":
+            s.update(status="running", epoch=payload["epoch"], loss=payload["loss"],
+                     train=payload["train_accuracy"], test=payload["test_accuracy"],
+                     best=max(s.get("best", 0.0), payload["test_accuracy"]))
+        elif kind in ("skip", "finish") and "summary" in payload:
+            last = payload["rows"][-1]
+            s.update(status="skipped (done)" if kind == "skip" else "done", epoch=last["epoch"],
+                     loss=last["loss"], train=last["train_accuracy"], test=last["test_accuracy"],
+                     best=payload["summary"]["best_test_accuracy"])
+        elif kind == "fail":
+            s.update(status="failed", error=payload["error"])
+        elif kind == "start":
+            s.update(status="running")
+        if self.live is not None:
+            self.live.update(self.table())
+        else:
+            self.console.print(self.line(trial, s), soft_wrap=True, highlight=False)
+
+    def line(self, trial, s) -> str:
+        n = len(self.trials)
+        head = f"[{time.perf_counter() - self.t0:6.0f} s] run {trial.index + 1}/{n} {trial.name}"
+        if s["status"] == "failed":
+            return f"{head} failed: {s['error']}"
+        if "loss" not in s:
+            return f"{head} started"
+        return (f"{head} {s['status']} epoch {s['epoch']}/{self.epochs} loss {s['loss']:.4f} "
+                f"train {s['train']:.2%} test {s['test']:.2%} best {s['best']:.2%}")
+
+    def table(self):
+        from rich.table import Table
+
+        done = sum(s["status"] in ("done", "skipped (done)") for s in self.state.values())
+        table = Table(title=f"sweep: {done}/{len(self.trials)} runs done, "
+                            f"{time.perf_counter() - self.t0:.0f} s", title_justify="left")
+        for col in ("run", "grid point", "status", "epoch", "loss", "train acc", "test acc", "best test"):
+            table.add_column(col, justify="left" if col in ("grid point", "status") else "right")
+        for t in self.trials:
+            s = self.state[t.index]
+            fmt = lambda key, spec: format(s[key], spec) if key in s else ""
+            table.add_row(str(t.index), t.name, s["status"], f"{s['epoch']}/{self.epochs}", fmt("loss", ".4f"),
+                          fmt("train", ".2%"), fmt("test", ".2%"), fmt("best", ".2%"))
+        return table
+
+
+def render_summary(summary: dict, console) -> None:
+    """The report's tables: best run and epoch, then the grouped means."""
+    from rich.table import Table
+
+    best = summary["best"]
+    if best is None:
+        console.print("[red]no run finished[/]")
+    else:
+        point = ", ".join(f"{k}={best[k]}" for k in summary["grid"])
+        console.print(f"[bold]best[/]: run {best['run']} ({point}) epoch {best['epoch']}: test accuracy "
+                      f"{best['test_accuracy']:.2%}, train {best['train_accuracy']:.2%}, loss {best['loss']:.4f}, "
+                      f"{best['total_parameters']:,} parameters", soft_wrap=True)
+    for group in summary["grouped"]:
+        if not group["rows"]:
+            continue
+        table = Table(title=f"mean over all epochs of all runs, by {' x '.join(group['by'])}", title_justify="left")
+        metrics = ("loss", "train_accuracy", "test_accuracy", "overfit%", "total_parameters")
+        for col in (*group["by"], "runs", *metrics):
+            table.add_column(col, justify="right")
+        for r in group["rows"]:
+            table.add_row(*(str(r[k]) for k in group["by"]), str(r["runs"]),
+                          *(f"{r[m]:.6f}" if m != "total_parameters" else f"{r[m]:,.0f}" for m in metrics))
+        console.print(table)
+    for run in summary["runs"]:
+        if run["status"] == "failed":
+            console.print(f"[red]run {run['run']} ({run['name']}) failed:[/] {run['error']}")

@@ -71,12 +71,23 @@ def bench_runtime(rt, batches: list[int], warmup: int = 2, iters: int = 10, min_
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     import onnxruntime
 
     from .checkpoint import versions
 
-    info = {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+    info = {"host": platform.node(), "cpu": cpu_name(),
             "cores": len(__import__("os").sched_getaffinity(0)), **versions(), "onnxruntime": onnxruntime.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

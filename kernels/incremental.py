@@ -67,10 +67,14 @@ class Group:
 
 @dataclass(frozen=True)
 class Step:
+    """One layer: its gather index into the previous buffer, its window groups, and per group the windows as
+    ``[n, 4]`` int32 rows (output row start, output col start, patch row, patch col) for fused kernels."""
+
     layer: LayerSpec
     groups: tuple[Group, ...]
     index: torch.Tensor
     tail_rows: int
+    windows: tuple[torch.Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
     for li, ly in enumerate(specs, start=1):
         (ar, hr), (pa, ph) = windows[li], windows[li - 1]
         clean_rows = images * ly.s_in ** 2
-        pieces, groups, cursor, out = [], [], 0, 0
+        pieces, groups, cursor, out, boxes = [], [], 0, 0, []
         new_base, new_bstride = np.zeros(npos, np.int64), np.zeros(npos, np.int64)
         sizes = np.stack([hr[pi], hr[pj]], 1)
         for h, w in sorted({tuple(x) for x in sizes.tolist()}):
@@ -172,6 +176,8 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
             clean = 1 + b * ly.s_in ** 2 + clean_local
             pieces.append(np.where(valid, np.where(inside, tail, clean), 0).reshape(-1))
             groups.append(Group(h, w, hin, win, len(sel), cursor, out))
+            boxes.append(torch.from_numpy(np.stack([ar[pi[sel]], ar[pj[sel]], windows[0][0][pi[sel]],
+                                                    windows[0][0][pj[sel]]], 1).astype(np.int32)).to(device))
             cursor += images * len(sel) * hin * win
             new_base[sel] = out + np.arange(len(sel)) * h * w
             new_bstride[sel] = len(sel) * h * w
@@ -179,7 +185,7 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
             if ly.kind == "conv":
                 flops += 2 * ly.c_in * ly.c_out * ly.k ** 2 * h * w * len(sel) * images
         index = torch.from_numpy(np.concatenate(pieces)).to(device)
-        steps.append(Step(ly, tuple(groups), index, out))
+        steps.append(Step(ly, tuple(groups), index, out, tuple(boxes)))
         tail_base, tail_bstride = new_base, new_bstride
     last, (pa, ph) = specs[-1], windows[-1]
     full = np.arange(last.s_out)
@@ -277,7 +283,11 @@ class IncrementalOcclusion:
             if li == 0 and self.use_triton:
                 from .triton_occlusion import first_layer_windows
 
-                first_layer_windows(x, base, wb[0], wb[1], self.specs, k, stride, p0, plan, buf[head_rows:])
+                tail = buf[head_rows:]
+                for g, boxes in zip(step.groups, step.windows):
+                    rows = plan.images * g.n * g.h * g.w
+                    first_layer_windows(x, base, wb[0], wb[1], boxes, g.h, g.w, k, ly.s, ly.q,
+                                        tail[g.out:g.out + rows])
                 prev = buf
                 continue
             gathered = prev.index_select(0, step.index)

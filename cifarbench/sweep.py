@@ -124,37 +124,56 @@ class Trial:
 
 
 def plan(net: str, grid: dict[str, list], out: str | Path, *, recipe: str = "seed", epochs: int | None = None,
-         data: str = "cifar10", data_dir: str | None = None, seed: int = 0, resume: bool = False) -> list[Trial]:
-    """Validate every grid point, then claim ``out`` (write ``sweep.json``) or check it is the same sweep."""
+         data: str = "cifar10", data_dir: str | None = None, seed: int = 0) -> list[Trial]:
+    """One validated trial per grid point (nothing written: a bad point fails before any folder is touched)."""
     from .train import TrainConfig
 
     grid = normalize_grid(net, grid)
     out = Path(out).resolve()
-    trials, resolved = [], None
+    trials = []
     for i, point in enumerate(expand(grid)):
         hp = {k: v for k, v in point.items() if k in HPARAMS}
         train_keys = {k: v for k, v in point.items() if k in TRAIN_KEYS}
         config = TrainConfig(net, recipe=recipe, hparams=hp, epochs=epochs, data=data, data_dir=data_dir,
                              seed=seed, run=str(i), **train_keys)
-        resolved = config.resolved()
+        config.resolved()
         name = point_name(point)
         trials.append(Trial(i, name, point, config, out / "runs" / name))
-    identity = {"net": net, "recipe": recipe, "epochs": resolved["epochs"], "grid": grid, "data": data,
-                "seed": seed}
+    return trials
+
+
+def sweep_dir(trials: list[Trial]) -> Path:
+    return trials[0].out.parents[1]
+
+
+def grid_of(trials: list[Trial]) -> dict[str, list]:
+    """The (typed) grid the trials were expanded from."""
+    return {k: list(dict.fromkeys(t.point[k] for t in trials)) for k in trials[0].point}
+
+
+def identity(trials: list[Trial]) -> dict:
+    """What makes two sweeps the same sweep (recorded in sweep.json, compared on resume)."""
+    c = trials[0].config
+    return {"net": c.net, "recipe": c.recipe, "epochs": c.resolved()["epochs"], "grid": grid_of(trials),
+            "data": c.data, "seed": c.seed}
+
+
+def claim(trials: list[Trial], resume: bool = False) -> None:
+    """Start the sweep in its folder (write ``sweep.json``) or, on resume, check the folder holds this sweep."""
+    out, ident = sweep_dir(trials), identity(trials)
     record = out / "sweep.json"
     if resume:
         if not record.is_file():
             raise UserError(f"--resume: no sweep in {out} (no sweep.json); drop --resume to start one")
         saved = json.loads(record.read_text())
-        diff = [k for k in identity if json.dumps(saved.get(k)) != json.dumps(identity[k])]
+        diff = [k for k in ident if json.dumps(saved.get(k)) != json.dumps(ident[k])]
         if diff:
             raise UserError(f"--resume: {out} holds a sweep with different {', '.join(diff)} "
                             f"({', '.join(f'{k}={saved.get(k)}' for k in diff)}); rerun with the same options")
     else:
         if record.is_file():
             raise UserError(f"{out} already holds a sweep; add --resume to continue it or pick another --out")
-        write_json(record, identity)
-    return trials
+        write_json(record, ident)
 
 
 # ----------------------------------------------------------------------------------------------- one trial
@@ -198,8 +217,10 @@ def finished_result(trial: Trial) -> dict:
 # ------------------------------------------------------------------------------------------------ executors
 def run_sweep(trials: list[Trial], *, executor: str = "local", address: str | None = None,
               cpus_per_trial: float = 1.0, gpus_per_trial: float = 0.0, ray_cpus: int | None = None,
-              on_event: EventFn | None = None) -> dict[int, dict]:
-    """Run every unfinished trial; ``{trial.index: result}`` for all trials, finished ones read from disk."""
+              datasets: tuple | None = None, on_event: EventFn | None = None) -> dict[int, dict]:
+    """Run every unfinished trial; ``{trial.index: result}`` for all trials, finished ones read from disk.
+
+    ``datasets`` is ``(train_set, test_set)`` when the caller loaded them already (else loaded here, once)."""
     check_executor(executor, address, cpus_per_trial, gpus_per_trial)
     emit = on_event or (lambda kind, trial, payload: None)
     results: dict[int, dict] = {}
@@ -211,7 +232,7 @@ def run_sweep(trials: list[Trial], *, executor: str = "local", address: str | No
     if not todo:
         return results
     ray = _import_ray() if executor == "ray" else None
-    train_set, test_set = load_data(trials[0].config)
+    train_set, test_set = datasets or load_data(trials[0].config)
     if ray is None:
         for t in todo:
             emit("start", t, None)
@@ -361,11 +382,6 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(rows, key=lambda r: r["test_accuracy"], default=None)
 
 
-def grid_of(trials: list[Trial]) -> dict[str, list]:
-    """The (typed) grid the trials were expanded from."""
-    return {k: list(dict.fromkeys(t.point[k] for t in trials)) for k in trials[0].point}
-
-
 def summarize(trials: list[Trial], results: dict[int, dict]) -> dict:
     grid = grid_of(trials)
     rows = sweep_rows(trials, results)
@@ -378,9 +394,7 @@ def summarize(trials: list[Trial], results: dict[int, dict]) -> dict:
                      "resumed": r.get("resumed", False), "error": r.get("error"),
                      **{k: s.get(k) for k in ("best_epoch", "best_test_accuracy", "final_test_accuracy",
                                               "train_seconds", "total_parameters")}})
-    first = trials[0].config
-    return {"net": first.net, "recipe": first.recipe, "epochs": first.resolved()["epochs"], "seed": first.seed,
-            "data": first.data, "grid": grid, "best": best_row(rows), "runs": runs,
+    return {**identity(trials), "best": best_row(rows), "runs": runs,
             "grouped": [{"by": list(keys), "rows": grouped_means(rows, keys)} for keys in groupings(grid)]}
 
 

@@ -84,6 +84,9 @@ def test_ray_executor_gives_the_same_table_as_local(local_sweep, tmp_path):
     proc = _cli("sweep", *ARGS, "--out", tmp_path / "ray", "--executor", "ray", "--ray-cpus", "2",
                 "--cpus-per-trial", "1", "--json", timeout=300)
     summary = json.loads(proc.stdout)
+    # every epoch of every task was streamed back to the driver while it ran (one log line each, off a terminal)
+    assert sorted(line.split(" epoch ")[1][:3] for line in proc.stderr.splitlines() if " running epoch " in line) \
+        == ["1/2"] * 4 + ["2/2"] * 4
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
     local_rows, ray_rows = _rows(local_out / "metrics.csv"), _rows(tmp_path / "ray" / "metrics.csv")
     assert [r["name"] for r in ray_rows] == [r["name"] for r in local_rows]
@@ -146,6 +149,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     (["--grid", "lr=0.1", "--executor", "spark"], "use local or ray"),
     (["--grid", "lr=0.1", "--address", "127.0.0.1:6379"], "--address needs --executor ray"),
     (["--grid", "lr=0.1", "--executor", "ray", "--cpus-per-trial", "0"], "--cpus-per-trial must be > 0"),
+    (["--grid", "lr=0.1", "--data", "/no/such/cifar.tar.gz"], "no such file"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, match, capsys, tmp_path):
     assert_user_error(capsys, "sweep", "net1", *args, "--out", tmp_path / "s", match=match)
@@ -158,8 +162,8 @@ def test_unknown_net_and_resume_mistakes(capsys, tmp_path):
                       match="no sweep")
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")
-    assert_user_error(capsys, "sweep", "net1", "--grid", "lr=0.1", "--out", tmp_path / "s",
-                      match="already holds a sweep")
+    assert_user_error(capsys, "sweep", "net1", "--grid", "lr=0.1", "--data", "synthetic:20", "--out",
+                      tmp_path / "s", match="already holds a sweep")
 
 
 def test_unreachable_ray_address_is_one_line_and_exit_2(capsys, tmp_path):

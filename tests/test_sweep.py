@@ -4,8 +4,8 @@ import math
 import pytest
 
 from cifarbench.errors import UserError
-from cifarbench.sweep import (default_grid, expand, grid_of, grouped_means, groupings, normalize_grid, parse_grid,
-                              plan, point_name, run_sweep, summarize, sweep_rows)
+from cifarbench.sweep import (claim, default_grid, expand, grid_of, grouped_means, groupings, normalize_grid,
+                              parse_grid, plan, point_name, run_sweep, summarize, sweep_rows)
 
 DATA = "synthetic:200"
 TIMING = ("epoch_duration", "run_duration")
@@ -31,6 +31,7 @@ def test_default_grid_is_the_reports(tmp_path):
                                     "stride": [1, 2]}
     assert default_grid("net3") == {"l1_oc": [32, 64, 96], "dropout": [0.1, 0.3, 0.5]}
     trials = plan("net1", default_grid("net1"), tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # planning writes nothing
     assert len(trials) == 24 and trials[0].config.resolved()["epochs"] == 30
     assert len({t.out for t in trials}) == 24
     assert trials[23].config.hparams == {"l1_oc": 18, "filter_multiplier": 2.0, "kernel_size": 5, "stride": 2}
@@ -96,7 +97,9 @@ def _grid():
 
 
 def _plan(out, resume=False):
-    return plan("net1", _grid(), out, epochs=2, data=DATA, seed=1, resume=resume)
+    trials = plan("net1", _grid(), out, epochs=2, data=DATA, seed=1)
+    claim(trials, resume=resume)
+    return trials
 
 
 def _table(trials, results):
@@ -140,15 +143,17 @@ def test_a_sweep_killed_mid_way_resumes_without_redoing_finished_runs(tmp_path):
 def test_resume_refuses_a_different_sweep(tmp_path):
     _plan(tmp_path / "s")
     with pytest.raises(UserError, match="different epochs"):
-        plan("net1", _grid(), tmp_path / "s", epochs=3, data=DATA, seed=1, resume=True)
+        claim(plan("net1", _grid(), tmp_path / "s", epochs=3, data=DATA, seed=1), resume=True)
     with pytest.raises(UserError, match="different grid"):
-        plan("net1", {"lr": [0.05, 0.02], "l1_oc": [3]}, tmp_path / "s", epochs=2, data=DATA, seed=1, resume=True)
+        claim(plan("net1", {"lr": [0.05, 0.02], "l1_oc": [3]}, tmp_path / "s", epochs=2, data=DATA, seed=1),
+              resume=True)
     with pytest.raises(UserError, match="no sweep"):
         _plan(tmp_path / "elsewhere", resume=True)
 
 
 def test_a_diverging_run_is_reported_and_the_others_still_run(tmp_path):
     trials = plan("net1", {"lr": [1e10, 0.05], "l1_oc": [3]}, tmp_path / "s", epochs=1, data=DATA)
+    claim(trials)
     results = run_sweep(trials)
     summary = summarize(trials, results)
     assert [r["status"] for r in summary["runs"]] == ["failed", "finished"]

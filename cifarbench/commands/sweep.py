@@ -45,13 +45,17 @@ def register(app: typer.Typer) -> None:
 
         values = sw.parse_grid(grid) if grid else sw.default_grid(net)
         sw.check_executor(executor, address, cpus_per_trial, gpus_per_trial)
-        out = Path(out or Path("runs") / f"sweep-{net}-{recipe}-s{seed}").resolve()
+        out = Path(out or Path("runs") / f"sweep-{net}-{recipe}-s{seed}")
         trials = sw.plan(net, values, out, recipe=recipe, epochs=epochs, data=data,
-                         data_dir=str(data_dir) if data_dir else None, seed=seed, resume=resume)
-        board = Board(trials, console)
-        with board:
+                         data_dir=str(data_dir) if data_dir else None, seed=seed)
+        # a new sweep loads its data before claiming --out, so a bad --data leaves nothing behind
+        datasets = None if resume else sw.load_data(trials[0].config)
+        sw.claim(trials, resume=resume)
+        with Board(trials, console) as board:
             results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
-                                   gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, on_event=board.update)
+                                   gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, datasets=datasets,
+                                   on_event=board.update)
+        out = sw.sweep_dir(trials)
         summary = sw.summarize(trials, results)
         files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))
         if json:
@@ -75,13 +79,12 @@ class Board:
         if self.console.is_terminal:
             from rich.live import Live
 
-            self.live = Live(self.table(), console=self.console, refresh_per_second=2)
+            self.live = Live(self, console=self.console, refresh_per_second=1)  # redrawn through __rich__
             self.live.start()
         return self
 
     def __exit__(self, *exc):
         if self.live is not None:
-            self.live.update(self.table())
             self.live.stop()
 
     def update(self, kind: str, trial, payload) -> None:
@@ -100,7 +103,7 @@ class Board:
         elif kind == "start":
             s.update(status="running")
         if self.live is not None:
-            self.live.update(self.table())
+            self.live.refresh()
         else:
             self.console.print(self.line(trial, s), soft_wrap=True, highlight=False)
 
@@ -113,6 +116,9 @@ class Board:
             return f"{head} started"
         return (f"{head} {s['status']} epoch {s['epoch']}/{self.epochs} loss {s['loss']:.4f} "
                 f"train {s['train']:.2%} test {s['test']:.2%} best {s['best']:.2%}")
+
+    def __rich__(self):
+        return self.table()
 
     def table(self):
         from rich.table import Table

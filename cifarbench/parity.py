@@ -104,14 +104,18 @@ def default_backends(device: torch.device) -> list[BackendSpec]:
 
 
 def verify(model, specs: list[BackendSpec], images: torch.Tensor, device: torch.device, batch: int = 256,
-           **options) -> dict:
-    """Run every backend on ``images`` and compare with torch fp32 eager (contiguous, on the CPU)."""
+           step=None, **options) -> dict:
+    """Run every backend on ``images`` and compare with torch fp32 eager (contiguous, on the CPU).
+
+    ``step(label)``, if given, is called before each backend (the CLI advances its progress bar with it)."""
     from .runtime import TorchRuntime, open_runtime, resolve_module
 
     module = resolve_module(model)
     reference = _logits(TorchRuntime(module, "cpu", channels_last=False), images, batch)
     results = []
     for spec in specs:
+        if step:
+            step(spec.label)
         rt = open_runtime(module, spec.backend, device=device, precision=spec.precision, **options)
         metrics = error_metrics(reference, _logits(rt, images, batch))
         passed, failures = judge(metrics, rt.precision)

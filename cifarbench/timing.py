@@ -96,8 +96,9 @@ def machine() -> dict:
 
 
 def run_bench(model, specs, batches: list[int], device: torch.device, warmup: int = 2, iters: int = 10,
-              min_seconds: float = 0.0, **options) -> dict:
-    """Benchmark each backend spec at each batch size; the document ``--from`` renders."""
+              min_seconds: float = 0.0, step=None, **options) -> dict:
+    """Benchmark each backend spec at each batch size; the document ``--from`` renders. ``step(label)`` is
+    called before each backend."""
     from .nets import count_flops
     from .runtime import open_runtime, resolve_module
 
@@ -105,6 +106,8 @@ def run_bench(model, specs, batches: list[int], device: torch.device, warmup: in
     flops = count_flops(module)
     rows = []
     for spec in specs:
+        if step:
+            step(spec.label)
         rt = open_runtime(module, spec.backend, device=device, precision=spec.precision, **options)
         rows += bench_runtime(rt, batches, warmup, iters, min_seconds, flops)
     return {"format": FORMAT, "net": module.name, "source": str(getattr(module, "source", "") or "in-memory"),

@@ -33,8 +33,9 @@ def register(app: typer.Typer) -> None:
         iters: Annotated[int, typer.Option("--iters", help="Timed calls per batch size (at least).")] = 20,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed calls first.")] = 3,
         min_seconds: Annotated[float, typer.Option("--min-seconds", help="Keep timing until this much time.")] = 0.0,
-        calib_data: Annotated[str, typer.Option("--calib-data", help="INT8 calibration images (as --data).")]
-        = "cifar10",
+        calib_data: Annotated[Optional[str], typer.Option(
+            "--calib-data", help="INT8 calibration images (as --data; default $CIFARBENCH_CALIB_DATA or cifar10).")]
+        = None,
         device: DeviceOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the run as JSON here.")] = None,
         from_: Annotated[Optional[Path], typer.Option("--from", help="Render a saved run instead of measuring.")]
@@ -44,9 +45,11 @@ def register(app: typer.Typer) -> None:
         json: JsonOpt = False,
     ) -> None:
         """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
+        import itertools
+
         import torch
 
-        from ..console import console, emit_json
+        from ..console import console, emit_json, progress
         from ..errors import UserError
         from ..io import write_json
         from ..timing import compare, compare_table, load_results, results_table, run_bench
@@ -79,8 +82,14 @@ def register(app: typer.Typer) -> None:
         else:
             auto = resolve_backend("auto", dev)
             specs = [BackendSpec("torch", "fp32")] + ([BackendSpec(auto, "fp32")] if auto != "torch" else [])
-        doc = run_bench(model, specs, parse_batches(batch), dev, warmup=warmup, iters=iters,
-                        min_seconds=min_seconds, calib_data=calib_data)
+        batches = parse_batches(batch)
+        with progress() as bar:
+            done = itertools.count()  # backends finished before the one starting now
+            task = bar.add_task("bench", total=len(specs), status="")
+            doc = run_bench(model, specs, batches, dev, warmup=warmup, iters=iters, min_seconds=min_seconds,
+                            calib_data=calib_data,
+                            step=lambda label: bar.update(task, completed=next(done), status=label))
+            bar.update(task, completed=len(specs), status="done")
         if out is not None:
             write_json(out, doc)
         if json:

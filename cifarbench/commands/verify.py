@@ -23,9 +23,11 @@ def register(app: typer.Typer) -> None:
         json: JsonOpt = False,
     ) -> None:
         """Per backend: max/mean abs and rel error of logits and probabilities, top-1 agreement, pass/fail."""
+        import itertools
+
         import torch
 
-        from ..console import console, emit_json
+        from ..console import console, emit_json, progress
         from ..data import load_split
         from ..errors import UserError
         from ..parity import default_backends, parse_backends, verify
@@ -37,7 +39,12 @@ def register(app: typer.Typer) -> None:
         specs = parse_backends(backends) if backends else default_backends(dev)
         test = load_split(data, "test", data_dir)
         batch = test.subset(slice(0, images)).float_images()
-        report = verify(model, specs, batch, dev, calib=calib, calib_data=data)
+        with progress() as bar:
+            done = itertools.count()  # backends finished before the one starting now
+            task = bar.add_task("verify", total=len(specs), status="")
+            report = verify(model, specs, batch, dev, calib=calib, calib_data=data,
+                            step=lambda label: bar.update(task, completed=next(done), status=label))
+            bar.update(task, completed=len(specs), status="done")
         if json:
             emit_json(report)
         else:

@@ -18,8 +18,10 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import math
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -158,8 +160,9 @@ def identity(trials: list[Trial]) -> dict:
             "data": c.data, "seed": c.seed}
 
 
-def claim(trials: list[Trial], resume: bool = False) -> None:
-    """Start the sweep in its folder (write ``sweep.json``) or, on resume, check the folder holds this sweep."""
+def claim(trials: list[Trial], resume: bool = False, check_only: bool = False) -> None:
+    """Start the sweep in its folder (write ``sweep.json``) or, on resume, check the folder holds this sweep;
+    ``check_only`` raises what claiming would raise and writes nothing."""
     out, ident = sweep_dir(trials), identity(trials)
     record = out / "sweep.json"
     if resume:
@@ -173,7 +176,8 @@ def claim(trials: list[Trial], resume: bool = False) -> None:
     else:
         if record.is_file():
             raise UserError(f"{out} already holds a sweep; add --resume to continue it or pick another --out")
-        write_json(record, ident)
+        if not check_only:
+            write_json(record, ident)
 
 
 # ----------------------------------------------------------------------------------------------- one trial
@@ -231,15 +235,14 @@ def run_sweep(trials: list[Trial], *, executor: str = "local", address: str | No
     todo = [t for t in trials if t.index not in results]
     if not todo:
         return results
-    ray = _import_ray() if executor == "ray" else None
     train_set, test_set = datasets or load_data(trials[0].config)
-    if ray is None:
+    if executor == "local":
         for t in todo:
             emit("start", t, None)
             results[t.index] = execute(t, train_set, test_set, on_epoch=lambda row, t=t: emit("epoch", t, row))
             emit("fail" if "error" in results[t.index] else "finish", t, results[t.index])
     else:
-        results.update(_run_ray(ray, todo, train_set, test_set, address=address, cpus=cpus_per_trial,
+        results.update(_run_ray(todo, train_set, test_set, address=address, cpus=cpus_per_trial,
                                 gpus=gpus_per_trial, ray_cpus=ray_cpus, emit=emit))
     return results
 
@@ -299,22 +302,41 @@ def _ray_trial(trial: Trial, train_set, test_set, queue, cpus: float) -> dict:
     return execute(trial, train_set, test_set, on_epoch=lambda row: queue.put(("epoch", trial.index, row)))
 
 
-def _run_ray(ray, todo: list[Trial], train_set, test_set, *, address, cpus, gpus, ray_cpus, emit) -> dict:
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            try:
-                ray.init(address=address, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") \
-                    from None
-        else:
-            ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
+@contextmanager
+def ray_session(address: str | None = None, ray_cpus: int | None = None, cpus_per_trial: float = 1.0,
+                gpus_per_trial: float = 0.0):
+    """Connect to ``address`` or start a local Ray with ``ray_cpus`` CPUs, check it can place one trial, and
+    shut it down after; where Ray is already initialized, only the check (the caller owns that session)."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        _check_resources(ray, cpus_per_trial, gpus_per_trial)
+        yield ray
+        return
+    if address:
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot connect to the Ray cluster at {address}: {str(exc).splitlines()[0]}") from None
+    else:
+        ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
-        have = ray.cluster_resources()
-        for what, need, name in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
-            if need > have.get(what, 0):
-                raise UserError(f"{name} {need:g} is more than the Ray cluster has ({have.get(what, 0):g} {what})")
+        _check_resources(ray, cpus_per_trial, gpus_per_trial)
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(ray, cpus: float, gpus: float) -> None:
+    """A trial asking for more than the cluster has would wait forever; say so instead."""
+    have = ray.cluster_resources()
+    for what, need, name in (("CPU", cpus, "--cpus-per-trial"), ("GPU", gpus, "--gpus-per-trial")):
+        if need > have.get(what, 0):
+            raise UserError(f"{name} {need:g} is more than the Ray cluster has ({have.get(what, 0):g} {what})")
+
+
+def _run_ray(todo: list[Trial], train_set, test_set, *, address, cpus, gpus, ray_cpus, emit) -> dict:
+    with ray_session(address, ray_cpus, cpus, gpus) as ray:
         from ray.util.queue import Empty, Queue
 
         queue = Queue(actor_options={"num_cpus": 0})
@@ -340,9 +362,6 @@ def _run_ray(ray, todo: list[Trial], train_set, test_set, *, address, cpus, gpus
                 results[t.index] = ray.get(ref)
                 emit("fail" if "error" in results[t.index] else "finish", t, results[t.index])
         return results
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ------------------------------------------------------------------------------------------------ summaries

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,8 +35,9 @@ def register(app: typer.Typer) -> None:
         ray_cpus: Annotated[Optional[int], typer.Option(
             "--ray-cpus", help="CPUs of the local Ray started without --address (default: all).")] = None,
         out: OutOpt = None,
-        resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in --out: skip finished runs, "
-                                                              "continue unfinished ones from their last epoch.")] = False,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Continue the sweep in --out: skip finished runs, continue unfinished ones from their "
+                             "last epoch.")] = False,
         seed: SeedOpt = 0,
         json: JsonOpt = False,
     ) -> None:
@@ -48,13 +50,19 @@ def register(app: typer.Typer) -> None:
         out = Path(out or Path("runs") / f"sweep-{net}-{recipe}-s{seed}")
         trials = sw.plan(net, values, out, recipe=recipe, epochs=epochs, data=data,
                          data_dir=str(data_dir) if data_dir else None, seed=seed)
+        sw.claim(trials, resume=resume, check_only=True)  # fail fast, before loading data or starting Ray
         # a new sweep loads its data before claiming --out, so a bad --data leaves nothing behind
         datasets = None if resume else sw.load_data(trials[0].config)
-        sw.claim(trials, resume=resume)
-        with Board(trials, console) as board:
-            results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
-                                   gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, datasets=datasets,
-                                   on_event=board.update)
+        # and connects to Ray first too: an unreachable or too small cluster leaves nothing behind either
+        todo = not all(t.finished() for t in trials)
+        session = sw.ray_session(address, ray_cpus, cpus_per_trial, gpus_per_trial) if executor == "ray" and todo \
+            else nullcontext()
+        with session:
+            sw.claim(trials, resume=resume)
+            with Board(trials, console) as board:
+                results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
+                                       gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, datasets=datasets,
+                                       on_event=board.update)
         out = sw.sweep_dir(trials)
         summary = sw.summarize(trials, results)
         files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))

@@ -5,6 +5,7 @@
 #   net1..net4.safetensors (weights to bundle).
 # usage: benchmarks/gpu/run.sh OUTDIR [--dry-run]
 #   --dry-run: the same steps on the CPU on a tiny budget (synthetic data, 1 epoch), as CI runs it.
+# env: CIFARBENCH_GPU_STEPS (default train,check,tests,bench) picks steps, so a short lease can split the work.
 # env: CIFARBENCH_GPU_DATA (default .data/cifar10-jpeg75.tar.gz), PYTHON (default python3),
 #      CIFARBENCH_GPU_BUDGET seconds for the whole script (default 450).
 set -uo pipefail
@@ -17,6 +18,7 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${CIFARBENCH_GPU_BUDGET:-450}
+STEPS=${CIFARBENCH_GPU_STEPS:-train,check,tests,bench}
 WORK=$(mktemp -d)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "== [$(( $(date +%s) - START )) s] $*"; }
@@ -50,18 +52,42 @@ train() {  # train NET RECIPE SECONDS [extra args...]: train unless weights are 
             --trained-on "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo cpu)"
 }
 
-train net4 fast 150
-train net1 seed 90
-say "targets (check.py)"
-timeout $(( $(left) > 150 ? 150 : $(left) )) $PY benchmarks/gpu/check.py --out "$OUT" --data "$DATA" \
-    --net4-run "$WORK/net4" ${DRY:+--dry-run}
-say "GPU tests"
-timeout 90 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
-say "benchmarks"
-if [ "$DRY" = "--dry-run" ]; then BENCH=(--benchmark-disable -k "net1 and not captum"); else BENCH=(); fi
-timeout $(( $(left) > 200 ? 120 : 60 )) $PY -m pytest -q benchmarks -p no:cacheprovider \
-    --benchmark-json="$OUT/bench.json" "${BENCH[@]}" 2>&1 | tail -n 40
-train net3 fast 140 --epochs 12
-train net2 fast 100 --epochs 10
+step() { [[ ",$STEPS," == *",$1,"* ]]; }
+if step train; then train net4 fast 150; fi
+if step check; then
+    say "targets (check.py)"
+    timeout $(( $(left) > 150 ? 150 : $(left) )) $PY benchmarks/gpu/check.py --out "$OUT" --data "$DATA" \
+        --net4-run "$WORK/net4" ${DRY:+--dry-run}
+fi
+if step tests; then
+    say "GPU tests"
+    timeout 90 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
+fi
+if step bench; then
+    # one pytest per suite, each with its own JSON, so a suite cut by its timeout costs only itself
+    bench() {  # bench NAME SECONDS ARGS...
+        local name=$1 seconds=$2; shift 2
+        if [ "$(left)" -lt 30 ]; then say "bench $name: skipped, $(left) s left"; return; fi
+        say "bench $name"
+        timeout $(( $(left) < seconds ? $(left) : seconds )) $PY -m pytest -q -p no:cacheprovider \
+            --benchmark-json="$WORK/bench-$name.json" "$@" 2>&1 | tail -n 30
+    }
+    if [ "$DRY" = "--dry-run" ]; then  # one case per suite, run once as a plain test
+        bench conv 120 benchmarks/test_bench_conv.py -k "conv6-conv and eager-nchw" --benchmark-disable
+        bench train 120 benchmarks/test_bench_train.py -k seed --benchmark-disable
+        bench runtimes 120 benchmarks/test_bench_runtimes.py -k "torch_eager" --benchmark-disable
+    else
+        bench conv 60 benchmarks/test_bench_conv.py -k "not torch-compile"
+        bench train 60 benchmarks/test_bench_train.py
+        export CIFARBENCH_BENCH_BATCH=4096
+        bench runtimes 150 benchmarks/test_bench_runtimes.py -k "not int8"
+    fi
+    $PY benchmarks/gpu/merge_bench.py "$OUT/bench.json" "$WORK"/bench-*.json
+fi
+if step train; then
+    train net1 seed 90
+    train net3 fast 140 --epochs 12
+    train net2 fast 100 --epochs 10
+fi
 say "done: $(ls "$OUT" | tr '\n' ' ')"
 rm -rf "$WORK"

@@ -61,17 +61,18 @@ def timed(fn, device: torch.device, iters: int) -> float:
 
 def inference(model, test_x: torch.Tensor, device: torch.device, batch: int, iters: int, compile_ok: bool) -> list:
     """images/s and top-1 agreement with fp32 for each precision and mode."""
-    from cifarbench.train import EVAL_BATCH
-
     results = []
     base = model.to(device).eval().to(memory_format=torch.channels_last)
 
     def predictions(m, dtype):
+        """Top-1 over the test set in chunks of exactly ``batch`` (the last one padded): no recompiles."""
         out = []
         with torch.inference_mode():
-            for i in range(0, len(test_x), EVAL_BATCH):
-                x = test_x[i:i + EVAL_BATCH].to(device, dtype).contiguous(memory_format=torch.channels_last)
-                out.append(m(x).float().argmax(1).cpu())
+            for i in range(0, len(test_x), batch):
+                chunk = test_x[i:i + batch]
+                x = torch.cat([chunk, chunk.new_zeros(batch - len(chunk), *chunk.shape[1:])])
+                x = x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+                out.append(m(x).float().argmax(1)[:len(chunk)].cpu())
         return torch.cat(out)
 
     reference = predictions(base, torch.float32)
@@ -118,14 +119,25 @@ def occlusion(model, data: str, device: torch.device, n_images: int) -> list[dic
     """Each exact engine in turn, so the summary shows which one meets the target on this card."""
     from cifarbench.analysis.occlusion import occlude_dataset_throughput
 
+    from cifarbench.runtime import TorchRuntime
+
     rows = []
-    for mode in ("dense", "incremental"):
+    batch = 8 if device.type == "cpu" else 64
+    variants = [("dense", "fp32"), ("incremental", "fp32")]
+    if device.type == "cuda":
+        variants += [("dense", "tf32"), ("dense", "fp16")]
+    for mode, precision in variants:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        # a half-precision net goes in as a runtime (the dense engine runs any runtime)
+        subject = TorchRuntime(model, device, precision=precision) if precision == "fp16" else model
         try:
-            rows.append(occlude_dataset_throughput(model, data, n=n_images, k=8, mode=mode, backend="torch",
-                                                   device=device, batch=8 if device.type == "cpu" else 64))
+            row = occlude_dataset_throughput(subject, data, n=n_images, k=8, mode=mode, backend="torch",
+                                             device=device, batch=batch)
+            rows.append({**row, "precision": precision})
         except Exception as exc:  # report and go on to the next engine
-            rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            rows.append({"mode": mode, "precision": precision, "error": f"{type(exc).__name__}: {exc}"[:300]})
         print(json.dumps(rows[-1]), flush=True)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     return rows
 
 

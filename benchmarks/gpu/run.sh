@@ -53,7 +53,7 @@ train() {  # train NET RECIPE SECONDS [extra args...]: train unless weights are 
 }
 
 step() { [[ ",$STEPS," == *",$1,"* ]]; }
-if step train; then train net4 fast 150; fi
+if step train; then train net4 fast 200; fi
 if step check; then
     say "targets (check.py)"
     timeout $(( $(left) > 150 ? 150 : $(left) )) $PY benchmarks/gpu/check.py --out "$OUT" --data "$DATA" \

@@ -109,10 +109,11 @@ def layer_specs(model) -> tuple[LayerSpec, ...]:
 
 
 def _changed(lo: np.ndarray, hi: np.ndarray, ly: LayerSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Output range ``[lo, hi)`` whose receptive input range meets the changed input range ``[lo, hi)``."""
-    lo_o = np.maximum(0, -((-(lo + ly.q - ly.k + 1)) // ly.s))
+    """Output range ``[lo, hi)`` whose receptive input range meets the changed input range ``[lo, hi)``; empty
+    (``hi == lo``) when no output reads the changed inputs (strided convs skip the last rows of odd maps)."""
+    lo_o = np.minimum(np.maximum(0, -((-(lo + ly.q - ly.k + 1)) // ly.s)), ly.s_out)
     hi_o = np.minimum(ly.s_out, (hi - 1 + ly.q) // ly.s + 1)
-    return lo_o, hi_o
+    return lo_o, np.where(hi <= lo, lo_o, np.maximum(hi_o, lo_o))
 
 
 def _round_up(sizes: np.ndarray, buckets: int) -> np.ndarray:
@@ -161,7 +162,7 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
         sizes = np.stack([hr[pi], hr[pj]], 1)
         for h, w in sorted({tuple(x) for x in sizes.tolist()}):
             sel = np.flatnonzero((sizes[:, 0] == h) & (sizes[:, 1] == w))
-            hin, win = (h - 1) * ly.s + ly.k, (w - 1) * ly.s + ly.k
+            hin, win = ((h - 1) * ly.s + ly.k, (w - 1) * ly.s + ly.k) if h and w else (0, 0)
             r = ar[pi[sel], None] * ly.s - ly.q + np.arange(hin)
             c = ar[pj[sel], None] * ly.s - ly.q + np.arange(win)
             valid = ((r >= 0) & (r < ly.s_in))[:, :, None] & ((c >= 0) & (c < ly.s_in))[:, None, :]
@@ -285,6 +286,8 @@ class IncrementalOcclusion:
 
                 tail = buf[head_rows:]
                 for g, boxes in zip(step.groups, step.windows):
+                    if not (g.h and g.w):
+                        continue
                     rows = plan.images * g.n * g.h * g.w
                     first_layer_windows(x, base, wb[0], wb[1], boxes, g.h, g.w, k, ly.s, ly.q,
                                         tail[g.out:g.out + rows])
@@ -292,6 +295,8 @@ class IncrementalOcclusion:
                 continue
             gathered = prev.index_select(0, step.index)
             for g in step.groups:
+                if not (g.h and g.w):
+                    continue  # positions whose patch this layer never reads
                 rows = plan.images * g.n
                 xg = gathered[g.start:g.start + rows * g.hin * g.win].view(rows, g.hin, g.win, ly.c_in)
                 xg = xg.permute(0, 3, 1, 2)

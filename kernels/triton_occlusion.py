@@ -32,10 +32,17 @@ def _use_triton(t: torch.Tensor) -> bool:
     return available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
+#: ``triton.language``, bound on first use; a module global so Triton's interpreter can patch it inside kernels
+tl = None
+
+
 @cache
 def _kernels():
+    global tl
     import triton
-    import triton.language as tl
+    import triton.language
+
+    tl = triton.language
 
     @triton.jit
     def occlude(img, base, out, P, p0, n, k, stride, H: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr):
@@ -72,7 +79,7 @@ def _kernels():
         ox = c0 + pix % wd
         co = tl.arange(0, BLOCK_C)
         cm = co < cout
-        acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+        acc = tl.full((BLOCK_P, BLOCK_C), 0.0, tl.float32)
         for ci in tl.static_range(CIN):
             bv = tl.load(base + b * CIN + ci)
             for kh in tl.static_range(KS):

@@ -109,7 +109,7 @@ def int8_export(request):
     return model, cached_artifact(model, "onnx-int8", calib=128, calib_data="synthetic")
 
 
-def test_int8_is_qdq_per_channel_with_first_conv_fp32(int8_export):
+def test_int8_is_qdq_per_channel_with_first_conv_and_head_fp32(int8_export):
     model, path = int8_export
     proto = load_onnx(path)
     meta = read_metadata(proto)
@@ -129,6 +129,10 @@ def test_int8_is_qdq_per_channel_with_first_conv_fp32(int8_export):
         scale = onnx.numpy_helper.to_array(inits[dq.input[1]])
         assert scale.shape == (block.conv.out_channels,)  # one scale per output channel
         assert onnx.numpy_helper.to_array(inits[dq.input[0]]).dtype == np.int8
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 3
+    for gemm in gemms:  # the head stays fp32: its weights are plain float initializers
+        assert onnx.numpy_helper.to_array(inits[gemm.input[1]]).dtype == np.float32
 
 
 def test_int8_agrees_with_fp32(int8_export):

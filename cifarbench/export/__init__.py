@@ -16,6 +16,8 @@ from ..errors import UserError
 TARGETS = ("onnx", "onnx-int8", "aoti", "tensorrt")
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "aoti": ".pt2", "tensorrt": ".engine"}
 DEFAULT_CALIB = 512
+#: bumped when the quantization recipe changes, so cached INT8 models from an older recipe are not reused
+INT8_RECIPE = "v2"
 
 
 def default_calib_data() -> str:
@@ -36,7 +38,7 @@ def artifact_name(model, to: str, precision: str = "fp32", device: str = "cpu", 
         tag = "fp32"
     elif to == "onnx-int8":
         slug = re.sub(r"[^A-Za-z0-9]+", "-", calib_data or default_calib_data()).strip("-")[-40:]
-        tag = f"int8-{calib}-{slug}-s{seed}"
+        tag = f"int8{INT8_RECIPE}-{calib}-{slug}-s{seed}"
     elif to == "aoti":
         tag = f"{device}-{precision}-torch{torch.__version__.split('+')[0]}"
     else:

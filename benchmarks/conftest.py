@@ -46,6 +46,8 @@ def record(benchmark, peak_gflops):
     """``record(images=N, flops=F, **info)`` after a benchmark run: stores device, images/s, GFLOP/s, % of peak."""
 
     def _record(images: int | None = None, flops: float | None = None, **info) -> None:
+        if benchmark.stats is None:  # --benchmark-disable: the body ran once as a test, nothing was timed
+            return
         mean = benchmark.stats.stats.mean
         extra = {"device": str(DEVICE), "device_name": _device_name(), "peak_gflops": round(peak_gflops, 1), **info}
         if images:

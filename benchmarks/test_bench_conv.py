@@ -7,6 +7,7 @@ Groups are per layer, so each backend is compared with the others on the same sh
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from cifarbench import create_model
 from conftest import DEVICE, sync
 
 BATCH = 1024 if DEVICE.type == "cuda" else 32
-ROUNDS = 20 if DEVICE.type == "cuda" else 3
+ROUNDS = int(os.environ.get("CIFARBENCH_BENCH_ROUNDS", 20 if DEVICE.type == "cuda" else 3))
 
 
 def _net4_layer_inputs() -> dict[str, tuple[torch.nn.Module, tuple[int, ...]]]:

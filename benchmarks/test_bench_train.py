@@ -33,7 +33,7 @@ def test_train_throughput(benchmark, record, recipe):
             train_step(model, opt, batch_input(images, cfg, gen), labels, cfg, autocast)
         sync()
 
-    benchmark.pedantic(steps, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(steps, rounds=int(os.environ.get("CIFARBENCH_BENCH_ROUNDS", 3)), warmup_rounds=1)
     n = STEPS * cfg["batch_size"]
     # forward + backward ~ 3x the forward FLOPs
     record(images=n, flops=3 * count_flops(model) * n, recipe=recipe, batch=cfg["batch_size"],

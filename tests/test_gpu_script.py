@@ -24,7 +24,10 @@ def test_gpu_script_dry_run(tmp_path):
     assert summary["training"]["epochs"] == 1
     assert {r["precision"] for r in summary["inference"]} >= {"fp32", "bf16", "fp16"}
     assert all("error" not in r for r in summary["occlusion"]), summary["occlusion"]
-    assert "passed" in log and "failed" not in log.lower().replace("install failed", "")
+    assert " failed" not in log and "Traceback" not in log
+    bench = json.loads((out / "bench.json").read_text())
+    assert {b["group"].split("-")[0] for b in bench["benchmarks"]} == {"net4", "train"}
+    assert len(bench["benchmarks"]) == 3
     files = sorted(p.name for p in out.iterdir())
     assert len(files) <= 8 and all((out / f).stat().st_size < 16 << 20 for f in files)
     assert "runs.json" in files and "net4.safetensors" in files

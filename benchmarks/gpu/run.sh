@@ -72,10 +72,11 @@ if step bench; then
         timeout $(( $(left) < seconds ? $(left) : seconds )) $PY -m pytest -q -p no:cacheprovider \
             --benchmark-json="$WORK/bench-$name.json" "$@" 2>&1 | tail -n 30
     }
-    if [ "$DRY" = "--dry-run" ]; then  # one case per suite, run once as a plain test
-        bench conv 120 benchmarks/test_bench_conv.py -k "conv6-conv and eager-nchw" --benchmark-disable
-        bench train 120 benchmarks/test_bench_train.py -k seed --benchmark-disable
-        bench runtimes 120 benchmarks/test_bench_runtimes.py -k "torch_eager" --benchmark-disable
+    if [ "$DRY" = "--dry-run" ]; then  # one small case per suite, one round
+        export CIFARBENCH_BENCH_ROUNDS=1 CIFARBENCH_BENCH_TRAIN_NET=net1 CIFARBENCH_BENCH_BATCH=64
+        bench conv 120 benchmarks/test_bench_conv.py -k "conv6-conv and eager-nchw"
+        bench train 120 benchmarks/test_bench_train.py -k seed
+        bench runtimes 120 benchmarks/test_bench_runtimes.py -k "torch_eager"
     else
         bench conv 60 benchmarks/test_bench_conv.py -k "not torch-compile"
         bench train 60 benchmarks/test_bench_train.py

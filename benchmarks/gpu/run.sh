@@ -5,7 +5,7 @@
 #   net1..net4.safetensors (weights to bundle).
 # usage: benchmarks/gpu/run.sh OUTDIR [--dry-run]
 #   --dry-run: the same steps on the CPU on a tiny budget (synthetic data, 1 epoch), as CI runs it.
-# env: CIFARBENCH_GPU_STEPS (default train,check,tests,bench) picks steps, so a short lease can split the work.
+# env: CIFARBENCH_GPU_STEPS (default train,check,train-more,tests,bench) picks steps, so a short lease can split the work.
 # env: CIFARBENCH_GPU_DATA (default .data/cifar10-jpeg75.tar.gz), PYTHON (default python3),
 #      CIFARBENCH_GPU_BUDGET seconds for the whole script (default 450).
 set -uo pipefail
@@ -18,7 +18,7 @@ exec > >(tee -a "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}
 START=$(date +%s)
 BUDGET=${CIFARBENCH_GPU_BUDGET:-450}
-STEPS=${CIFARBENCH_GPU_STEPS:-train,check,tests,bench}
+STEPS=${CIFARBENCH_GPU_STEPS:-train,check,train-more,tests,bench}
 WORK=$(mktemp -d)
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 say() { echo "== [$(( $(date +%s) - START )) s] $*"; }
@@ -59,6 +59,11 @@ if step check; then
     timeout $(( $(left) > 150 ? 150 : $(left) )) $PY benchmarks/gpu/check.py --out "$OUT" --data "$DATA" \
         --net4-run "$WORK/net4" ${DRY:+--dry-run}
 fi
+if step train-more; then
+    train net3 fast 140 --epochs 12
+    train net2 fast 100 --epochs 10
+    train net1 seed 90
+fi
 if step tests; then
     say "GPU tests"
     timeout 90 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
@@ -84,11 +89,6 @@ if step bench; then
         bench runtimes 150 benchmarks/test_bench_runtimes.py -k "not int8"
     fi
     $PY benchmarks/gpu/merge_bench.py "$OUT/bench.json" "$WORK"/bench-*.json
-fi
-if step train; then
-    train net1 seed 90
-    train net3 fast 140 --epochs 12
-    train net2 fast 100 --epochs 10
 fi
 say "done: $(ls "$OUT" | tr '\n' ' ')"
 rm -rf "$WORK"

@@ -133,9 +133,13 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     rows = _rows(out / "metrics.csv")
     assert [(r["run"], r["epoch"]) for r in rows] == [(str(i), str(e)) for i in range(3) for e in (1, 2)]
 
-    # everything finished: --resume again only rewrites the summary
-    code, stdout, _ = run_cli(capsys, "sweep", *args, "--resume", "--json")
-    assert code == 0 and json.loads(stdout)["best"] == summary["best"]
+    # everything finished: --resume again only rewrites the summary, here as the report's tables on stderr
+    code, stdout, stderr = run_cli(capsys, "sweep", *args, "--resume")
+    assert code == 0 and stdout == ""
+    best = summary["best"]
+    assert f"best: run {best['run']} (l1_oc={best['l1_oc']}, batch_size=16, lr=0.05) epoch {best['epoch']}" in stderr
+    assert "by l1_oc" in stderr and "train_accuracy" in stderr and "3 runs done" not in stderr
+    assert json.loads((out / "summary.json").read_text())["best"] == best
 
 
 @pytest.mark.parametrize("args, match", [

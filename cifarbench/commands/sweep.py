@@ -146,7 +146,11 @@ class Board:
 
 def render_summary(summary: dict, console) -> None:
     """The report's tables: best run and epoch, then the grouped means."""
+    from rich.console import Console
     from rich.table import Table
+
+    if not console.is_terminal:  # a log file: whole numbers rather than tables squeezed into 80 columns
+        console = Console(stderr=True, width=140, no_color=True)
 
     best = summary["best"]
     if best is None:

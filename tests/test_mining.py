@@ -101,6 +101,25 @@ def test_onnx_probe_equals_torch_hooks(net4, data):
     assert len(outs) == 1 + 3 * len(net4.conv_blocks())
 
 
+def test_probe_graph_pools_before_relu_and_keeps_the_logits(net4, data):
+    """The probe moves each 2x2 MaxPool ahead of its ReLU (so the unfused ReLU runs on the pooled map): the graph
+    must still compute the net's logits, and the pools must now read the pre-ReLU maps the probe reduces."""
+    from cifarbench.export.onnx import to_onnx_proto
+    from cifarbench.export.probe import pre_relu_tensors, probe_graph
+    from cifarbench.runtime.ort import OrtRuntime
+
+    proto = to_onnx_proto(net4)
+    probed = probe_graph(proto, net4)
+    pre = set(pre_relu_tensors(proto, net4).values())
+    pools = [n for n in probed.graph.node if n.op_type == "MaxPool"]
+    assert len(pools) == 2 and all(n.input[0] in pre for n in pools)
+    batch = data.float_images()[:16]
+    plain = OrtRuntime(proto).logits(batch)
+    outs = OrtRuntime(probed).outputs(batch)
+    np.testing.assert_allclose(outs[proto.graph.output[0].name].numpy(), plain.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(plain.numpy(), net4(batch).detach().numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_streaming_selection_does_not_depend_on_batching(net4, data):
     sel = resolve_selection(net4, None)
     small = mine(TorchRuntime(net4), net4, data, sel, k=K, batch_size=7)

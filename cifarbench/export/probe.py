@@ -6,6 +6,15 @@ section 3), ``probe.L.argmax`` (int64 [N, C]: flat position ``y * W + x`` of the
 on its device, so only [N, C] tensors leave it, never feature maps. The pre-ReLU tensor of ``conv{i}`` is the
 input of the graph's i-th ``Relu`` (the body's ReLUs come before the head's in topological order), which holds
 whether or not the exporter folded BatchNorm into the conv.
+
+The reductions are chosen for ONNX Runtime's CPU provider, which runs convs in a blocked NCHWc layout and fuses
+Conv+Relu; a probe breaks that fusion and every consumer that needs plain NCHW costs a layout reorder of the whole
+map, so each map is read as few times as possible:
+- max and first argmax come from one ``TopK`` with k=1 (ties go to the lower index, as ONNX specifies): one
+  pass instead of ``ReduceMax`` plus a slow ``ArgMax``, on the same NCHW copy of the map as the ``ReduceSum``
+  (kept rather than an NCHWc ``GlobalAveragePool`` times H*W, whose different rounding reorders near-ties);
+- where a 2x2 ``MaxPool`` follows the ReLU, the pool is moved before it (``relu(maxpool(x)) == maxpool(relu(x))``
+  exactly), so the unfused ReLU runs on a quarter of the map.
 """
 from __future__ import annotations
 
@@ -28,6 +37,30 @@ def pre_relu_tensors(proto, model) -> dict[str, str]:
     return dict(zip(names, relus))
 
 
+def _pools_before_relus(graph, tensors) -> None:
+    """Swap ``Relu -> MaxPool`` into ``MaxPool -> Relu`` after each of ``tensors`` where the pool is the ReLU's only
+    consumer (exact: max pooling commutes with the monotone ReLU); the pool's output name is kept for the rest of
+    the graph, and the node order stays topological."""
+    import onnx
+
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in graph.node]
+    outputs = {o.name for o in graph.output}
+    for relu in [n for n in nodes if n.op_type == "Relu" and n.input[0] in tensors]:
+        users = [n for n in nodes if relu.output[0] in n.input]
+        if len(users) != 1 or users[0].op_type != "MaxPool" or relu.output[0] in outputs:
+            continue
+        pool, pooled, gone = users[0], users[0].output[0], relu.output[0]
+        pool.input[0], pool.output[0] = relu.input[0], f"{pooled}.pre_relu"
+        relu.input[0], relu.output[0] = pool.output[0], pooled
+        stale = [v for v in graph.value_info if v.name == gone]
+        for v in stale:
+            graph.value_info.remove(v)
+        nodes.remove(relu)
+        nodes.insert(nodes.index(pool) + 1, relu)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def probe_graph(proto, model, layers=None):
     """A copy of ``proto`` with the probe outputs of ``layers`` (default: every conv layer) added."""
     import onnx
@@ -40,22 +73,28 @@ def probe_graph(proto, model, layers=None):
     if opset < 18:
         raise UserError(f"probe graphs need ONNX opset >= 18, the model has {opset}")
     tensors = pre_relu_tensors(out, model)
-    channels = {n: b.conv.out_channels for n, b in model.conv_blocks().items()}
+    blocks = model.conv_blocks()
     batch = g.input[0].type.tensor_type.shape.dim[0]
     g.initializer.extend([helper.make_tensor(f"{PREFIX}axes_hw", TensorProto.INT64, [2], [2, 3]),
-                          helper.make_tensor(f"{PREFIX}shape_nc_", TensorProto.INT64, [3], [0, 0, -1])])
-    for layer in layers or list(tensors):
+                          helper.make_tensor(f"{PREFIX}shape_nc", TensorProto.INT64, [2], [0, -1]),
+                          helper.make_tensor(f"{PREFIX}shape_nc_", TensorProto.INT64, [3], [0, 0, -1]),
+                          helper.make_tensor(f"{PREFIX}k1", TensorProto.INT64, [1], [1])])
+    layers = layers or list(tensors)
+    _pools_before_relus(g, {tensors[layer] for layer in layers})
+    for layer in layers:
         t = tensors[layer]
         s, am, mx = output_names(layer)
-        flat = f"{PREFIX}{layer}.flat"
+        p = f"{PREFIX}{layer}."
         g.node.extend([
             helper.make_node("ReduceSum", [t, f"{PREFIX}axes_hw"], [s], keepdims=0, name=s),
-            helper.make_node("ReduceMax", [t, f"{PREFIX}axes_hw"], [mx], keepdims=0, name=mx),
-            helper.make_node("Reshape", [t, f"{PREFIX}shape_nc_"], [flat], name=flat),
-            helper.make_node("ArgMax", [flat], [am], axis=2, keepdims=0, select_last_index=0, name=am),
+            helper.make_node("Reshape", [t, f"{PREFIX}shape_nc_"], [f"{p}flat"], name=f"{p}flat"),
+            helper.make_node("TopK", [f"{p}flat", f"{PREFIX}k1"], [f"{p}top", f"{p}topi"], axis=-1, largest=1,
+                             sorted=1, name=f"{p}top"),
+            helper.make_node("Reshape", [f"{p}top", f"{PREFIX}shape_nc"], [mx], name=mx),
+            helper.make_node("Reshape", [f"{p}topi", f"{PREFIX}shape_nc"], [am], name=am),
         ])
         for name, dtype in ((s, TensorProto.FLOAT), (am, TensorProto.INT64), (mx, TensorProto.FLOAT)):
-            vi = helper.make_tensor_value_info(name, dtype, [None, channels[layer]])
+            vi = helper.make_tensor_value_info(name, dtype, [None, blocks[layer].conv.out_channels])
             vi.type.tensor_type.shape.dim[0].CopyFrom(batch)
             g.output.append(vi)
     onnx.checker.check_model(out)

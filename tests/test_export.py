@@ -12,7 +12,13 @@ from cifarbench.export import cached_artifact, export
 from cifarbench.export.onnx import load_onnx, model_digest, read_metadata
 from cifarbench.runtime.ort import OrtRuntime
 from conftest import random_model
-from runtime_helpers import fitted_model, sample_images
+from runtime_helpers import fitted_model, isolated_cache, sample_images
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    patch = isolated_cache(tmp_path_factory)
+    yield
+    patch.undo()
 
 
 @pytest.fixture(scope="module", params=["net1", "net4"])
@@ -27,7 +33,7 @@ def test_onnx_metadata_and_graph(onnx_export):
     onnx.checker.check_model(proto, full_check=True)
     meta = read_metadata(proto)
     assert meta["net"] == model.name and meta["precision"] == "fp32"
-    assert meta["source_sha256"] == model_digest(model)
+    assert meta["source_sha256"] == meta["weights_sha256"] == model_digest(model)  # in memory: no source file
     assert len(meta["source_sha256"]) == 64
     import json
 
@@ -50,15 +56,22 @@ def test_onnx_dynamic_batch_matches_torch(onnx_export, n):
     assert (out - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())  # fp32 parity, scaled to the logits
 
 
-def test_digest_tracks_weights_and_source_file(tmp_path):
+def test_digest_tracks_weights_and_metadata_names_the_source_file(tmp_path):
     from cifarbench.checkpoint import file_sha256, save_checkpoint
+    from cifarbench.export.onnx import model_metadata
     from cifarbench.zoo import load_model
 
     a, b = random_model("net1", 0), random_model("net1", 1)
     assert model_digest(a) == model_digest(random_model("net1", 0)) != model_digest(b)
     save_checkpoint(tmp_path / "a.safetensors", a, {"net": "net1", "hparams": a.hparams})
     loaded = load_model(tmp_path / "a.safetensors")
-    assert model_digest(loaded) == file_sha256(tmp_path / "a.safetensors")
+    assert model_digest(loaded) == model_digest(a)  # same weights, same cache entry
+    meta = model_metadata(loaded)
+    assert meta["source_sha256"] == file_sha256(tmp_path / "a.safetensors")
+    assert meta["weights_sha256"] == model_digest(a)
+    with torch.no_grad():
+        loaded.layers.conv1.conv.weight[0] = 0  # changed in memory: no longer the checkpoint's cache entry
+    assert model_digest(loaded) != model_digest(a)
 
 
 def test_cache_exports_once():

@@ -11,10 +11,16 @@ from cifarbench.export import cached_artifact
 from cifarbench.parity import error_metrics, judge
 from cifarbench.runtime import TorchRuntime, open_runtime, resolve_backend
 from cifarbench.runtime.ort import OrtRuntime
-from runtime_helpers import fitted_model, sample_images
+from runtime_helpers import fitted_model, isolated_cache, sample_images
 
 CPU = torch.device("cpu")
 CALIB = {"calib": 128, "calib_data": "synthetic"}
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_cache(tmp_path_factory):
+    patch = isolated_cache(tmp_path_factory)
+    yield
+    patch.undo()
 
 
 def reference(model, x):
@@ -38,7 +44,7 @@ def test_cpu_backends_match_torch(net, backend):
     assert_parity(rt, model, sample_images(), rt.precision)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def aoti_net1():
     return cached_artifact(fitted_model("net1"), "aoti", device="cpu")
 

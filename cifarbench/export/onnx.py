@@ -25,17 +25,25 @@ META_PREFIX = "cifarbench."
 
 
 def model_digest(model) -> str:
-    """sha256 of the checkpoint file the model came from, else of its weights: the key of every derived artifact."""
+    """sha256 of the net, its hyper-parameters and its weights: the cache key of every derived artifact.
+
+    Content, not file: a module changed in memory (a zeroed filter) never hits the cache of its source
+    checkpoint, and the same weights loaded from two copies of a checkpoint share one entry."""
+    h = hashlib.sha256(json.dumps({"net": model.name, "hparams": model.hparams}, sort_keys=True).encode())
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def source_sha256(model) -> str:
+    """sha256 of the checkpoint file the model was loaded from, else of its weights (an in-memory model)."""
     source = getattr(model, "source", None)
     if source and Path(source).is_file():
         from ..checkpoint import file_sha256
 
         return file_sha256(source)
-    h = hashlib.sha256(json.dumps({"net": model.name, "hparams": model.hparams}, sort_keys=True).encode())
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return model_digest(model)
 
 
 def model_metadata(model, precision: str = "fp32") -> dict[str, str]:
@@ -48,7 +56,8 @@ def model_metadata(model, precision: str = "fp32") -> dict[str, str]:
         "spec": json.dumps(model.spec, sort_keys=True),
         "hparams": json.dumps(model.hparams, sort_keys=True),
         "classes": json.dumps(list(CLASSES)),
-        "source_sha256": model_digest(model),
+        "source_sha256": source_sha256(model),
+        "weights_sha256": model_digest(model),
         "source": str(getattr(model, "source", "") or "in-memory"),
         "precision": precision,
         "cifarbench_version": __version__,

@@ -32,7 +32,7 @@ else
 fi
 
 say "install"
-if ! $PY -c "import cifarbench" 2>/dev/null; then
+if ! $PY -c "import cifarbench.models" 2>/dev/null; then
     $PY -m pip install -q --no-deps --no-index --no-build-isolation -e . || { echo "install failed"; exit 1; }
 fi
 CB=("$PY" -m cifarbench.cli)
@@ -60,13 +60,15 @@ if step check; then
         --net4-run "$WORK/net4" ${DRY:+--dry-run}
 fi
 if step train-more; then
-    train net3 fast 140 --epochs 12
-    train net2 fast 100 --epochs 10
+    train net3 fast 120 --epochs 40 --lr 0.1
+    train net2 fast 80 --epochs 30
     train net1 seed 90
 fi
 if step tests; then
     say "GPU tests"
-    timeout 90 $PY -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -n 25
+    # -v names each test before it runs, so a crash (a segfault in a CUDA extension) says where it happened
+    timeout 90 $PY -m pytest -v -m gpu tests -p no:cacheprovider 2>&1 | grep -vE "^\s+File .*(pytest|pluggy)" \
+        | tail -n 60
 fi
 if step bench; then
     # one pytest per suite, each with its own JSON, so a suite cut by its timeout costs only itself

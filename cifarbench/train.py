@@ -38,7 +38,7 @@ RECIPES: dict[str, dict] = {
 }
 # nets without BatchNorm diverge at the fast recipe's BN-friendly peak lr
 FAST_LR_NO_BN = 0.05
-FAST_EPOCHS = {"net1": 15, "net2": 15, "net3": 20, "net4": 35}
+FAST_EPOCHS = {"net1": 15, "net2": 30, "net3": 40, "net4": 100}
 EVAL_BATCH = 1000
 # ----------------------------------------------------------------------------------------------------------------
 

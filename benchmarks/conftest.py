@@ -12,6 +12,9 @@ import pytest
 import torch
 
 DEVICE = torch.device(os.environ.get("CIFARBENCH_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu"))
+# cuDNN runs fp32 convolutions in TF32 by default while matmuls stay fp32: turn it off so "fp32" means fp32 on
+# both sides of every ratio (TF32 is measured explicitly, as a precision, in benchmarks/gpu/check.py)
+torch.backends.cudnn.allow_tf32 = False
 
 
 def sync() -> None:

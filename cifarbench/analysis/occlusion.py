@@ -29,7 +29,7 @@ DENSE_CHUNK = {"cpu": 256, "cuda": 8192}
 #: positions per incremental step (times the number of images); bounds the window buffers
 INCREMENTAL_CHUNK = {"cpu": 160, "cuda": 2048}
 #: measured speed of dense backends relative to eager torch on the same FLOPs (CPU, net4): used by ``auto``
-_DENSE_SPEED = {"cpu": {"onnxruntime": 1.3, "onnx-int8": 3.0}, "cuda": {"tensorrt": 2.0}}
+_DENSE_SPEED = {"cpu": {"onnxruntime": 1.22, "onnx-int8": 4.6}, "cuda": {"tensorrt": 2.0}}
 
 
 @dataclass

@@ -32,14 +32,21 @@ def _hwc(image) -> np.ndarray:
 
 def confusion_figure(before, after, classes, path) -> Path:
     """Before, after and after - before confusion matrices side by side, counts written in the cells."""
-    plt = _plt()
     before, after = np.asarray(before), np.asarray(after)
     diff = after - before
-    fig, axes = plt.subplots(1, 3, figsize=(19, 6))
     lim = max(1, int(np.abs(diff).max()))
-    for ax, mat, title, cmap, vmin, vmax in (
-            (axes[0], before, "before", "Blues", 0, None), (axes[1], after, "after", "Blues", 0, None),
-            (axes[2], diff, "after - before", "RdBu", -lim, lim)):
+    return _confusion_panels([(before, "before", "Blues", 0, None), (after, "after", "Blues", 0, None),
+                              (diff, "after - before", "RdBu", -lim, lim)], classes, path)
+
+
+def single_confusion_figure(conf, classes, path, title: str = "confusion matrix") -> Path:
+    return _confusion_panels([(np.asarray(conf), title, "Blues", 0, None)], classes, path)
+
+
+def _confusion_panels(panels, classes, path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.3 * len(panels), 6), squeeze=False)
+    for ax, (mat, title, cmap, vmin, vmax) in zip(axes[0], panels):
         ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_title(title)
         ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")

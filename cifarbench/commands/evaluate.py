@@ -46,7 +46,7 @@ def _write(out, result: dict, classes) -> None:
     import csv
     import io
 
-    from ..analysis.figures import confusion_figure
+    from ..analysis.figures import single_confusion_figure
     from ..io import write_json, write_text
 
     buf = io.StringIO()
@@ -61,4 +61,5 @@ def _write(out, result: dict, classes) -> None:
     w.writerows([*result["per_class"].items(), ("overall", result["accuracy"])])
     write_text(out / "per_class.csv", buf.getvalue())
     write_json(out / "eval.json", result)
-    confusion_figure(result["confusion"], result["confusion"], classes, out / "confusion.png")
+    single_confusion_figure(result["confusion"], classes, out / "confusion.png",
+                            title=f"{result['backend']}: accuracy {result['accuracy']:.2%}")

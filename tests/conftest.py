@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# decoded data and exported artifacts go to one temp folder per session, never the user's home; set before any
+# test imports cifarbench (cifarbench.data reads it at import), so session-scoped fixtures use it too
+os.environ["CIFARBENCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="cifarbench-tests-")
 SHARED_DATA = Path(os.environ.get("CIFARBENCH_SHARED_DATA", REPO.parent / "shared" / "data" / "cifar10-jpeg75.tar.gz"))
 
 
@@ -18,12 +22,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "data" in item.keywords and not SHARED_DATA.is_file():
             item.add_marker(pytest.mark.skip(reason=f"needs the CIFAR-10 copy at {SHARED_DATA}"))
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Decoded-data caches go to a per-session temp folder, never the user's home."""
-    monkeypatch.setattr("cifarbench.data.CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
 
 
 @pytest.fixture(scope="session")

@@ -43,13 +43,3 @@ def sample_images(n: int = 200) -> torch.Tensor:
     from cifarbench.data import load_split
 
     return load_split("synthetic", "test").float_images()[:n]
-
-
-def isolated_cache(tmp_path_factory):
-    """For module- and session-scoped fixtures, which run before conftest's per-test ``_isolated_cache``:
-    point the artifact and data caches at the session's temp folder (the same one that fixture uses)."""
-    import pytest
-
-    patch = pytest.MonkeyPatch()
-    patch.setattr("cifarbench.data.CACHE_DIR", tmp_path_factory.getbasetemp() / "cache")
-    return patch

@@ -8,14 +8,7 @@ import pytest
 from cifarbench.checkpoint import save_checkpoint
 from cli_helpers import assert_user_error, run_cli
 from conftest import random_model
-from runtime_helpers import fitted_model, isolated_cache
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    patch = isolated_cache(tmp_path_factory)
-    yield
-    patch.undo()
-
+from runtime_helpers import fitted_model
 
 def checkpoint(tmp_path_factory, model, name):
     path = tmp_path_factory.mktemp("ckpt") / f"{name}.safetensors"

@@ -12,14 +12,7 @@ from cifarbench.export import cached_artifact, export
 from cifarbench.export.onnx import load_onnx, model_digest, read_metadata
 from cifarbench.runtime.ort import OrtRuntime
 from conftest import random_model
-from runtime_helpers import fitted_model, isolated_cache, sample_images
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    patch = isolated_cache(tmp_path_factory)
-    yield
-    patch.undo()
-
+from runtime_helpers import fitted_model, sample_images
 
 @pytest.fixture(scope="module", params=["net1", "net4"])
 def onnx_export(request):

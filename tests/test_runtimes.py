@@ -11,17 +11,10 @@ from cifarbench.export import cached_artifact
 from cifarbench.parity import error_metrics, judge
 from cifarbench.runtime import TorchRuntime, open_runtime, resolve_backend
 from cifarbench.runtime.ort import OrtRuntime
-from runtime_helpers import fitted_model, isolated_cache, sample_images
+from runtime_helpers import fitted_model, sample_images
 
 CPU = torch.device("cpu")
 CALIB = {"calib": 128, "calib_data": "synthetic"}
-
-@pytest.fixture(scope="module", autouse=True)
-def _module_cache(tmp_path_factory):
-    patch = isolated_cache(tmp_path_factory)
-    yield
-    patch.undo()
-
 
 def reference(model, x):
     with torch.no_grad():

@@ -41,7 +41,9 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 
 train() {  # train NET RECIPE SECONDS [extra args...]: train unless weights are bundled, then bundle them
     local net=$1 recipe=$2 seconds=$3; shift 3
-    if [ -f "models/weights/$net.safetensors" ]; then say "$net: weights already bundled"; return; fi
+    if [ -f "models/weights/$net.safetensors" ] && [ "$DRY" != "--dry-run" ]; then
+        say "$net: weights already bundled"; return
+    fi
     if [ "$(left)" -lt "$seconds" ]; then say "$net: skipped, $(left) s left of the budget"; return; fi
     local cmd=(cifarbench train "$net" --recipe "$recipe" "$@" "${EPOCHS[@]}" "${SMALL[@]}")
     say "train: ${cmd[*]}"

@@ -424,14 +424,14 @@ def table_name(keys) -> str:
 def write_outputs(out: str | Path, summary: dict, rows: list[dict]) -> dict[str, str]:
     """metrics.csv, summary.json, grouped/<keys>.csv and plots/*.png under ``out``; returns what was written."""
     from .sweep_plots import plot_curves, plot_grouped
-    from .train import _csv, metric_columns
+    from .train import metric_columns, rows_csv
 
     out = Path(out)
     files = {}
     if rows:
         hparams = {k: None for k in HPARAMS}
         files["metrics"] = out / "metrics.csv"
-        write_text(files["metrics"], _csv(rows, metric_columns(hparams) + ["name"]))
+        write_text(files["metrics"], rows_csv(rows, metric_columns(hparams) + ["name"]))
         files["curves"] = out / "plots" / "test_accuracy.png"
         plot_curves(rows, files["curves"])
     for group in summary["grouped"]:
@@ -439,7 +439,7 @@ def write_outputs(out: str | Path, summary: dict, rows: list[dict]) -> dict[str,
             continue
         name = table_name(group["by"])
         files[f"grouped:{name}"] = out / "grouped" / f"{name}.csv"
-        write_text(files[f"grouped:{name}"], _csv(group["rows"], group["by"] + ["runs", *GROUP_METRICS]))
+        write_text(files[f"grouped:{name}"], rows_csv(group["rows"], group["by"] + ["runs", *GROUP_METRICS]))
         files[f"plot:{name}"] = out / "plots" / f"grouped_{name}.png"
         plot_grouped(group["rows"], group["by"], files[f"plot:{name}"])
     files = {k: str(v) for k, v in files.items()}

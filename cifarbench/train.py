@@ -234,7 +234,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 "rng_cpu": torch.get_rng_state(),
                 **({"rng_cuda": torch.cuda.get_rng_state(device)} if on_gpu else {}),
                 "history": history})
-            write_text(out / "metrics.csv", _csv(history, columns))
+            write_text(out / "metrics.csv", rows_csv(history, columns))
             status = f"loss {train_loss:.3f} train {train_acc:.2%} test {test_acc:.2%}"
             if bar is not None:
                 bar.update(task, advance=1, status=status)
@@ -256,7 +256,8 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
     return summary
 
 
-def _csv(history: list[dict], columns: list[str]) -> str:
+def rows_csv(history: list[dict], columns: list[str]) -> str:
+    """Rows of dicts as CSV text with ``columns`` in order; ``None`` becomes an empty cell."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()

@@ -108,7 +108,7 @@ def _torchvision(root: Path, split: str, download: bool) -> Dataset:
 
 def _image_folder(path: Path, split: str) -> Dataset:
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|v1".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{split}|v2".encode()).hexdigest()[:16]
     cache = CACHE_DIR / "decoded" / f"{key}.npz"
     if cache.is_file():
         with np.load(cache) as z:
@@ -143,11 +143,14 @@ def _decode_folder(path: Path, split: str):
                 if m.isfile() and len(parts) == 3 and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES:
                     blob = tar.extractfile(m).read()
                     entries.append((parts[1], parts[2], lambda blob=blob: blob))
-        entries.sort(key=lambda e: (e[0], e[1]))
     else:
         raise UserError(f"--data {path}: not a directory or a .tar.gz image-folder archive")
     if not entries:
         raise UserError(f"--data {path}: no images found under {split}/<class>/")
+    # test images: file name first, class second, so classes interleave and "the first N test images" (--limit,
+    # --flipped, --indices) cover every class, as in the official test set; training images stay class-major,
+    # the order the bundled weights were trained with (each epoch permutes them anyway)
+    entries.sort(key=(lambda e: (e[1], e[0])) if split == "test" else (lambda e: (e[0], e[1])))
     found = sorted({c for c, _, _ in entries})
     classes = CLASSES if set(found) <= set(CLASSES) else tuple(found)
     images = np.empty((len(entries), 3, 32, 32), np.uint8)

@@ -96,18 +96,19 @@ def _lr_factor(cfg: dict, step: int, total: int) -> float:
 
 @torch.no_grad()
 def evaluate_logits(model: torch.nn.Module, data: Dataset, device: torch.device, tta: bool = False,
-                    autocast: bool = False) -> torch.Tensor:
-    """Eval-mode logits for a whole split (flip TTA averages the logits of the image and its mirror)."""
+                    autocast: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eval-mode logits for a whole split and, with ``tta``, the flip-TTA logits (the mean of the image's and its
+    mirror's), from one pass over the data."""
     model.eval()
-    out = []
+    plain, flipped = [], []
     for i in range(0, len(data), EVAL_BATCH):
         x = data.images[i:i + EVAL_BATCH].to(device).float().div_(255)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(x).float()
+            plain.append(logits.cpu())
             if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.cpu())
-    return torch.cat(out)
+                flipped.append(((logits + model(x.flip(3)).float()) / 2).cpu())
+    return torch.cat(plain), (torch.cat(flipped) if tta else None)
 
 
 def build(cfg: dict, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -211,12 +212,10 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 raise UserError(f"training diverged at epoch {epoch} (loss {train_loss}); lower --lr")
             epoch_time = time.perf_counter() - t0  # training time only, as the report's "epoch duration"
             run_time += epoch_time
-            test_logits = evaluate_logits(model, test_set, device, autocast=use_autocast)
+            test_logits, tta_logits = evaluate_logits(model, test_set, device, tta=cfg["recipe"] == "fast",
+                                                      autocast=use_autocast)
             test_acc = (test_logits.argmax(1) == test_set.labels).float().mean().item()
-            tta_acc = None
-            if cfg["recipe"] == "fast":
-                tta_logits = evaluate_logits(model, test_set, device, tta=True, autocast=use_autocast)
-                tta_acc = (tta_logits.argmax(1) == test_set.labels).float().mean().item()
+            tta_acc = None if tta_logits is None else (tta_logits.argmax(1) == test_set.labels).float().mean().item()
             row = {"run": cfg["run"], "epoch": epoch, "loss": train_loss, "train_accuracy": train_acc,
                    "test_accuracy": test_acc, "test_accuracy_tta": tta_acc, "epoch_duration": epoch_time,
                    "run_duration": run_time, "total_parameters": n_params, **cfg["hparams"], "lr": cfg["lr"],

@@ -27,13 +27,7 @@ def _root() -> None:
 
 
 for _name in COMMANDS:
-    try:
-        _module = importlib.import_module(f"cifarbench.commands.{_name}")
-    except ModuleNotFoundError as _exc:
-        if _exc.name != f"cifarbench.commands.{_name}":
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(f"cifarbench.commands.{_name}").register(app)
 
 
 def fail(message: str) -> None:

@@ -17,10 +17,10 @@ def emit_json(obj) -> None:
 
 
 def progress(**kwargs) -> Progress:
-    """A rich progress bar on stderr; extra ``fields`` (e.g. ``loss``) render through ``{task.fields[...]}``."""
+    """A rich progress bar on stderr, off when stderr is not a terminal; each task passes ``status=`` (live text
+    such as the loss) to ``add_task``/``update``."""
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False, disable=not console.is_terminal and not kwargs.pop("force", False),
-        **kwargs,
+        console=console, transient=False, disable=not console.is_terminal, **kwargs,
     )

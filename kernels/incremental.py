@@ -201,52 +201,93 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
     return Plan(tuple(steps), head_index, images, npos, flops)
 
 
+class TorchConv:
+    """One conv layer (BN folded) + ReLU on torch's conv backend (oneDNN on CPU, cuDNN on CUDA)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int):
+        self.weight = weight.contiguous(memory_format=torch.channels_last)
+        self.bias, self.s, self.q = bias, stride, padding
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole map, with the layer's padding: ``[N, C, H, W]`` in and out (channels-last memory)."""
+        return F.relu(F.conv2d(x, self.weight, self.bias, stride=self.s, padding=self.q))
+
+    def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Windows without padding (the gather already placed it): NHWC ``x`` ``[R, hin, win, C]`` into NHWC
+        ``out`` ``[R, h, w, Cout]``."""
+        y = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, stride=self.s)
+        torch.clamp_min(y, 0, out=out.permute(0, 3, 1, 2))
+
+
+def max_pool_nhwc(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """2x2 max-pool, stride 2, of NHWC ``x`` for any dtype, as two elementwise maxima of strided views (torch's
+    uint8 max-pool rejects channels-last maps this size, and ``amax`` over the window dims is slow for uint8);
+    odd trailing rows and columns are dropped, as ``MaxPool2d(2)`` does."""
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    rows = torch.maximum(x[:, 0:h:2, :w], x[:, 1:h:2, :w])
+    return torch.maximum(rows[:, :, 0::2], rows[:, :, 1::2], out=out)
+
+
+def nhwc_head(linears: list[tuple[torch.Tensor, torch.Tensor]], last: LayerSpec) -> list:
+    """The head's ``(weight, bias)`` pairs with FC1's columns permuted from the NCHW flatten order to NHWC, once,
+    so the engine's NHWC rows feed it without a transpose per batch."""
+    (w1, b1), rest = linears[0], linears[1:]
+    w1 = w1.view(-1, last.c_out, last.s_out, last.s_out).permute(0, 2, 3, 1).reshape(w1.shape[0], -1)
+    return [(w1.contiguous(), b1)] + list(rest)
+
+
 class IncrementalOcclusion:
     """Exact occlusion maps for one :class:`~cifarbench.nets.CifarNet`, recomputing only changed windows.
 
     ``chunk`` bounds memory: positions are processed ``chunk`` at a time (times the number of images).
     ``first_layer``: ``"auto"`` uses the fused Triton kernel (occlusion + conv1 + bias + ReLU) on CUDA when
     Triton is importable, ``"torch"`` always uses gather + conv.
+
+    The layers are pluggable: each conv is an object with ``full(x)`` and ``window(x, out)`` (:class:`TorchConv`
+    here; :mod:`cifarbench.kernels.incremental_int8` runs the same plan on ONNX Runtime's int8 convolutions, with
+    uint8 rows in the buffers: every buffer takes the dtype of its layer's clean activation).
     """
 
     def __init__(self, model, device: str | torch.device | None = None, chunk: int = 160, buckets: int = 3,
                  first_layer: str = "auto"):
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.specs = layer_specs(model)
-        self.chunk, self.buckets = chunk, buckets
-        self.params = []
-        for block in model.conv_blocks().values():
-            w, b = folded_conv_params(block)
-            self.params.append((w.to(self.device).contiguous(memory_format=torch.channels_last), b.to(self.device)))
-        linears = [m for m in model.head if isinstance(m, nn.Linear)]
-        last = self.specs[-1]
-        w1 = linears[0].weight.detach()
-        # the head flattens NCHW; our buffers are NHWC, so permute FC1's columns once instead of every batch
-        w1 = w1.view(-1, last.c_out, last.s_out, last.s_out).permute(0, 2, 3, 1).reshape(w1.shape[0], -1)
-        self.head = [(w1.contiguous().to(self.device), linears[0].bias.detach().to(self.device))]
-        self.head += [(m.weight.detach().to(self.device), m.bias.detach().to(self.device)) for m in linears[1:]]
-        self.use_triton = False
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        specs = layer_specs(model)
+        convs = [TorchConv(w.to(device), b.to(device), ly.s, ly.q)
+                 for (w, b), ly in zip(map(folded_conv_params, model.conv_blocks().values()),
+                                       [ly for ly in specs if ly.kind == "conv"])]
+        linears = [(m.weight.detach().to(device), m.bias.detach().to(device))
+                   for m in model.head if isinstance(m, nn.Linear)]
+        self._setup(specs, convs, nhwc_head(linears, specs[-1]), device, chunk, buckets)
         if first_layer == "auto" and self.device.type == "cuda" and self.specs[0].kind == "conv":
             from . import triton_occlusion
 
             self.use_triton = triton_occlusion.available()
+
+    def _setup(self, specs, convs, head, device, chunk, buckets, mean: float = 0.5, std: float = 0.5) -> None:
+        self.specs, self.convs, self.head, self.device = specs, convs, head, torch.device(device)
+        self.chunk, self.buckets = chunk, buckets
+        self.mean, self.std = mean, std
+        self.use_triton = False
 
     def flops(self, k: int, stride: int = 1) -> int:
         """Conv FLOPs per image of the incremental plan (all positions), for cost comparisons with dense."""
         n = ((IMAGE_SIZE - k) // stride + 1) ** 2
         return build_plan(self.specs, k, stride, 0, n, 1, self.buckets).flops
 
+    def dense_flops(self) -> int:
+        """Conv FLOPs of one whole-image forward pass, the dense engine's cost per position."""
+        return sum(2 * ly.c_in * ly.c_out * ly.k ** 2 * ly.s_out ** 2 for ly in self.specs if ly.kind == "conv")
+
     def _clean(self, x: torch.Tensor) -> list[torch.Tensor]:
         """NHWC rows of every layer's clean activation, the input (normalized) first."""
         acts = [x.permute(0, 2, 3, 1).reshape(-1, 3)]
-        params = iter(self.params)
+        convs = iter(self.convs)
         x = x.contiguous(memory_format=torch.channels_last)
         for ly in self.specs:
             if ly.kind == "conv":
-                w, b = next(params)
-                x = F.relu(F.conv2d(x, w, b, stride=ly.s, padding=ly.q))
+                x = next(convs).full(x)
             else:
-                x = F.max_pool2d(x, 2, 2)
+                x = max_pool_nhwc(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             acts.append(x.permute(0, 2, 3, 1).reshape(-1, ly.c_out))
         return acts
 
@@ -257,8 +298,8 @@ class IncrementalOcclusion:
         images = images.to(self.device, torch.float32)
         baselines = baselines.to(self.device, torch.float32)
         n_img = len(images)
-        x = (images - 0.5) / 0.5
-        base = (baselines - 0.5) / 0.5
+        x = (images - self.mean) / self.std
+        base = (baselines - self.mean) / self.std
         clean = self._clean(x)
         n = (IMAGE_SIZE - k) // stride + 1
         total = n * n
@@ -273,14 +314,14 @@ class IncrementalOcclusion:
     def _run_plan(self, plan: Plan, clean, base, x, k, stride, p0) -> torch.Tensor:
         zero = torch.zeros(1, 3, device=self.device)
         prev = torch.cat([zero, clean[0], base])
-        params = iter(self.params)
+        convs = iter(self.convs)
         for li, step in enumerate(plan.steps):
             ly = step.layer
             head_rows = 1 + len(clean[li + 1])
-            buf = torch.empty(head_rows + step.tail_rows, ly.c_out, device=self.device)
+            buf = torch.empty(head_rows + step.tail_rows, ly.c_out, device=self.device, dtype=clean[li + 1].dtype)
             buf[0].zero_()
             buf[1:head_rows].copy_(clean[li + 1])
-            wb = next(params) if ly.kind == "conv" else None
+            conv = next(convs) if ly.kind == "conv" else None
             if li == 0 and self.use_triton:
                 from .triton_occlusion import first_layer_windows
 
@@ -289,7 +330,7 @@ class IncrementalOcclusion:
                     if not (g.h and g.w):
                         continue
                     rows = plan.images * g.n * g.h * g.w
-                    first_layer_windows(x, base, wb[0], wb[1], boxes, g.h, g.w, k, ly.s, ly.q,
+                    first_layer_windows(x, base, conv.weight, conv.bias, boxes, g.h, g.w, k, ly.s, ly.q,
                                         tail[g.out:g.out + rows])
                 prev = buf
                 continue
@@ -299,16 +340,15 @@ class IncrementalOcclusion:
                     continue  # positions whose patch this layer never reads
                 rows = plan.images * g.n
                 xg = gathered[g.start:g.start + rows * g.hin * g.win].view(rows, g.hin, g.win, ly.c_in)
-                xg = xg.permute(0, 3, 1, 2)
                 dst = buf[head_rows + g.out:head_rows + g.out + rows * g.h * g.w].view(rows, g.h, g.w, ly.c_out)
-                dst = dst.permute(0, 3, 1, 2)
-                if ly.kind == "conv":
-                    torch.clamp_min(F.conv2d(xg, wb[0], wb[1], stride=ly.s), 0, out=dst)
+                if conv is not None:
+                    conv.window(xg, dst)
                 else:
-                    dst.copy_(F.max_pool2d(xg, 2, 2))
+                    max_pool_nhwc(xg, out=dst)
             prev = buf
         last = self.specs[-1]
         h = prev.index_select(0, plan.head_index).view(-1, last.s_out ** 2 * last.c_out)
+        h = h.float()  # uint8 rows (int8 engine): their scale is folded into FC1's weights
         for i, (w, b) in enumerate(self.head):
             h = F.linear(h, w, b)
             if i < len(self.head) - 1:

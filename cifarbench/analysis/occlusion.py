@@ -213,22 +213,65 @@ class IncrementalEngine:
         return self.engine.logits(images, baselines, k, stride)
 
 
+class Int8IncrementalEngine:
+    """The incremental plan on the int8 convolutions of an ``onnx-int8`` runtime on the CPU
+    (:mod:`cifarbench.kernels.incremental_int8`): the same maps as the dense engine on that runtime."""
+
+    mode = "incremental"
+
+    def __init__(self, runtime, chunk: int | None = None):
+        from ..kernels.incremental_int8 import Int8IncrementalOcclusion
+
+        self.runtime, self.device = runtime, runtime.device
+        self.engine = Int8IncrementalOcclusion(runtime.proto, chunk=chunk or INCREMENTAL_CHUNK["cpu"])
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "backend": self.runtime.name, "precision": "int8", "device": str(self.device)}
+
+    def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.runtime.logits(images.to(self.device))
+
+    def logits(self, images, baselines, k, stride):
+        return self.engine.logits(images, baselines, k, stride)
+
+
 def choose_mode(module, backend: str, device: torch.device, k: int, stride: int) -> str:
     """``incremental`` when its FLOPs, discounted for its gather overhead, undercut the dense backend's FLOPs
     scaled by that backend's measured speed relative to eager torch; else ``dense``."""
     from ..kernels.incremental import IncrementalOcclusion
-    from ..nets import count_flops
 
+    speed = _DENSE_SPEED.get(device.type, {}).get(backend, 1.0)
+    return "incremental" if _incremental_pays(IncrementalOcclusion(module, "cpu"), k, stride, speed) else "dense"
+
+
+def _incremental_pays(engine, k: int, stride: int, dense_speed: float = 1.0) -> bool:
     n = ((IMAGE_SIZE - k) // stride + 1) ** 2
-    incremental = IncrementalOcclusion(module, "cpu").flops(k, stride) * 1.15
-    dense = count_flops(module) * n * 1.0 / _DENSE_SPEED.get(device.type, {}).get(backend, 1.0)
-    return "incremental" if incremental < dense else "dense"
+    return engine.flops(k, stride) * 1.15 < engine.dense_flops() * n / dense_speed
+
+
+def _int8_engine(runtime, mode: str, k: int, stride: int, chunk: int | None):
+    """For an ``onnx-int8`` runtime on the CPU: the int8 incremental engine when ``mode`` asks for it, or when
+    ``auto`` and it does fewer FLOPs; ``None`` for dense. Graphs it cannot read go dense under ``auto``."""
+    if mode == "dense" or runtime.name != "onnx-int8" or runtime.device.type != "cpu":
+        if mode == "incremental":
+            raise UserError(f"the incremental engine runs on torch or onnx-int8 on the CPU, not {runtime.name} "
+                            f"on {runtime.device}; use --mode dense")
+        return None
+    try:
+        engine = Int8IncrementalEngine(runtime, chunk)
+    except ValueError as exc:
+        if mode == "incremental":
+            raise UserError(f"the incremental engine cannot read this int8 graph ({exc}); use --mode dense") from None
+        return None
+    return engine if mode == "incremental" or _incremental_pays(engine.engine, k, stride) else None
 
 
 def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode: str = "auto", device=None,
                 chunk: int | None = None, cache: dict | None = None):
-    """An engine for ``model`` (module, zoo name, checkpoint or artifact): see :func:`choose_mode`. ``cache``
-    (a dict kept by the caller) reuses engines across K, so runtimes and artifacts are opened once."""
+    """An engine for ``model`` (module, zoo name, checkpoint, artifact or :class:`Runtime`). ``incremental`` runs
+    on torch, or on the int8 convolutions of an ``onnx-int8`` runtime; other backends run ``dense``; ``auto``
+    chooses by cost (:func:`choose_mode`). ``cache`` (a dict kept by the caller) reuses engines across K, so
+    runtimes and artifacts are opened once."""
     from ..runtime import ARTIFACTS, Runtime, default_device, open_runtime, resolve_backend, resolve_module
 
     if mode not in MODES:
@@ -238,25 +281,27 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU here")
     artifact = isinstance(model, Runtime) or (isinstance(model, (str, Path)) and Path(model).suffix in ARTIFACTS)
-    if artifact:
-        if mode == "incremental":
-            raise UserError("the incremental engine needs a torch net (zoo name or checkpoint), not an artifact")
-        if "dense" not in cache:
-            cache["dense"] = DenseEngine(open_runtime(model, backend, device), chunk)
-        return cache["dense"]
-    if "module" not in cache:
-        cache["module"] = resolve_module(model)
-    module = cache["module"]
-    explicit = backend not in (None, "auto")
-    if mode == "incremental" and explicit and backend != "torch":
-        raise UserError(f"the incremental engine runs on torch; --backend {backend} needs --mode dense")
-    concrete = resolve_backend(backend, device)
-    if mode == "auto":
-        mode = "dense" if explicit and backend != "torch" else choose_mode(module, concrete, device, k, stride)
-    if mode not in cache:
-        cache[mode] = (IncrementalEngine(module, device, chunk) if mode == "incremental"
-                       else DenseEngine(open_runtime(module, concrete, device), chunk))
-    return cache[mode]
+    if not artifact:
+        if "module" not in cache:
+            cache["module"] = resolve_module(model)
+        module = cache["module"]
+        concrete = resolve_backend(backend, device)
+        if concrete == "torch" or backend in (None, "auto"):
+            if mode == "auto":
+                mode = choose_mode(module, concrete, device, k, stride)
+            if mode == "incremental":
+                if "incremental" not in cache:
+                    cache["incremental"] = IncrementalEngine(module, device, chunk)
+                return cache["incremental"]
+        model, backend = module, concrete
+    if "runtime" not in cache:
+        cache["runtime"] = model if isinstance(model, Runtime) else open_runtime(model, backend, device)
+    runtime = cache["runtime"]
+    key = f"{mode}-{k}-{stride}" if mode == "auto" else mode
+    if key not in cache:
+        cache[key] = _int8_engine(runtime, mode, k, stride, chunk) or cache.get("dense") or \
+            cache.setdefault("dense", DenseEngine(runtime, chunk))
+    return cache[key]
 
 
 # ---------------------------------------------------------------- API

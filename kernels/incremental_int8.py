@@ -1,0 +1,225 @@
+"""The incremental occlusion engine on ONNX Runtime's int8 convolutions, read from an ``onnx-int8`` artifact.
+
+The INT8 runtime (:mod:`cifarbench.export.int8`) is a QDQ graph: each quantized conv reads
+``DequantizeLinear(uint8 input)`` and ``DequantizeLinear(int8 per-channel weights)``, adds an int32 bias, and
+its output goes through ``QuantizeLinear`` (zero point 0, so the uint8 saturation is the ReLU). ONNX Runtime
+fuses every such group into one ``QLinearConv``. This module reads the same integers and scales out of the graph
+and gives the incremental plan of :mod:`cifarbench.kernels.incremental` one small ONNX Runtime session per conv
+(``QuantizeLinear -> QLinearConv (channels-last) -> DequantizeLinear``), run through IOBinding straight on the
+engine's NHWC window buffers. Convs the artifact keeps in fp32 (the first one, by default) and the fp32 head run
+in torch with the artifact's own weights.
+
+Why it is the same model: with static quantization every activation value is a function of its receptive field
+only (fixed scales, integer accumulation), so a window computes exactly what the whole-image int8 graph computes
+there. The one source of difference is the fp32 first conv (oneDNN here, MLAS in the dense graph, different
+summation order), which can move a value across a rounding boundary of the next layer's quantizer by one step.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .incremental import IMAGE_SIZE, IncrementalOcclusion, LayerSpec, TorchConv, nhwc_head
+
+_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Relu")
+
+
+class OrtQLinearConv:
+    """One int8 conv + ReLU through one ONNX Runtime session, NHWC in and out: uint8 input rows (or float ones,
+    quantized first when the previous layer ran in fp32), uint8 output rows with zero point 0."""
+
+    def __init__(self, weight, w_scale, w_zero, bias, x_scale, x_zero, y_scale, stride: int, padding: int,
+                 float_input: bool):
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        self.s, self.q, self.k = stride, padding, weight.shape[2]
+        self.c_out, c_in = weight.shape[:2]
+        self.y_scale, self.float_input = float(y_scale), float_input
+        inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in (
+            ("xs", np.float32(x_scale)), ("xz", np.uint8(x_zero)), ("w", weight), ("ws", w_scale), ("wz", w_zero),
+            ("ys", np.float32(y_scale)), ("yz", np.uint8(0)), ("b", bias))]
+        nodes = [helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz", "b"], ["y"],
+                                  domain="com.microsoft", channels_last=1, kernel_shape=[self.k] * 2,
+                                  strides=[stride] * 2, pads=[0] * 4)]
+        if float_input:
+            nodes.insert(0, helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]))
+        else:
+            nodes[0].input[0] = "x"
+        graph = helper.make_graph(nodes, "qconv", [helper.make_tensor_value_info(
+            "x", TensorProto.FLOAT if float_input else TensorProto.UINT8, ["n", "h", "w", int(c_in)])],
+            [helper.make_tensor_value_info("y", TensorProto.UINT8, ["n", "oh", "ow", int(self.c_out)])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        # torch runs between these calls: ORT workers spinning after a run would steal its cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+
+    def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``: both contiguous CPU
+        tensors; ONNX Runtime reads and writes their memory directly."""
+        b = self.binding
+        b.bind_input("x", "cpu", 0, np.float32 if self.float_input else np.uint8, tuple(x.shape), x.data_ptr())
+        b.bind_output("y", "cpu", 0, np.uint8, tuple(out.shape), out.data_ptr())
+        self.session.run_with_iobinding(b)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole map with the layer's padding, ``[N, C, H, W]`` in and out (channels-last memory). A zero pad
+        is the zero point (0 for float input, quantized), which is what QLinearConv pads with."""
+        xp = F.pad(x, (self.q,) * 4).permute(0, 2, 3, 1).contiguous()
+        n, h, w, _ = xp.shape
+        out = torch.empty(n, (h - self.k) // self.s + 1, (w - self.k) // self.s + 1, self.c_out, dtype=torch.uint8)
+        self.window(xp, out)
+        return out.permute(0, 3, 1, 2)
+
+
+class Int8Graph:
+    """Reads a QDQ int8 ONNX graph of a :class:`~cifarbench.nets.CifarNet` (as exported by cifarbench) into layer
+    specs, conv ops and the fp32 head; raises ``ValueError`` for any graph it does not recognise."""
+
+    def __init__(self, proto):
+        from onnx import numpy_helper
+
+        graph = proto.graph
+        self.arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.producer = {o: n for n in graph.node for o in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in graph.node:
+            for i in n.input:
+                self.consumers.setdefault(i, []).append(n)
+        self.nodes = list(graph.node)
+
+    def const(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            raise ValueError(f"{name} is not a constant")
+        return self.arrays[name]
+
+    def source(self, name: str) -> str:
+        """The tensor ``name`` is computed from, looking through quantize/dequantize/ReLU nodes."""
+        while name in self.producer and self.producer[name].op_type in _PASS_THROUGH:
+            name = self.producer[name].input[0]
+        return name
+
+    def attrs(self, node) -> dict:
+        from onnx import helper
+
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def producer_op(self, name: str, op: str):
+        node = self.producer.get(name)
+        if node is None or node.op_type != op:
+            raise ValueError(f"{name} is not produced by {op}")
+        return node
+
+    def next_op(self, name: str, op: str):
+        found = [n for n in self.consumers.get(name, []) if n.op_type == op]
+        if len(found) != 1:
+            raise ValueError(f"{name} does not feed exactly one {op}")
+        return found[0]
+
+    def normalization(self) -> tuple[float, float, str]:
+        """``(mean, std, output)`` of the graph's leading ``(x - mean) / std``."""
+        sub, div = self.nodes_of("Sub")[0], self.nodes_of("Div")[0]
+        if div.input[0] != sub.output[0]:
+            raise ValueError("no (x - mean) / std at the graph input")
+        return float(self.const(sub.input[1])), float(self.const(div.input[1])), div.output[0]
+
+    def nodes_of(self, *ops: str) -> list:
+        return [n for n in self.nodes if n.op_type in ops]
+
+    def layers(self):
+        """``(specs, convs, head, mean, std)`` for :class:`Int8IncrementalOcclusion`."""
+        mean, std, previous = self.normalization()
+        specs, convs, size, ch, quantized = [], [], IMAGE_SIZE, 3, False
+        for node in self.nodes_of("Conv", "MaxPool"):
+            if self.source(node.input[0]) != previous:
+                raise ValueError(f"{node.name} does not follow the previous layer (not a plain conv chain)")
+            a = self.attrs(node)
+            k, s = a["kernel_shape"][0], a.get("strides", [1, 1])[0]
+            pads = set(a.get("pads", [0] * 4))
+            if len(pads) != 1 or len(set(a["kernel_shape"])) != 1 or len(set(a.get("strides", [1]))) != 1:
+                raise ValueError(f"{node.name}: only square kernels, strides and symmetric pads are handled")
+            q = pads.pop()
+            if node.op_type == "MaxPool":
+                if (k, s, q) != (2, 2, 0):
+                    raise ValueError(f"{node.name}: only 2x2 max-pools are handled")
+                kind, cout = "pool", ch
+            else:
+                if a.get("group", 1) != 1 or set(a.get("dilations", [1])) != {1}:
+                    raise ValueError(f"{node.name}: grouped or dilated convs are not handled")
+                conv = self.conv(node, s, q, quantized)
+                convs.append(conv)
+                quantized = isinstance(conv, OrtQLinearConv)
+                kind, cout = "conv", conv.c_out
+            out = (size + 2 * q - k) // s + 1
+            specs.append(LayerSpec(kind, k, s, q, size, out, ch, cout))
+            size, ch, previous = out, cout, node.output[0]
+        if not quantized:
+            raise ValueError("no int8 conv in the graph")
+        return tuple(specs), convs, self.head(previous, specs[-1], convs[-1].y_scale), mean, std
+
+    def conv(self, node, s: int, q: int, quantized_input: bool):
+        weight = node.input[1]
+        if weight in self.arrays:  # kept in fp32 by the quantizer: runs in torch, ReLU after it
+            if quantized_input:
+                raise ValueError(f"{node.name}: an fp32 conv after an int8 one is not handled")
+            self.next_op(node.output[0], "Relu")
+            w = torch.from_numpy(self.const(weight).astype(np.float32))
+            bias = torch.from_numpy(self.const(node.input[2]).astype(np.float32))
+            conv = TorchConv(w, bias, s, q)
+            conv.c_out = w.shape[0]
+            return conv
+        wq = self.producer_op(weight, "DequantizeLinear")
+        xq = self.producer_op(node.input[0], "DequantizeLinear")
+        bq = self.producer_op(node.input[2], "DequantizeLinear")
+        out = node.output[0]
+        relu = [n for n in self.consumers.get(out, []) if n.op_type == "Relu"]
+        yq = self.next_op(relu[0].output[0] if relu else out, "QuantizeLinear")
+        x_scale, x_zero = self.const(xq.input[1]), self.const(xq.input[2])
+        w_scale, w_zero = self.const(wq.input[1]), self.const(wq.input[2])
+        y_scale, y_zero = self.const(yq.input[1]), self.const(yq.input[2])
+        bias, b_scale = self.const(bq.input[0]), self.const(bq.input[1])
+        if int(y_zero) != 0 or y_zero.dtype != np.uint8:
+            raise ValueError(f"{node.name}: output zero point {int(y_zero)} does not imply the ReLU")
+        if bias.dtype != np.int32 or not np.allclose(b_scale, x_scale * w_scale, rtol=1e-5):
+            raise ValueError(f"{node.name}: bias is not int32 at input scale x weight scale")
+        if int(x_zero) != 0:
+            raise ValueError(f"{node.name}: input zero point {int(x_zero)} (the engine pads with 0)")
+        return OrtQLinearConv(self.const(wq.input[0]), w_scale, w_zero, bias, x_scale, x_zero, y_scale, s, q,
+                              float_input=not quantized_input)
+
+    def head(self, previous: str, last: LayerSpec, in_scale: float) -> list:
+        """The fp32 Gemms; FC1's weights times the scale of the uint8 rows it reads (their zero point is 0)."""
+        gemms = self.nodes_of("Gemm")
+        if not gemms or self.source(self.producer_op(self.source(gemms[0].input[0]), "Reshape").input[0]) \
+                != previous:
+            raise ValueError("the head does not read the flattened last layer")
+        linears = []
+        for i, g in enumerate(gemms):
+            a = self.attrs(g)
+            if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+                raise ValueError(f"{g.name}: only plain Gemm (x @ W.T + b) is handled")
+            w = self.const(g.input[1]).astype(np.float32)
+            w = w if a.get("transB", 0) else w.T
+            if i < len(gemms) - 1:
+                self.next_op(g.output[0], "Relu")
+            linears.append((torch.from_numpy(np.ascontiguousarray(w)),
+                            torch.from_numpy(self.const(g.input[2]).astype(np.float32))))
+        if linears[0][0].shape[1] != last.c_out * last.s_out ** 2:
+            raise ValueError("the head's input size does not match the last layer")
+        linears[0] = (linears[0][0] * in_scale, linears[0][1])
+        return nhwc_head(linears, last)
+
+
+class Int8IncrementalOcclusion(IncrementalOcclusion):
+    """:class:`IncrementalOcclusion` with the int8 model of an ``onnx-int8`` artifact (``proto``), on the CPU."""
+
+    def __init__(self, proto, chunk: int = 160, buckets: int = 3):
+        specs, convs, head, mean, std = Int8Graph(proto).layers()
+        self._setup(specs, convs, head, "cpu", chunk, buckets, mean, std)

@@ -45,7 +45,8 @@ def register(app: typer.Typer) -> None:
                                                           "prediction.")] = None,
         model: ModelOpt = "net1",
         backend: BackendOpt = "auto",
-        mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster one here).")] = "auto",
+        mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster one here); incremental "
+                                          "runs on torch (exact fp32) or onnx-int8's int8 convs.")] = "auto",
         device: DeviceOpt = None,
         resize: Annotated[bool, typer.Option(help="Scale images that are not 32x32.")] = False,
         data: Annotated[Optional[str], typer.Option(

@@ -87,3 +87,16 @@ def test_bad_images_exit_2(checkpoint, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(["occlude", "--model", str(checkpoint)], capsys)
     assert code == 2 and "image files or --data" in err
+
+
+def test_int8_backend_runs_the_incremental_engine_on_its_convs(checkpoint, tmp_path, capsys):
+    base = ["occlude", "--k", "8", "--stride", "3", "examples/cat.png", "--model", str(checkpoint), "--backend",
+            "onnx-int8", "--calib-data", "synthetic", "--no-figures", "--json"]
+    maps = {}
+    for mode in ("incremental", "dense"):
+        code, out, err = run(base + ["--mode", mode, "--out", str(tmp_path / mode)], capsys)
+        assert code == 0, err
+        result = json.loads(out)["results"][0]
+        assert result["engine"]["mode"] == mode and result["engine"]["precision"] == "int8"
+        maps[mode] = np.array(result["map"])
+    assert np.abs(maps["incremental"] - maps["dense"]).max() <= 1e-3

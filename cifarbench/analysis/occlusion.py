@@ -6,6 +6,8 @@ Two engines compute the same map:
   (:func:`cifarbench.kernels.triton_occlusion.occluded_batch`) and fed through any :class:`Runtime` in
   memory-bounded chunks, so compiled backends (ONNX Runtime, INT8, TensorRT) serve occlusion too.
 * ``incremental``: :mod:`cifarbench.kernels.incremental` recomputes only the windows a patch can change; exact.
+  On torch it is exact fp32; given an ``onnx-int8`` runtime it runs the same plan on that runtime's int8
+  convolutions (:mod:`cifarbench.kernels.incremental_int8`) and gives that runtime's dense maps.
 
 ``mode="auto"`` picks the one expected to be faster (see :func:`choose_mode`).
 """
@@ -267,11 +269,11 @@ def _int8_engine(runtime, mode: str, k: int, stride: int, chunk: int | None):
 
 
 def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode: str = "auto", device=None,
-                chunk: int | None = None, cache: dict | None = None):
+                chunk: int | None = None, cache: dict | None = None, **runtime_options):
     """An engine for ``model`` (module, zoo name, checkpoint, artifact or :class:`Runtime`). ``incremental`` runs
     on torch, or on the int8 convolutions of an ``onnx-int8`` runtime; other backends run ``dense``; ``auto``
     chooses by cost (:func:`choose_mode`). ``cache`` (a dict kept by the caller) reuses engines across K, so
-    runtimes and artifacts are opened once."""
+    runtimes and artifacts are opened once. ``runtime_options`` go to :func:`open_runtime` (``calib_data``)."""
     from ..runtime import ARTIFACTS, Runtime, default_device, open_runtime, resolve_backend, resolve_module
 
     if mode not in MODES:
@@ -295,7 +297,8 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
                 return cache["incremental"]
         model, backend = module, concrete
     if "runtime" not in cache:
-        cache["runtime"] = model if isinstance(model, Runtime) else open_runtime(model, backend, device)
+        cache["runtime"] = model if isinstance(model, Runtime) else open_runtime(model, backend, device,
+                                                                                 **runtime_options)
     runtime = cache["runtime"]
     key = f"{mode}-{k}-{stride}" if mode == "auto" else mode
     if key not in cache:

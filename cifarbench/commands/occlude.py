@@ -53,6 +53,9 @@ def register(app: typer.Typer) -> None:
             "--data", help="Occlude test images of a dataset instead (cifar10, synthetic or PATH).")] = None,
         indices: Annotated[str, typer.Option(help="With --data: A:B, I or I,J,...")] = "0:256",
         data_dir: DataDirOpt = None,
+        calib_data: Annotated[Optional[str], typer.Option(
+            "--calib-data", help="With --backend onnx-int8 on a torch net: INT8 calibration images (as --data; "
+                                 "default $CIFARBENCH_CALIB_DATA or cifar10).")] = None,
         out: OutOpt = None,
         figures: Annotated[bool, typer.Option(help="Write a PNG per image.")] = True,
         json: JsonOpt = False,
@@ -74,7 +77,7 @@ def register(app: typer.Typer) -> None:
             check_window(kk, stride)
         target = resolve_target(label)
         _run(images, data, indices, data_dir, sorted(set(k)), stride, baseline, target, model, backend, mode,
-             device, resize, out or Path("occlusion"), figures, json)
+             device, resize, out or Path("occlusion"), figures, json, calib_data)
 
 
 def _load(images, data, indices, data_dir, resize):
@@ -95,7 +98,7 @@ def _load(images, data, indices, data_dir, resize):
 
 
 def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device, resize,
-         out, figures, json) -> None:
+         out, figures, json, calib_data) -> None:
     import numpy as np
     import torch
 
@@ -110,7 +113,8 @@ def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, b
     with progress() as bar:
         task = bar.add_task("occlusion", total=len(items) * len(ks), status="")
         for kk in ks:
-            engine = make_engine(model, kk, stride, backend, mode, device, cache=cache)
+            engine = make_engine(model, kk, stride, backend, mode, device, cache=cache,
+                                 **({"calib_data": calib_data} if calib_data else {}))
             bar.update(task, status=f"K={kk} {engine.mode}")
             for i in range(0, len(items), DATA_BATCH):
                 chunk = items[i:i + DATA_BATCH]

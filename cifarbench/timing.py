@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .bench_report import is_pytest_benchmark
 from .errors import UserError
 
 FORMAT = "cifarbench-bench/1"
@@ -116,6 +117,7 @@ def run_bench(model, specs, batches: list[int], device: torch.device, warmup: in
 
 
 def load_results(path: str | Path) -> dict:
+    """A saved run for ``bench --from``: a cifarbench bench document or pytest-benchmark JSON, as parsed."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"no such benchmark results file: {path}")
@@ -123,8 +125,11 @@ def load_results(path: str | Path) -> dict:
         doc = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON") from None
+    if is_pytest_benchmark(doc):
+        return doc
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("results"), list):
-        raise UserError(f"{path} is not a cifarbench bench result (expected \"format\": \"{FORMAT}\")")
+        raise UserError(f"{path} is not a cifarbench bench result (\"format\": \"{FORMAT}\") "
+                        "or a pytest-benchmark JSON (--benchmark-json)")
     return doc
 
 

@@ -1,5 +1,5 @@
 """``cifarbench bench``: throughput, latency percentiles and GFLOP/s per backend, precision and batch; renders
-and compares saved runs."""
+and compares saved runs, its own and pytest-benchmark JSON."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         = None,
         device: DeviceOpt = None,
         out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the run as JSON here.")] = None,
-        from_: Annotated[Optional[Path], typer.Option("--from", help="Render a saved run instead of measuring.")]
+        from_: Annotated[Optional[Path], typer.Option(
+            "--from", help="Render a saved run (bench --out, or pytest --benchmark-json) instead of measuring.")]
         = None,
         compare_: Annotated[Optional[Path], typer.Option("--compare", help="With --from: compare with this run.")]
         = None,
@@ -57,15 +58,27 @@ def register(app: typer.Typer) -> None:
         if from_ is not None:
             if model is not None:
                 raise UserError("give either MODEL (to measure) or --from (to render a saved run), not both")
+            from .. import bench_report
+
             doc = load_results(from_)
+            pytest_json = bench_report.is_pytest_benchmark(doc)
             if compare_ is None:
-                emit_json(doc) if json else console.print(results_table(doc))
+                if json:
+                    emit_json(bench_report.report(doc) if pytest_json else doc)
+                else:
+                    console.print(bench_report.report_table(doc) if pytest_json else results_table(doc))
                 return
-            rows = compare(doc, load_results(compare_))
+            other = load_results(compare_)
+            if bench_report.is_pytest_benchmark(other) != pytest_json:
+                kinds = ("a cifarbench bench run", "pytest-benchmark JSON")
+                raise UserError(f"cannot compare {from_} ({kinds[pytest_json]}) with {compare_} "
+                                f"({kinds[not pytest_json]}): give two runs of the same kind")
+            rows = bench_report.compare_rows(doc, other) if pytest_json else compare(doc, other)
             if json:
                 emit_json({"base": str(from_), "other": str(compare_), "rows": rows})
             else:
-                console.print(compare_table(rows, str(from_), str(compare_)))
+                table = bench_report.compare_table if pytest_json else compare_table
+                console.print(table(rows, str(from_), str(compare_)))
             return
         if compare_ is not None:
             raise UserError("--compare needs --from (the run to compare against)")

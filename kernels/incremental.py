@@ -206,7 +206,7 @@ class TorchConv:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int):
         self.weight = weight.contiguous(memory_format=torch.channels_last)
-        self.bias, self.s, self.q = bias, stride, padding
+        self.bias, self.s, self.q, self.c_out = bias, stride, padding, weight.shape[0]
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         """The whole map, with the layer's padding: ``[N, C, H, W]`` in and out (channels-last memory)."""

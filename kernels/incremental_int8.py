@@ -4,10 +4,11 @@ The INT8 runtime (:mod:`cifarbench.export.int8`) is a QDQ graph: each quantized 
 ``DequantizeLinear(uint8 input)`` and ``DequantizeLinear(int8 per-channel weights)``, adds an int32 bias, and
 its output goes through ``QuantizeLinear`` (zero point 0, so the uint8 saturation is the ReLU). ONNX Runtime
 fuses every such group into one ``QLinearConv``. This module reads the same integers and scales out of the graph
-and gives the incremental plan of :mod:`cifarbench.kernels.incremental` one small ONNX Runtime session per conv
-(``QuantizeLinear -> QLinearConv (channels-last) -> DequantizeLinear``), run through IOBinding straight on the
-engine's NHWC window buffers. Convs the artifact keeps in fp32 (the first one, by default) and the fp32 head run
-in torch with the artifact's own weights.
+and gives the incremental plan of :mod:`cifarbench.kernels.incremental` one small ONNX Runtime session per conv:
+a channels-last ``QLinearConv`` on the engine's uint8 NHWC rows (with a ``QuantizeLinear`` in front where the
+previous layer ran in fp32), run through IOBinding straight on the window buffers, so the gathers move a quarter
+of the fp32 bytes. Convs the artifact keeps in fp32 (the first one, by default) and the fp32 head run in torch
+with the artifact's own weights; the head's first weights absorb the scale of the uint8 rows they read.
 
 Why it is the same model: with static quantization every activation value is a function of its receptive field
 only (fixed scales, integer accumulation), so a window computes exactly what the whole-image int8 graph computes
@@ -64,6 +65,7 @@ class OrtQLinearConv:
     def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``: both contiguous CPU
         tensors; ONNX Runtime reads and writes their memory directly."""
+        assert x.is_contiguous() and out.is_contiguous(), "IOBinding needs contiguous buffers"
         b = self.binding
         b.bind_input("x", "cpu", 0, np.float32 if self.float_input else np.uint8, tuple(x.shape), x.data_ptr())
         b.bind_output("y", "cpu", 0, np.uint8, tuple(out.shape), out.data_ptr())
@@ -171,10 +173,9 @@ class Int8Graph:
                 raise ValueError(f"{node.name}: an fp32 conv after an int8 one is not handled")
             self.next_op(node.output[0], "Relu")
             w = torch.from_numpy(self.const(weight).astype(np.float32))
-            bias = torch.from_numpy(self.const(node.input[2]).astype(np.float32))
-            conv = TorchConv(w, bias, s, q)
-            conv.c_out = w.shape[0]
-            return conv
+            bias = torch.from_numpy(self.const(node.input[2]).astype(np.float32)) if len(node.input) > 2 \
+                else torch.zeros(w.shape[0])
+            return TorchConv(w, bias, s, q)
         wq = self.producer_op(weight, "DequantizeLinear")
         xq = self.producer_op(node.input[0], "DequantizeLinear")
         bq = self.producer_op(node.input[2], "DequantizeLinear")

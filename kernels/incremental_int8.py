@@ -17,13 +17,13 @@ summation order), which can move a value across a rounding boundary of the next 
 """
 from __future__ import annotations
 
-import os
+import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .incremental import IMAGE_SIZE, IncrementalOcclusion, LayerSpec, TorchConv, nhwc_head
+from .incremental import IMAGE_SIZE, IncrementalOcclusion, LayerSpec, TorchConv, cpu_workers, nhwc_head
 
 _PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Relu")
 
@@ -33,7 +33,7 @@ class OrtQLinearConv:
     quantized first when the previous layer ran in fp32), uint8 output rows with zero point 0."""
 
     def __init__(self, weight, w_scale, w_zero, bias, x_scale, x_zero, y_scale, stride: int, padding: int,
-                 float_input: bool):
+                 float_input: bool, threads: int):
         import onnxruntime as ort
         from onnx import TensorProto, helper, numpy_helper
 
@@ -56,17 +56,19 @@ class OrtQLinearConv:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                         helper.make_opsetid("com.microsoft", 1)])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0))
+        options.intra_op_num_threads = threads
         # torch runs between these calls: ORT workers spinning after a run would steal its cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        self.binding = self.session.io_binding()
+        self._local = threading.local()  # a session runs from several workers at once; a binding is per call
 
     def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``: both contiguous CPU
         tensors; ONNX Runtime reads and writes their memory directly."""
         assert x.is_contiguous() and out.is_contiguous(), "IOBinding needs contiguous buffers"
-        b = self.binding
+        b = getattr(self._local, "binding", None)
+        if b is None:
+            b = self._local.binding = self.session.io_binding()
         b.bind_input("x", "cpu", 0, np.float32 if self.float_input else np.uint8, tuple(x.shape), x.data_ptr())
         b.bind_output("y", "cpu", 0, np.uint8, tuple(out.shape), out.data_ptr())
         self.session.run_with_iobinding(b)
@@ -85,9 +87,10 @@ class Int8Graph:
     """Reads a QDQ int8 ONNX graph of a :class:`~cifarbench.nets.CifarNet` (as exported by cifarbench) into layer
     specs, conv ops and the fp32 head; raises ``ValueError`` for any graph it does not recognise."""
 
-    def __init__(self, proto):
+    def __init__(self, proto, threads: int = 1):
         from onnx import numpy_helper
 
+        self.threads = threads
         graph = proto.graph
         self.arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.producer = {o: n for n in graph.node for o in n.output}
@@ -193,7 +196,7 @@ class Int8Graph:
         if int(x_zero) != 0:
             raise ValueError(f"{node.name}: input zero point {int(x_zero)} (the engine pads with 0)")
         return OrtQLinearConv(self.const(wq.input[0]), w_scale, w_zero, bias, x_scale, x_zero, y_scale, s, q,
-                              float_input=not quantized_input)
+                              float_input=not quantized_input, threads=self.threads)
 
     def head(self, previous: str, last: LayerSpec, in_scale: float) -> list:
         """The fp32 Gemms; FC1's weights times the scale of the uint8 rows it reads (their zero point is 0)."""
@@ -221,6 +224,9 @@ class Int8Graph:
 class Int8IncrementalOcclusion(IncrementalOcclusion):
     """:class:`IncrementalOcclusion` with the int8 model of an ``onnx-int8`` artifact (``proto``), on the CPU."""
 
-    def __init__(self, proto, chunk: int = 160, buckets: int = 3):
-        specs, convs, head, mean, std = Int8Graph(proto).layers()
-        self._setup(specs, convs, head, "cpu", chunk, buckets, mean, std)
+    def __init__(self, proto, chunk: int = 160, buckets: int = 3, workers: int | None = None):
+        workers = workers or cpu_workers()
+        # with one chunk per core in flight, each session call runs on its worker's core
+        threads = 1 if workers > 1 else cpu_workers()
+        specs, convs, head, mean, std = Int8Graph(proto, threads).layers()
+        self._setup(specs, convs, head, "cpu", chunk, buckets, mean, std, workers=workers)

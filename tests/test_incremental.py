@@ -71,3 +71,15 @@ def test_incremental_saves_flops_on_net4():
     plan = build_plan(layer_specs(model), 8, 1, 0, n, 1, 3)
     assert plan.flops < 0.6 * dense_conv * n
     assert plan.positions == n
+
+
+def test_parallel_chunks_equal_one_at_a_time():
+    """Chunks in flight on worker threads (one core each) give the maps of chunks run one after another, and
+    leave torch's thread count as it was."""
+    model = random_model("net4", seed=14)
+    image, base = torch.rand(2, 3, 32, 32), torch.rand(2, 3)
+    threads = torch.get_num_threads()
+    ref = IncrementalOcclusion(model, "cpu", chunk=9, workers=1).logits(image, base, 8, 3)
+    got = IncrementalOcclusion(model, "cpu", chunk=9, workers=3).logits(image, base, 8, 3)
+    assert (got - ref).abs().max() <= 1e-5
+    assert torch.get_num_threads() == threads

@@ -42,7 +42,9 @@ def test_int8_incremental_equals_the_int8_runtime(net, k, stride, overrides):
     images = torch.rand(2, 3, 32, 32)
     baselines = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.9, 0.3]])
     ref = runtime.logits(naive_occluded(images, baselines, k, stride)).view(2, -1, 10)
-    got = Int8IncrementalOcclusion(runtime.proto, chunk=7).logits(images, baselines, k, stride)
+    got = Int8IncrementalOcclusion(runtime.proto, chunk=7, workers=2).logits(images, baselines, k, stride)
+    one = Int8IncrementalOcclusion(runtime.proto, chunk=7, workers=1).logits(images, baselines, k, stride)
+    assert (got - one).abs().max() <= 1e-5  # chunks side by side on worker threads = one after another
     diff = (got - ref).abs()
     scale = ref.abs().max()
     # same integers, same scales: only the fp32 first conv (oneDNN here, MLAS there) can tip a value over a

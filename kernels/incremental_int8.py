@@ -130,9 +130,10 @@ class Int8Graph:
 
     def normalization(self) -> tuple[float, float, str]:
         """``(mean, std, output)`` of the graph's leading ``(x - mean) / std``."""
-        sub, div = self.nodes_of("Sub")[0], self.nodes_of("Div")[0]
-        if div.input[0] != sub.output[0]:
+        subs, divs = self.nodes_of("Sub"), self.nodes_of("Div")
+        if not (subs and divs and divs[0].input[0] == subs[0].output[0]):
             raise ValueError("no (x - mean) / std at the graph input")
+        sub, div = subs[0], divs[0]
         return float(self.const(sub.input[1])), float(self.const(div.input[1])), div.output[0]
 
     def nodes_of(self, *ops: str) -> list:

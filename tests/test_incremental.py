@@ -80,6 +80,11 @@ def test_parallel_chunks_equal_one_at_a_time():
     image, base = torch.rand(2, 3, 32, 32), torch.rand(2, 3)
     threads = torch.get_num_threads()
     ref = IncrementalOcclusion(model, "cpu", chunk=9, workers=1).logits(image, base, 8, 3)
-    got = IncrementalOcclusion(model, "cpu", chunk=9, workers=3).logits(image, base, 8, 3)
+    engine = IncrementalOcclusion(model, "cpu", chunk=9, workers=3)
+    got = engine.logits(image, base, 8, 3)
     assert (got - ref).abs().max() <= 1e-5
     assert torch.get_num_threads() == threads
+    # buffers kept between calls hold nothing stale: another image and K on the same engine = a fresh engine
+    other = torch.rand(1, 3, 32, 32)
+    fresh = IncrementalOcclusion(model, "cpu", chunk=9, workers=1).logits(other, base[:1], 6, 2)
+    assert (engine.logits(other, base[:1], 6, 2) - fresh).abs().max() <= 1e-5

@@ -3,6 +3,7 @@ QDQ model on every occluded image, built one at a time."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import random_model
@@ -53,7 +54,7 @@ def test_int8_incremental_equals_the_int8_runtime(net, k, stride, overrides):
     assert diff.max() <= 0.05 * scale
 
 
-def test_bundled_net4_map_equals_the_dense_int8_map():
+def test_net4_incremental_int8_map_equals_the_dense_int8_map():
     _, runtime = int8_runtime("net4", seed=22)
     image = load_image(np.random.default_rng(0).random((3, 32, 32), dtype=np.float32))[0][None]
     dense = occlusion_maps(make_engine(runtime, 8, 1, mode="dense"), image, 8)[0]
@@ -79,6 +80,6 @@ def test_graphs_it_cannot_read_are_refused():
     broken = type(runtime.proto)()
     broken.CopyFrom(runtime.proto)
     gemm = next(n for n in broken.graph.node if n.op_type == "Gemm")
-    gemm.attribute.append(__import__("onnx").helper.make_attribute("alpha", 2.0))
+    gemm.attribute.append(onnx.helper.make_attribute("alpha", 2.0))
     with pytest.raises(ValueError, match="plain Gemm"):
         Int8Graph(broken).layers()

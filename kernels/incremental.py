@@ -17,6 +17,8 @@ How it stays fast (the overhead that sank a naive prototype is window assembly, 
   multiply the number of small convs; three buckets keep ~95 % of the saving.
 * BN is folded into the convs (``kernels.bn_fold``) and ReLU writes straight into the next buffer.
 * Where a layer's windows cover the whole map the same code is plain dense evaluation from that layer on.
+* On the CPU, position chunks run on one worker thread per core, each single-threaded, and each worker keeps its
+  buffers between chunks and calls (fresh ones cost ~90,000 page faults per net4 map).
 
 The result is exact: every recomputed value reads exactly the inputs a dense pass would read, so the maps equal
 the dense engine's up to float summation order.

@@ -4,7 +4,8 @@ Targets (issue 4), net4, K=8, stride 1, one image, measured in one run on this C
 exact fp32; the INT8 runtime >= 6x (goal 10x), with its largest probability difference to the fp32 map reported.
 Captum runs the softmax-wrapped eager model with the best ``perturbations_per_eval`` found by a short scan in
 the same run. INT8 runs the ``onnx-int8`` runtime both dense and through the incremental plan on its int8
-convolutions (:mod:`cifarbench.kernels.incremental_int8`). The grid group reports the ratio of ``mode="auto"`` to Captum for every net and K in {4, 8, 12}.
+convolutions (:mod:`cifarbench.kernels.incremental_int8`). The grid group reports the ratio of ``mode="auto"`` to
+Captum for every net and K in {4, 8, 12}.
 Timings do not depend on the weights: bundled weights are used when present, else random ones (seed 0).
 
     pytest benchmarks/test_bench_occlusion.py --benchmark-json=occlusion.json

@@ -152,8 +152,8 @@ def report_table(doc: dict):
     when = str(doc.get("datetime") or "?").split(".")[0]
     # borderless and tightly padded: test ids of ~50 characters and the figures fit a 120-column terminal whole
     table = Table(title=f"pytest-benchmark on {m['host'] or '?'}: {where} ({when})",
-                  caption="vs fastest: time per image (per round where images are not counted) over the group's fastest", box=box.SIMPLE_HEAD,
-                  show_edge=False, pad_edge=False, collapse_padding=True)
+                  caption="vs fastest: time per image (per round if images are not counted) over the group's fastest",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
     table.add_column("benchmark", no_wrap=True)
     for col in ("mean", "vs fastest", "images/s", "GFLOP/s", "%peak"):
         table.add_column(col, justify="right", no_wrap=True)

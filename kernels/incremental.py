@@ -261,8 +261,8 @@ def nhwc_head(linears: list[tuple[torch.Tensor, torch.Tensor]], last: LayerSpec)
 class IncrementalOcclusion:
     """Exact occlusion maps for one :class:`~cifarbench.nets.CifarNet`, recomputing only changed windows.
 
-    ``chunk`` bounds memory: positions are processed ``chunk`` at a time (times the number of images); on the CPU
-    ``workers`` chunks (default: one per core) run side by side, each single-threaded.
+    ``chunk`` bounds memory: each step takes ``chunk`` (image, position) pairs, ``chunk // images`` positions of
+    every image; on the CPU ``workers`` steps (default: one per core) run side by side, each single-threaded.
     ``first_layer``: ``"auto"`` uses the fused Triton kernel (occlusion + conv1 + bias + ReLU) on CUDA when
     Triton is importable, ``"torch"`` always uses gather + conv.
 
@@ -329,7 +329,7 @@ class IncrementalOcclusion:
         clean = self._clean(x)
         n = (IMAGE_SIZE - k) // stride + 1
         total = n * n
-        per = max(1, self.chunk)
+        per = max(1, self.chunk // n_img)  # windows per step bounded whatever the batch: memory stays flat
         out = torch.empty(n_img, total, self.head[-1][0].shape[0], device=self.device)
 
         @torch.inference_mode()  # thread-local: the workers need it too

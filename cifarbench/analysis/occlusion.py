@@ -28,8 +28,9 @@ MODES = ("auto", "dense", "incremental")
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32)
 DENSE_CHUNK = {"cpu": 256, "cuda": 8192}
-#: positions per incremental step (times the number of images); bounds the window buffers
-INCREMENTAL_CHUNK = {"cpu": 160, "cuda": 2048}
+#: (image, position) pairs per incremental step; bounds the window buffers (CUDA: 8 images x 2,048 positions,
+#: the step size of the GPU run's 1,000-image measurement)
+INCREMENTAL_CHUNK = {"cpu": 160, "cuda": 16384}
 #: speed of a dense backend relative to eager torch on the same FLOPs, used by ``auto``. ONNX Runtime fp32 on
 #: the CPU measured 1.27x eager on net4 but 0.8x on net2 (5x5 convs), so it counts as equal; TensorRT's 2x is an
 #: estimate (no run on hardware yet)

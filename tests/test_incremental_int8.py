@@ -7,6 +7,7 @@ import onnx
 import pytest
 import torch
 from conftest import random_model
+from test_incremental import naive_logits
 
 from cifarbench.analysis.occlusion import load_image, make_engine, occlusion_maps
 from cifarbench.errors import UserError
@@ -22,18 +23,6 @@ def int8_runtime(net, seed=21, **overrides):
     return model, open_runtime(cached_artifact(model, "onnx-int8", **CALIB), device="cpu")
 
 
-def naive_occluded(images, baselines, k, stride):
-    n = (32 - k) // stride + 1
-    out = []
-    for b in range(len(images)):
-        for p in range(n * n):
-            y, x = (p // n) * stride, (p % n) * stride
-            img = images[b].clone()
-            img[:, y:y + k, x:x + k] = baselines[b][:, None, None]
-            out.append(img)
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("net,k,stride,overrides", [
     ("net1", 8, 3, {}), ("net2", 12, 5, {}), ("net3", 5, 4, {}), ("net4", 8, 2, {}), ("net4", 3, 7, {}),
     ("net1", 6, 5, {"stride": 2}),
@@ -42,7 +31,7 @@ def test_int8_incremental_equals_the_int8_runtime(net, k, stride, overrides):
     _, runtime = int8_runtime(net, **overrides)
     images = torch.rand(2, 3, 32, 32)
     baselines = torch.tensor([[0.5, 0.5, 0.5], [0.1, 0.9, 0.3]])
-    ref = runtime.logits(naive_occluded(images, baselines, k, stride)).view(2, -1, 10)
+    ref = naive_logits(runtime.logits, images, baselines, k, stride)
     got = Int8IncrementalOcclusion(runtime.proto, chunk=7, workers=2).logits(images, baselines, k, stride)
     one = Int8IncrementalOcclusion(runtime.proto, chunk=7, workers=1).logits(images, baselines, k, stride)
     assert (got - one).abs().max() <= 1e-5  # chunks side by side on worker threads = one after another

@@ -218,9 +218,10 @@ class IncrementalEngine:
         return self.engine.logits(images, baselines, k, stride)
 
 
-class Int8IncrementalEngine:
+class Int8IncrementalEngine(DenseEngine):
     """The incremental plan on the int8 convolutions of an ``onnx-int8`` runtime on the CPU
-    (:mod:`cifarbench.kernels.incremental_int8`): the same maps as the dense engine on that runtime."""
+    (:mod:`cifarbench.kernels.incremental_int8`): the same maps as the dense engine on that runtime, whose
+    ``describe`` and clean logits it shares."""
 
     mode = "incremental"
 
@@ -229,12 +230,6 @@ class Int8IncrementalEngine:
 
         self.runtime, self.device = runtime, runtime.device
         self.engine = Int8IncrementalOcclusion(runtime.proto, chunk=chunk or INCREMENTAL_CHUNK["cpu"])
-
-    def describe(self) -> dict:
-        return {"mode": self.mode, "backend": self.runtime.name, "precision": "int8", "device": str(self.device)}
-
-    def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.runtime.logits(images.to(self.device))
 
     def logits(self, images, baselines, k, stride):
         return self.engine.logits(images, baselines, k, stride)

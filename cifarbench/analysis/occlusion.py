@@ -97,22 +97,16 @@ def load_image(image, resize: bool = False) -> tuple[torch.Tensor, str | None]:
     """``image`` (a path, or a [3, 32, 32] / [32, 32, 3] array or tensor, uint8 or float in [0, 1]) as a float
     [3, 32, 32] tensor in [0, 1], and its name (the path) if it has one."""
     if isinstance(image, (str, Path)):
-        from PIL import Image, UnidentifiedImageError
+        from ..images import read_rgb
 
         path = Path(image)
         if not path.is_file():
             raise UserError(f"{path}: no such image file")
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-        except (UnidentifiedImageError, OSError):
-            raise UserError(f"{path}: not an image (cannot decode it)") from None
-        if im.size != (IMAGE_SIZE, IMAGE_SIZE):
-            if not resize:
-                raise UserError(f"{path} is {im.size[0]}x{im.size[1]}; the nets take 32x32 images "
-                                f"(pass --resize to scale it)")
-            im = im.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float().div_(255), str(path)
+        # read_rgb checks the header's size before decoding (a 12 KB PNG can claim 10000x10000) and scales
+        # 16-bit images instead of clipping them
+        rgb = read_rgb(path, str(path), size=IMAGE_SIZE, resize=resize,
+                       hint=f"the nets take {IMAGE_SIZE}x{IMAGE_SIZE} images; pass --resize to scale it")
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255), str(path)
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)

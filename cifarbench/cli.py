@@ -35,12 +35,31 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def _terminated(signum, frame):
+    # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so every ``finally`` runs and removes its
+    # temporary files and folders instead of leaving them for the next run to sweep
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    import signal
+    import threading
+
     command = typer.main.get_command(app)
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        previous = signal.signal(signal.SIGTERM, _terminated)
+    else:
+        previous = None
     try:
         code = command.main(args=argv, prog_name="cifarbench", standalone_mode=False)
     except UserError as exc:
         fail(str(exc))
+    except OSError as exc:
+        # every file-system failure (no space, read-only, permission, a file where a folder should be) is one
+        # line naming the path, whichever library raised it
+        from .io import describe_os_error
+
+        fail(describe_os_error(exc))
     except _USAGE_ERROR as exc:
         where = f"{exc.ctx.command_path}: " if exc.ctx else ""
         fail(f"{where}{exc.format_message()}")
@@ -50,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         fail("aborted")
     except KeyboardInterrupt:
         fail("interrupted")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else 0)
 
 

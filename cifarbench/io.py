@@ -121,17 +121,46 @@ def atomic_path(path: str | Path):
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     os.close(fd)
     try:
-        yield tmp
-        # the writer may have replaced the file (and its mode: mkstemp-style 0600); set the one mode for all
-        os.chmod(tmp, FILE_MODE)
-        _fsync_file(tmp)  # data on disk before the rename makes it visible: no empty file after a power loss
-        if guard is not None:
-            guard.record(path, tmp)
-        os.replace(tmp, path)
+        try:
+            yield tmp
+        except Exception as exc:
+            _raise_as_os_error(exc, path, folder)
+            raise
+        try:
+            # the writer may have made the file anew (safetensors does, with mode 0600): one mode for all outputs
+            os.chmod(tmp, FILE_MODE)
+            _fsync_file(tmp)  # data on disk before the rename makes it visible: no empty file after a power loss
+            if guard is not None:
+                guard.record(path, tmp)
+            os.replace(tmp, path)
+        except OSError as exc:
+            _raise_as_os_error(exc, path, folder)
+            raise
         _fsync_dir(folder)
     finally:
         if os.path.lexists(tmp):
             _remove(tmp)
+
+
+def _raise_as_os_error(exc: Exception, path: Path, folder: Path) -> None:
+    """Re-raise a writer's failure that is a file-system error as an ``OSError`` naming ``path`` (not the
+    temporary), so the CLI prints one line. safetensors says ``... (os error 28)``; torch.save only "unexpected
+    pos" when the disk fills, so a full file system (checked while the temporary still takes its space) is
+    the cause then. Anything else is left alone."""
+    if isinstance(exc, OSError):
+        if exc.errno:
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
+        return
+    m = re.search(r"os error (\d+)", str(exc))
+    if m:
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
+    try:
+        full = os.statvfs(folder).f_bavail == 0
+    except (OSError, AttributeError):
+        full = False
+    if full:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
 
 
 @contextmanager

@@ -39,7 +39,7 @@ def test_json_and_files_for_several_k(checkpoint, tmp_path, capsys):
     assert results[0]["map_sum"] == pytest.approx(lib.map_sum, abs=1e-4)
     assert results[0]["most_damaging"]["row"] == lib.most_damaging["row"]
     for stem in ("cat", "ship"):
-        assert (tmp_path / f"{stem}.png").stat().st_size > 1000  # one figure per image, all K in it
+        assert (tmp_path / f"{stem}_occlusion.png").stat().st_size > 1000  # one figure per image, all K in it
         for k in (8, 12):
             saved = np.load(tmp_path / f"{stem}_k{k}.npy")
             assert saved.shape == ((32 - k) // 2 + 1,) * 2

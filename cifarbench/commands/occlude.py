@@ -62,8 +62,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Occlusion maps: slide a KxK patch over each image and record the target class probability.
 
-        Writes per image and K a map (.npy, .csv) and per image one figure with every K to --out (default
-        ./occlusion); --json prints {"results": [...]} on stdout.
+        Writes per image and K a map (<stem>_k<K>.npy, .csv) and per image one figure with every K
+        (<stem>_occlusion.png) to --out (default ./occlusion); an image given twice is occluded once, two images
+        with one stem get <stem>, <stem>-2, ... Never replaces a file cifarbench did not write. --json prints
+        {"results": [...]} on stdout, each with the files it wrote.
         """
         from ..errors import UserError
 
@@ -80,8 +82,65 @@ def register(app: typer.Typer) -> None:
              device, resize, out or Path("occlusion"), figures, json, calib_data)
 
 
+def _identity(path: Path):
+    """What makes two image arguments the same file: device and inode (the same file by another path, a link or
+    a hard link), else the resolved path (a missing file, reported by the loader)."""
+    try:
+        st = path.stat()
+        return ("inode", st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", str(path.resolve()))
+
+
+def output_names(inputs: list[Path], out: Path, ks: list[int], figures: bool) -> list[str]:
+    """A distinct base name per input image for its outputs ``<base>_k<K>.npy/.csv`` and ``<base>_occlusion.png``.
+
+    The base is the image's stem; a stem that two inputs share (``a/x.png``, ``b/x.png``, or ``X.png`` and
+    ``x.png``, one file on a case-insensitive disk) gets ``-2``, ``-3`` ... on its later inputs, and a base whose
+    outputs would land on any input image (``x.png`` with ``x_occlusion.png``) is bumped too, so no output can
+    replace an input."""
+    inputs_at = {str(p.resolve()) for p in inputs} | {str(p.absolute()) for p in inputs}
+    inodes = {_identity(p) for p in inputs}
+
+    def lands_on_input(base: str) -> bool:
+        for name in files_for(base, ks, figures):
+            target = out / name
+            if str(target.resolve()) in inputs_at or str(target.absolute()) in inputs_at:
+                return True
+            if target.exists() and _identity(target) in inodes:
+                return True
+        return False
+
+    taken: set[str] = set()
+    bases = []
+    for p in inputs:
+        stem, n = p.stem, 1
+        base = stem
+        while base.casefold() in taken or lands_on_input(base):
+            n += 1
+            base = f"{stem}-{n}"
+        taken.add(base.casefold())
+        bases.append(base)
+    return bases
+
+
+def files_for(base: str, ks: list[int], figures: bool) -> list[str]:
+    return [f"{base}_k{k}.{ext}" for k in ks for ext in ("npy", "csv")] + ([f"{base}_occlusion.png"] if figures else [])
+
+
+def _distinct_images(images: list[Path]) -> list[Path]:
+    """The image arguments with repeats of one file (by any path) dropped: one result per distinct image."""
+    seen, kept = set(), []
+    for p in images:
+        key = _identity(Path(p))
+        if key not in seen:
+            seen.add(key)
+            kept.append(Path(p))
+    return kept
+
+
 def _load(images, data, indices, data_dir, resize):
-    """(name, image tensor, label or None) for every image to occlude."""
+    """(name, image tensor, label or None) for every distinct image to occlude."""
     import torch
 
     from ..analysis.occlusion import load_image
@@ -91,7 +150,7 @@ def _load(images, data, indices, data_dir, resize):
     from ..data import load_split
 
     ds = load_split(data, "test", data_dir)
-    idx = parse_indices(indices, len(ds))
+    idx = list(dict.fromkeys(parse_indices(indices, len(ds))))  # "3,3" is one image, once
     sub = ds.subset(torch.tensor(idx))
     imgs = sub.float_images()
     return [(f"{Path(data).name.split('.')[0]}-test-{i:05d}", imgs[j], int(sub.labels[j])) for j, i in enumerate(idx)]
@@ -99,6 +158,20 @@ def _load(images, data, indices, data_dir, resize):
 
 def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device, resize,
          out, figures, json, calib_data) -> None:
+    from ..io import output_folder
+
+    if images:
+        images = _distinct_images(images)
+        bases = output_names(images, out, ks, figures)
+    # --out is checked (a writable folder, no file of the user's under an output name) before any image is read
+    # or any model built; for --data the names are known only once the dataset is open, and each write checks
+    with output_folder(out, [n for b in bases for n in files_for(b, ks, figures)] if images else ()):
+        _occlude(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device,
+                 resize, out, figures, json, calib_data, bases if images else None)
+
+
+def _occlude(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device, resize,
+             out, figures, json, calib_data, bases) -> None:
     import numpy as np
     import torch
 
@@ -108,8 +181,10 @@ def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, b
     from ..io import atomic_path, write_text
 
     items = _load(images, data, indices, data_dir, resize)
+    if bases is None:
+        bases = [name for name, _, _ in items]  # dataset names are distinct and hold no path
     cache: dict = {}
-    results: dict[str, list] = {name: [] for name, _, _ in items}
+    results: dict[str, list] = {b: [] for b in bases}
     with progress() as bar:
         task = bar.add_task("occlusion", total=len(items) * len(ks), status="")
         for kk in ks:
@@ -119,34 +194,40 @@ def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, b
             for i in range(0, len(items), DATA_BATCH):
                 chunk = items[i:i + DATA_BATCH]
                 batch = torch.stack([img for _, img, _ in chunk])
-                for (name, _, _), r in zip(chunk, occlusion_maps(engine, batch, kk, stride=stride,
-                                                                 baseline=baseline, targets=target,
-                                                                 names=[n for n, _, _ in chunk])):
-                    results[name].append(r)
+                for base, r in zip(bases[i:i + DATA_BATCH], occlusion_maps(
+                        engine, batch, kk, stride=stride, baseline=baseline, targets=target,
+                        names=[n for n, _, _ in chunk])):
+                    results[base].append(r)
                 bar.advance(task, len(chunk))
-    for name, img, true_label in items:
-        for r in results[name]:
-            stem = out / f"{Path(name).stem}_k{r.k}"
+    files: dict[int, list[str]] = {}
+    for base, (name, img, true_label) in zip(bases, items):
+        for r in results[base]:
+            stem = out / f"{base}_k{r.k}"
             with atomic_path(stem.with_suffix(".npy")) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, r.map)
             write_text(stem.with_suffix(".csv"), "\n".join(",".join(f"{v:.6g}" for v in row) for row in r.map) + "\n")
+            files[id(r)] = [str(stem.with_suffix(".npy")), str(stem.with_suffix(".csv"))]
         if figures:
             from ..analysis.occlusion_plot import plot_occlusion
 
             title = Path(name).name + (f" (label {CLASSES[true_label]})" if true_label is not None else "")
-            plot_occlusion(img, results[name], out / f"{Path(name).stem}.png", title)
-    flat = [r for name, _, _ in items for r in results[name]]
+            figure = out / f"{base}_occlusion.png"
+            plot_occlusion(img, results[base], figure, title)
+            for r in results[base]:
+                files[id(r)].append(str(figure))
+    flat = [(base, r) for base in bases for r in results[base]]
     if json:
-        emit_json({"results": [r.to_dict() for r in flat]})
+        emit_json({"results": [{**r.to_dict(), "files": files[id(r)]} for _, r in flat]})
         return
     from rich.table import Table
 
-    table = Table(title=f"occlusion maps ({flat[0].engine['mode']} on {flat[0].engine['device']}) -> {out}")
-    for col in ("image", "K", "target", "clean p", "map sum", "most damaging (y, x)", "p there"):
+    first = flat[0][1]
+    table = Table(title=f"occlusion maps ({first.engine['mode']} on {first.engine['device']}) -> {out}")
+    for col in ("image", "files", "K", "target", "clean p", "map sum", "most damaging (y, x)", "p there"):
         table.add_column(col)
-    for r in flat:
+    for base, r in flat:
         worst = r.most_damaging
-        table.add_row(Path(r.image).stem if r.image else "", str(r.k), CLASSES[r.target], f"{r.clean_prob:.3f}",
+        table.add_row(Path(r.image).stem if r.image else "", f"{base}_k{r.k}.*", str(r.k), CLASSES[r.target], f"{r.clean_prob:.3f}",
                       f"{r.map_sum:.2f}", f"({worst['y']}, {worst['x']})", f"{worst['prob']:.3f}")
     console.print(table)

@@ -357,7 +357,11 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
     must target a file that is absent or a previous cifarbench output, and is logged in its manifest.
 
     Checks now, before any work: ``path`` can be a writable folder, and each of ``names`` known up front is ours
-    to write. Yields ``path``; the folder itself is made by the first write."""
+    to write. Yields ``path``; the folder itself is made by the first write. ``path`` None (no ``--out``) guards
+    nothing and yields None."""
+    if path is None:
+        yield None
+        return
     path = check_out_path(path, option)
     guard = _Guard(path, tuple(subdirs), option)
     for name in names:
@@ -374,10 +378,22 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
                 pass
 
 
+def check_outputs(paths) -> None:
+    """Check, before the work that makes them, files whose names become known inside an ``output_folder`` block
+    (mine's per-filter figures): each must be ours to write. Paths outside every guarded folder pass."""
+    for p in paths:
+        guard = _guard_for(Path(p))
+        if guard is not None:
+            guard.check(Path(p))
+
+
 @contextmanager
 def output_file(path: str | Path, option: str = "--out"):
     """Like ``output_folder`` for a single output file (export's and bench's ``--out FILE``): it must be absent or
-    a previous cifarbench output; its hash is logged in its folder's manifest."""
+    a previous cifarbench output; its hash is logged in its folder's manifest. ``path`` None guards nothing."""
+    if path is None:
+        yield None
+        return
     path = check_out_path(path, option, folder=False)
     guard = _Guard(path.parent, (), option, files=(path.name,))
     guard.check(path)

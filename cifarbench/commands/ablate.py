@@ -158,9 +158,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Zero filters and compare per-class accuracy and confusion matrices before and after (the report's
         Table 1), or sweep every filter of a layer and rank the filters by accuracy drop."""
-        from ..analysis.ablation import ablate as run_ablate
-        from ..analysis.ablation import sweep as run_sweep
-        from ..console import console, emit_json
         from ..errors import UserError
         from ..filters import all_filters, resolve_layers, resolve_selection
 
@@ -173,30 +170,47 @@ def register(app: typer.Typer) -> None:
         def select(net):
             return all_filters(net, resolve_layers(net, sweep)) if sweep is not None else resolve_selection(net, given)
 
-        net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
-        if sweep is not None:
-            console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
-            from ..runtime import TorchRuntime
+        from ..io import output_folder
 
-            passes = 1 if type(runtime) is TorchRuntime else 1 + len(selection)  # see analysis.ablation.sweep
-            bar, step = run_progress(passes * len(dataset), "sweep")
-            with bar:
-                result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)
-            if out:
-                for p in write_sweep(result, out):
-                    console.print(f"wrote {p}")
-            if json:
-                emit_json(result)
-            else:
-                show_sweep(result)
-            return
-        bar, step = run_progress(2 * len(dataset), "ablate")
+        # --out is checked before the model is opened, so a refusal never comes after the work
+        with output_folder(out, SWEEP_FILES if sweep is not None else ABLATION_FILES):
+            net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
+            _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json)
+
+
+ABLATION_FILES = ("per_class.csv", "ablation.json", "confusion_before.csv", "confusion_after.csv",
+                  "confusion_diff.csv", "confusion.png", "flipped.png")
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png")
+
+
+def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json) -> None:
+    from ..analysis.ablation import ablate as run_ablate
+    from ..analysis.ablation import sweep as run_sweep
+    from ..console import console, emit_json
+
+    if sweep is not None:
+        console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
+        from ..runtime import TorchRuntime
+
+        passes = 1 if type(runtime) is TorchRuntime else 1 + len(selection)  # see analysis.ablation.sweep
+        bar, step = run_progress(passes * len(dataset), "sweep")
         with bar:
-            result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
+            result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)
         if out:
-            for p in write_ablation(result, dataset, out):
+            for p in write_sweep(result, out):
                 console.print(f"wrote {p}")
         if json:
             emit_json(result)
         else:
-            show_ablation(result, dataset.classes)
+            show_sweep(result)
+        return
+    bar, step = run_progress(2 * len(dataset), "ablate")
+    with bar:
+        result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
+    if out:
+        for p in write_ablation(result, dataset, out):
+            console.print(f"wrote {p}")
+    if json:
+        emit_json(result)
+    else:
+        show_ablation(result, dataset.classes)

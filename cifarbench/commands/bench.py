@@ -46,14 +46,12 @@ def register(app: typer.Typer) -> None:
         json: JsonOpt = False,
     ) -> None:
         """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
-        import itertools
-
         import torch
 
-        from ..console import console, emit_json, progress
+        from ..console import console, emit_json
         from ..errors import UserError
-        from ..io import write_json
-        from ..timing import compare, compare_table, load_results, results_table, run_bench
+        from ..io import output_file
+        from ..timing import compare, compare_table, load_results, results_table
 
         if from_ is not None:
             if model is not None:
@@ -96,16 +94,27 @@ def register(app: typer.Typer) -> None:
             auto = resolve_backend("auto", dev)
             specs = [BackendSpec("torch", "fp32")] + ([BackendSpec(auto, "fp32")] if auto != "torch" else [])
         batches = parse_batches(batch)
-        with progress() as bar:
-            done = itertools.count()  # backends finished before the one starting now
-            task = bar.add_task("bench", total=len(specs), status="")
-            doc = run_bench(model, specs, batches, dev, warmup=warmup, iters=iters, min_seconds=min_seconds,
-                            calib_data=calib_data,
-                            step=lambda label: bar.update(task, completed=next(done), status=label))
-            bar.update(task, completed=len(specs), status="done")
-        if out is not None:
-            write_json(out, doc)
-        if json:
-            emit_json(doc)
-        else:
-            console.print(results_table(doc))
+        with output_file(out):  # --out is checked before measuring
+            _measure(model, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json)
+
+
+def _measure(model, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json) -> None:
+    import itertools
+
+    from ..console import console, emit_json, progress
+    from ..io import write_json
+    from ..timing import results_table, run_bench
+
+    with progress() as bar:
+        done = itertools.count()  # backends finished before the one starting now
+        task = bar.add_task("bench", total=len(specs), status="")
+        doc = run_bench(model, specs, batches, dev, warmup=warmup, iters=iters, min_seconds=min_seconds,
+                        calib_data=calib_data,
+                        step=lambda label: bar.update(task, completed=next(done), status=label))
+        bar.update(task, completed=len(specs), status="done")
+    if out is not None:
+        write_json(out, doc)
+    if json:
+        emit_json(doc)
+    else:
+        console.print(results_table(doc))

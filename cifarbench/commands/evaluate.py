@@ -12,34 +12,45 @@ def register(app: typer.Typer) -> None:
                      backend: BackendOpt = "torch", device: DeviceOpt = None, out: OutOpt = None,
                      json: JsonOpt = False) -> None:
         """Test-set accuracy, per-class accuracy and confusion matrix (CSV and PNG under --out)."""
-        from ..analysis.ablation import predictions
-        from ..analysis.metrics import confusion_matrix, summary
-        from ..console import console, emit_json, progress
-        from ..data import load_split
-        from ..runtime import open_runtime
+        from ..io import output_folder
 
-        runtime = open_runtime(model, backend=backend, device=device)
-        test = load_split(data, "test", data_dir)
-        with progress() as bar:
-            task = bar.add_task("eval", total=len(test), status=runtime.name)
-            preds = predictions(runtime, test, progress=lambda n: bar.advance(task, n))
-        conf = confusion_matrix(preds, test.labels, len(test.classes))
-        result = {**summary(conf, test.classes), "confusion": conf.tolist(), "classes": list(test.classes),
-                  "images": len(test), "backend": runtime.name, "data": test.identity}
-        if out is not None:
-            _write(out, result, test.classes)
-        if json:
-            emit_json(result)
-            return
-        from rich.table import Table
+        # --out is checked before the model is opened: no run ends in a refusal after the work is done
+        with output_folder(out, FILES):
+            _evaluate(model, data, data_dir, backend, device, out, json)
 
-        table = Table(title=f"{model} on {test.identity} ({runtime.name})")
-        table.add_column("class")
-        table.add_column("accuracy", justify="right")
-        for cls, acc in result["per_class"].items():
-            table.add_row(cls, f"{acc:.2%}" if acc is not None else "-")
-        table.add_row("[bold]overall", f"[bold]{result['accuracy']:.2%}")
-        console.print(table)
+
+FILES = ("confusion.csv", "per_class.csv", "eval.json", "confusion.png")
+
+
+def _evaluate(model, data, data_dir, backend, device, out, json) -> None:
+    from ..analysis.ablation import predictions
+    from ..analysis.metrics import confusion_matrix, summary
+    from ..console import console, emit_json, progress
+    from ..data import load_split
+    from ..runtime import open_runtime
+
+    runtime = open_runtime(model, backend=backend, device=device)
+    test = load_split(data, "test", data_dir)
+    with progress() as bar:
+        task = bar.add_task("eval", total=len(test), status=runtime.name)
+        preds = predictions(runtime, test, progress=lambda n: bar.advance(task, n))
+    conf = confusion_matrix(preds, test.labels, len(test.classes))
+    result = {**summary(conf, test.classes), "confusion": conf.tolist(), "classes": list(test.classes),
+              "images": len(test), "backend": runtime.name, "data": test.identity}
+    if out is not None:
+        _write(out, result, test.classes)
+    if json:
+        emit_json(result)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} on {test.identity} ({runtime.name})")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for cls, acc in result["per_class"].items():
+        table.add_row(cls, f"{acc:.2%}" if acc is not None else "-")
+    table.add_row("[bold]overall", f"[bold]{result['accuracy']:.2%}")
+    console.print(table)
 
 
 def _write(out, result: dict, classes) -> None:

@@ -15,8 +15,9 @@ def register(app: typer.Typer) -> None:
     def export_cmd(
         model: ModelArg,
         to: Annotated[str, typer.Option("--to", help="onnx | onnx-int8 | aoti | tensorrt")] = "onnx",
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Artifact path (default: ./<net>.<ext>).")]
-        = None,
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", "-o", help="Artifact path (default: ./<net>.<ext>); never replaces a file cifarbench did not "
+                                "write.")] = None,
         fp16: Annotated[bool, typer.Option("--fp16", help="FP16 engine (tensorrt) or fp16 package (aoti, CUDA).")]
         = False,
         int8: Annotated[bool, typer.Option("--int8", help="INT8 TensorRT engine, calibrated on --calib images.")]
@@ -38,7 +39,8 @@ def register(app: typer.Typer) -> None:
         from ..checkpoint import file_sha256
         from ..console import console, emit_json
         from ..errors import UserError
-        from ..export import check_target, export
+        from ..export import SUFFIXES, check_target, export
+        from ..io import output_file
         from ..runtime import default_device, resolve_module
 
         check_target(to)
@@ -49,9 +51,14 @@ def register(app: typer.Typer) -> None:
         precision = "fp16" if fp16 else "int8" if int8 else "fp32"
         dev = device or (str(default_device()) if to in ("aoti", "tensorrt") else "cpu")
         net = resolve_module(model)
+        if out is None:
+            out = Path(f"{net.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
         start = time.perf_counter()
-        path = export(net, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
-                      data_dir=data_dir, seed=seed, max_batch=max_batch, opt_batch=opt_batch)
+        # the artifact path is checked before exporting: never a file of the user's replaced, never a refusal
+        # after minutes of calibration
+        with output_file(out):
+            path = export(net, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
+                          data_dir=data_dir, seed=seed, max_batch=max_batch, opt_batch=opt_batch)
         result = {"artifact": str(path), "target": to, "net": net.name, "precision": "int8" if to == "onnx-int8"
                   else precision, "bytes": path.stat().st_size, "sha256": file_sha256(path),
                   "seconds": round(time.perf_counter() - start, 2)}

@@ -26,7 +26,7 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
         resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}"])
         shown = dict(f, top=f["top"][:show])
         images = [data.images[t["index"]].numpy() for t in shown["top"]]
-        paths.append(mining_figure(images, shown, out / "filters" / f"{f['layer']}_filter{f['filter']}.png"))
+        paths.append(mining_figure(images, shown, out / figure_name(f["layer"], f["filter"])))
     tables = {
         "top_images.csv": top_rows, "class_histogram.csv": hist_rows, "responses.csv": resp_rows,
         "receptive_fields.csv": [["layer", "receptive_field"], *result["receptive_fields"].items()],
@@ -80,8 +80,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Mine the test images that excite each filter most (response: spatial sum of the pre-ReLU map), with
         their receptive-field patches, and list the net's filters that never activate."""
-        from ..analysis.mining import mine as run_mine
-        from ..console import console, emit_json
         from ..errors import UserError
         from ..filters import resolve_selection
 
@@ -92,15 +90,43 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         given = [*(filters or []), *(specs or [])]
-        net, selection, runtime, dataset = open_analysis(
-            model, lambda net: resolve_selection(net, given, every), backend, device, data, data_dir, limit)
-        bar, step = run_progress(len(dataset), "mine")
-        with bar:
-            result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
-        if out:
-            written = write_mining(result, dataset, out, min(show, top))
-            console.print(f"wrote {len(written)} files under {out}")
-        if json:
-            emit_json(result)
-        else:
-            show_mining(result, dataset.classes)
+        from ..io import check_outputs, output_folder
+
+        def select(net):
+            selection = resolve_selection(net, given, every)
+            if out:  # the per-filter figures' names are known now, before the runtime is built or data read
+                check_outputs(out / figure_name(layer, j) for layer, j in selection)
+            return selection
+
+        # --out is checked before the model is opened, so a refusal never comes after the work
+        with output_folder(out, TABLES, subdirs=("filters",)):
+            net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
+            _mine(runtime, net, dataset, selection, top, show, batch_size, out, json)
+
+
+TABLES = ("top_images.csv", "class_histogram.csv", "responses.csv", "receptive_fields.csv", "dead_filters.csv",
+          "mining.json")
+
+
+def figure_name(layer: str, j: int) -> str:
+    """``filters/<layer>_filter<j>.png``; a layer name's path characters (ONNX node names such as ``/conv1/Conv``)
+    become ``_`` so every figure lands in ``filters/`` itself."""
+    import re
+
+    return f"filters/{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}_filter{j}.png"
+
+
+def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json) -> None:
+    from ..analysis.mining import mine as run_mine
+    from ..console import console, emit_json
+
+    bar, step = run_progress(len(dataset), "mine")
+    with bar:
+        result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
+    if out:
+        written = write_mining(result, dataset, out, min(show, top))
+        console.print(f"wrote {len(written)} files under {out}")
+    if json:
+        emit_json(result)
+    else:
+        show_mining(result, dataset.classes)

@@ -43,7 +43,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train every point of a grid; writes metrics.csv, summary.json, grouped/*.csv and plots/*.png to --out."""
         from .. import sweep as sw
-        from ..console import console, emit_json
 
         values = sw.parse_grid(grid) if grid else sw.default_grid(net)
         sw.check_executor(executor, address, cpus_per_trial, gpus_per_trial)
@@ -51,26 +50,39 @@ def register(app: typer.Typer) -> None:
         trials = sw.plan(net, values, out, recipe=recipe, epochs=epochs, data=data,
                          data_dir=str(data_dir) if data_dir else None, seed=seed)
         sw.claim(trials, resume=resume, check_only=True)  # fail fast, before loading data or starting Ray
-        # a new sweep loads its data before claiming --out, so a bad --data leaves nothing behind
-        datasets = None if resume else sw.load_data(trials[0].config)
-        # and connects to Ray first too: an unreachable or too small cluster leaves nothing behind either
-        todo = not all(t.finished() for t in trials)
-        session = sw.ray_session(address, ray_cpus, cpus_per_trial, gpus_per_trial) if executor == "ray" and todo \
-            else nullcontext()
-        with session:
-            sw.claim(trials, resume=resume)
-            with Board(trials, console) as board:
-                results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
-                                       gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, datasets=datasets,
-                                       on_event=board.update)
-        out = sw.sweep_dir(trials)
-        summary = sw.summarize(trials, results)
-        files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))
-        if json:
-            emit_json({**summary, "files": files})
-            return
-        render_summary(summary, console)
-        console.print(f"sweep saved in {out} (metrics.csv, summary.json, grouped/, plots/)")
+        from ..io import output_folder
+
+        names = ["sweep.json", "metrics.csv", "summary.json", "plots/test_accuracy.png"]
+        for keys in sw.groupings(sw.grid_of(trials)):
+            names += [f"grouped/{sw.table_name(keys)}.csv", f"plots/grouped_{sw.table_name(keys)}.png"]
+        # the sweep's own files in --out are checked now, before any training: none replaces a user's file
+        with output_folder(sw.sweep_dir(trials), names, subdirs=("grouped", "plots")):
+            _sweep(sw, trials, values, executor, address, ray_cpus, cpus_per_trial, gpus_per_trial, resume, json)
+
+
+def _sweep(sw, trials, values, executor, address, ray_cpus, cpus_per_trial, gpus_per_trial, resume, json) -> None:
+    from ..console import console, emit_json
+
+    # a new sweep loads its data before claiming --out, so a bad --data leaves nothing behind
+    datasets = None if resume else sw.load_data(trials[0].config)
+    # and connects to Ray first too: an unreachable or too small cluster leaves nothing behind either
+    todo = not all(t.finished() for t in trials)
+    session = sw.ray_session(address, ray_cpus, cpus_per_trial, gpus_per_trial) if executor == "ray" and todo \
+        else nullcontext()
+    with session:
+        sw.claim(trials, resume=resume)
+        with Board(trials, console) as board:
+            results = sw.run_sweep(trials, executor=executor, address=address, cpus_per_trial=cpus_per_trial,
+                                   gpus_per_trial=gpus_per_trial, ray_cpus=ray_cpus, datasets=datasets,
+                                   on_event=board.update)
+    out = sw.sweep_dir(trials)
+    summary = sw.summarize(trials, results)
+    files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))
+    if json:
+        emit_json({**summary, "files": files})
+        return
+    render_summary(summary, console)
+    console.print(f"sweep saved in {out} (metrics.csv, summary.json, grouped/, plots/)")
 
 
 class Board:

@@ -43,6 +43,40 @@ class LayerGeometry:
     out_size: int
 
 
+def body_plan(spec: dict, hparams: dict) -> tuple[list[tuple[str, int, int, int]], int, int]:
+    """The body as plain numbers, no tensors: ``([(name, cin, cout, pad) per conv], channels out, image size out)``.
+
+    The one place the architecture's arithmetic lives, shared by :class:`CifarNet` and :func:`plan_parameters`, so
+    a size can be checked before anything is allocated."""
+    k, stride = int(hparams["kernel_size"]), int(hparams["stride"])
+    l1, m = int(hparams["l1_oc"]), float(hparams["filter_multiplier"])
+    channels = [int(l1 * m**e) for e in spec["channel_exponents"]]
+    convs: list[tuple[str, int, int, int]] = []
+    cin, size = 3, IMAGE_SIZE
+    for item in spec["body"]:
+        if item == "pool":
+            size //= 2
+        else:
+            pad, cout = int(item["conv"]["pad"]), channels[len(convs)]
+            if cout < 1:
+                raise UserError(f"{spec['name']} with l1_oc={l1}, filter_multiplier={m:g} gives conv{len(convs) + 1} "
+                                f"{cout} filters; every conv needs at least one")
+            convs.append((f"conv{len(convs) + 1}", cin, cout, pad))
+            size = (size + 2 * pad - k) // stride + 1
+            cin = cout
+        if size < 1:
+            raise UserError(f"{spec['name']} with kernel_size={k}, stride={stride} shrinks the image to nothing")
+    return convs, cin, size
+
+
+def plan_parameters(spec: dict, hparams: dict) -> int:
+    """The parameter count :class:`CifarNet` would have, computed without building it (nothing allocated)."""
+    convs, cout, size = body_plan(spec, hparams)
+    k = int(hparams["kernel_size"])
+    n = sum(cin * co * k * k + co + (2 * co if spec["batchnorm"] else 0) for _, cin, co, _ in convs)
+    return n + (cout * size * size + 1) * 120 + (120 + 1) * 84 + (84 + 1) * NUM_CLASSES
+
+
 class CifarNet(nn.Module):
     """One of the report's nets. ``hparams`` holds the resolved hyper-parameters; ``spec`` the zoo spec."""
 
@@ -51,23 +85,17 @@ class CifarNet(nn.Module):
         self.spec = spec
         self.hparams = dict(hparams)
         k, stride = int(hparams["kernel_size"]), int(hparams["stride"])
-        l1, m = int(hparams["l1_oc"]), float(hparams["filter_multiplier"])
-        channels = [int(l1 * m**e) for e in spec["channel_exponents"]]
+        convs, cin, size = body_plan(spec, hparams)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
-        cin, size, ci, pi = 3, IMAGE_SIZE, 0, 0
+        ci, pi = 0, 0
         for item in spec["body"]:
             if item == "pool":
                 pi += 1
                 layers[f"pool{pi}"] = nn.MaxPool2d(2, 2)
-                size //= 2
             else:
-                pad = int(item["conv"]["pad"])
-                layers[f"conv{ci + 1}"] = ConvBlock(cin, channels[ci], k, stride, pad, spec["batchnorm"])
-                size = (size + 2 * pad - k) // stride + 1
-                cin = channels[ci]
+                name, c_in, c_out, pad = convs[ci]
+                layers[name] = ConvBlock(c_in, c_out, k, stride, pad, spec["batchnorm"])
                 ci += 1
-            if size < 1:
-                raise UserError(f"{spec['name']} with kernel_size={k}, stride={stride} shrinks the image to nothing")
         self.layers = nn.Sequential(layers)
         p = hparams.get("dropout") or 0.0
         drop = (lambda: nn.Dropout(p)) if spec["defaults"]["dropout"] is not None else nn.Identity

@@ -5,10 +5,11 @@ grid point under ``runs/`` (named from the point, so a restarted sweep finds the
 ``metrics.csv`` (every run's per-epoch rows, the report's columns), ``summary.json`` (best run and epoch,
 per-run results, grouped means), ``grouped/*.csv`` and ``plots/*.png``.
 
-Resume needs no bookkeeping of its own: a run folder with ``results.json`` is finished and skipped; one with
-``last.state.pt`` continues from its last finished epoch (``train(resume=True)``), so a killed sweep loses at
-most the unfinished epochs of the runs that were in flight. The same rule runs inside Ray tasks, so a trial that
-Ray retries after a worker crash also continues instead of starting over.
+Resume needs no bookkeeping of its own: a run folder with ``results.json`` is finished and skipped; any other
+started one (it has ``config.json``) continues from its last finished epoch, or from the start when it was stopped
+during its first (``train(resume=True)``), so a killed sweep loses at most the unfinished epochs of the runs that
+were in flight. The same rule runs inside Ray tasks, so a trial that Ray retries after a worker crash also continues
+instead of starting over.
 
 The grouped means are the report's: the mean over every epoch row of every run in a group (pandas'
 ``groupby(keys).mean()`` over the per-epoch table), by each varied hyper-parameter, by each pair, and by epoch.
@@ -28,11 +29,12 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import UserError
 from .io import write_json, write_text
-from .zoo import HPARAMS, get_spec, resolve_hparams
+from .zoo import HPARAMS, check_hparams, get_spec
 
 if TYPE_CHECKING:
     from .train import TrainConfig  # torch: imported only where training happens
 
+MAX_BATCH = 65_536  # as train.MAX_BATCH (not imported: train imports torch)
 TRAIN_KEYS = ("lr", "batch_size")  # TrainConfig fields a grid may vary, besides the net's hyper-parameters
 GRID_KEYS = HPARAMS + TRAIN_KEYS
 GROUP_METRICS = ("loss", "train_accuracy", "test_accuracy", "overfit%", "total_parameters")
@@ -83,8 +85,8 @@ def normalize_grid(net: str, grid: dict[str, list]) -> dict[str, list]:
 
 
 def _typed(net: str, key: str, value):
-    if key in HPARAMS:
-        return resolve_hparams(net, **{key: value})[key]
+    if key in HPARAMS:  # the zoo's one validator (types, ranges, the net's size), as for --set and checkpoints
+        return check_hparams(net, {key: value}, context="--grid")[key]
     kind = float if key == "lr" else int
     try:
         typed = kind(value)
@@ -92,6 +94,8 @@ def _typed(net: str, key: str, value):
         raise UserError(f"{key}={value!r} is not a valid {kind.__name__}") from None
     if not typed > 0 or (kind is float and not math.isfinite(typed)):
         raise UserError(f"{key} must be positive, got {value!r}")
+    if key == "batch_size" and typed > MAX_BATCH:
+        raise UserError(f"batch_size must be at most {MAX_BATCH}, got {value!r}")
     return typed
 
 
@@ -204,7 +208,8 @@ def execute(trial: Trial, train_set, test_set, on_epoch: Callable[[dict], None] 
     Module-level and free of driver state so a Ray worker runs exactly this."""
     from .train import train
 
-    resume = (trial.out / "last.state.pt").is_file()
+    # any started run continues, even one stopped during its first epoch (only config.json: train restarts it)
+    resume = (trial.out / "config.json").is_file()
     try:
         summary = train(trial.config, trial.out, resume=resume, train_set=train_set, test_set=test_set,
                         on_epoch=on_epoch, show_progress=False)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from .checkpoint import load_state, read_metadata, save_checkpoint, save_state, versions
 from .data import Dataset, augment, load_split
 from .errors import UserError
-from .io import write_json, write_text
+from .io import describe_os_error, write_json, write_text
 from .nets import count_parameters
-from .zoo import create_model, get_spec, resolve_hparams
+from .zoo import check_hparams, create_model, get_spec
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes. `seed` is the report's (the PyTorch CIFAR-10 tutorial's SGD with lr 0.01, batch 128, constant lr).
@@ -59,8 +59,8 @@ class TrainConfig:
     run: str = "0"
 
     def resolved(self) -> dict:
-        """Every setting that decides the result, with recipe defaults filled in."""
-        if self.recipe not in RECIPES:
+        """Every setting that decides the result, with recipe defaults filled in, each checked (type, range)."""
+        if not isinstance(self.recipe, str) or self.recipe not in RECIPES:
             raise UserError(f"unknown recipe {self.recipe!r}; known: {', '.join(RECIPES)}")
         spec = get_spec(self.net)
         r = dict(RECIPES[self.recipe])
@@ -73,11 +73,35 @@ class TrainConfig:
         r["lr"] = self.lr if self.lr is not None else r["lr"]
         r["batch_size"] = self.batch_size if self.batch_size is not None else r["batch_size"]
         r["augment"] = spec["seed_recipe"]["augment"]
-        if r["epochs"] < 1 or r["batch_size"] < 1 or r["lr"] <= 0:
-            raise UserError(f"epochs, batch size and lr must be positive (got {r['epochs']}, {r['batch_size']}, "
-                            f"{r['lr']})")
-        return {"net": self.net, "recipe": self.recipe, "hparams": resolve_hparams(self.net, **self.hparams),
-                "data": self.data, "seed": self.seed, "run": self.run, **r}
+        _check_int("--epochs", r["epochs"], 1, MAX_EPOCHS)
+        _check_int("--batch-size", r["batch_size"], 1, MAX_BATCH)
+        _check_int("--seed", self.seed, 0, MAX_SEED)
+        # NaN fails every comparison, so `lr <= 0` lets it through: ask for a finite positive number instead
+        if isinstance(r["lr"], bool) or not isinstance(r["lr"], (int, float)) or not (math.isfinite(r["lr"])
+                                                                                      and r["lr"] > 0):
+            raise UserError(f"--lr {r['lr']}: the learning rate must be a finite number > 0")
+        if not isinstance(self.data, str):
+            raise UserError(f"--data must be a string, got {type(self.data).__name__}")
+        return {"net": self.net, "recipe": self.recipe, "hparams": check_hparams(self.net, self.hparams, "--set"),
+                "data": _data_source(self.data), "seed": self.seed, "run": str(self.run), **r, "lr": float(r["lr"])}
+
+
+MAX_EPOCHS, MAX_BATCH, MAX_SEED = 100_000, 65_536, 2**32 - 1
+
+
+def _check_int(option: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        what = f"must be positive (an integer up to {hi:,})" if lo == 1 else f"must be an integer in {lo}..{hi:,}"
+        raise UserError(f"{option} {value}: {what}")
+
+
+def _data_source(data: str) -> str:
+    """A path as an absolute path, so a resumed run finds the same data from any working directory; named sources
+    (cifar10, synthetic[:N]) as they are."""
+    if data == "cifar10" or data == "synthetic" or data.startswith("synthetic:"):
+        return data
+    path = Path(data)
+    return str(path.resolve()) if path.exists() else data
 
 
 def metric_columns(hparams: dict) -> list[str]:
@@ -143,15 +167,25 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, cfg: dict, autocast
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_set: Dataset | None = None,
           test_set: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None,
           show_progress: bool = True) -> dict:
-    """Train one run into ``out``; returns the summary also written to ``results.json``."""
+    """Train one run into ``out``; returns the summary also written to ``results.json``.
+
+    ``resume``: continue the run saved in ``out`` from its last finished epoch (from the start when it was stopped
+    during epoch 1), with the saved run's settings; ``config`` must agree with them (``--epochs`` may extend the
+    run) and the data must have the saved identity, else a :class:`UserError` names what differs."""
     out = Path(out)
     cfg = config.resolved()
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
+    saved, state = None, None
     if resume:
-        cfg = _check_resume(out, cfg, config.epochs)
-    train_set = train_set or load_split(config.data, "train", config.data_dir)
-    test_set = test_set or load_split(config.data, "test", config.data_dir)
+        saved = read_run(out)
+        cfg = _check_resume(out, saved, cfg)
+        state = _read_resume_state(out)
+    data_dir = config.data_dir if config.data_dir is not None else (saved or {}).get("data_dir")
+    train_set = train_set or load_split(cfg["data"], "train", data_dir)
+    test_set = test_set or load_split(cfg["data"], "test", data_dir)
+    if saved is not None:
+        _check_data(saved, cfg["data"], train_set, test_set)
 
     model, opt = build(cfg, device)
     torch.backends.cudnn.benchmark = on_gpu  # fixed shapes: let cuDNN pick the fastest kernels once
@@ -163,20 +197,21 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
 
     history: list[dict] = []
     start_epoch, run_time, best_acc = 1, 0.0, -1.0
-    if resume:
-        state = load_state(out / "last.state.pt")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
+    if state is not None:
+        _restore(out / "last.state.pt", state, model, opt, cfg)
         if on_gpu and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"])
         history = state["history"]
-        start_epoch, run_time = int(state["epoch"]) + 1, float(state["run_time"])
+        start_epoch, run_time = state["epoch"] + 1, float(state["run_time"])
         best_acc = max((h["test_accuracy"] for h in history), default=-1.0)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {**cfg, "data_identity": train_set.identity, "device": str(device),
-                                         "versions": versions(), "total_parameters": n_params})
+    elif saved is None:  # a fresh run (a resumed one stopped in epoch 1 keeps the config.json it has)
+        try:
+            write_json(out / "config.json", {
+                **cfg, "data_identity": train_set.identity, "test_data_identity": test_set.identity,
+                "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "device": str(device),
+                "versions": versions(), "total_parameters": n_params})
+        except OSError as exc:
+            raise UserError(f"cannot write the run folder {out}: {describe_os_error(exc)}") from None
 
     columns = metric_columns(cfg["hparams"])
     train_images, train_labels = train_set.images.to(device), train_set.labels.to(device)
@@ -233,7 +268,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 "rng_cpu": torch.get_rng_state(),
                 **({"rng_cuda": torch.cuda.get_rng_state(device)} if on_gpu else {}),
                 "history": history})
-            write_text(out / "metrics.csv", rows_csv(history, columns))
+            _write(write_text, out / "metrics.csv", rows_csv(history, columns))
             status = f"loss {train_loss:.3f} train {train_acc:.2%} test {test_acc:.2%}"
             if bar is not None:
                 bar.update(task, advance=1, status=status)
@@ -251,8 +286,15 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                "best_test_accuracy_tta": best["test_accuracy_tta"],
                "final_test_accuracy": history[-1]["test_accuracy"], "train_seconds": run_time,
                "total_parameters": n_params, "hparams": cfg["hparams"], "seed": cfg["seed"], "out": str(out)}
-    write_json(out / "results.json", summary)
+    _write(write_json, out / "results.json", summary)
     return summary
+
+
+def _write(writer, path: Path, content) -> None:
+    try:
+        writer(path, content)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {describe_os_error(exc)}") from None
 
 
 def rows_csv(history: list[dict], columns: list[str]) -> str:
@@ -265,17 +307,189 @@ def rows_csv(history: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _check_resume(out: Path, cfg: dict, epochs: int | None) -> dict:
-    """The saved run's config (the resumed run must be the same run), with ``--epochs`` allowed to extend it."""
+# ------------------------------------------------------------------------------------------------------ resume
+# config.json's keys and what each must be: a run folder written by hand, truncated or from another tool is refused
+# in one line instead of failing somewhere inside training
+_NUMBER = (int, float)
+RUN_FIELDS: dict[str, tuple] = {
+    "net": (str,), "recipe": (str,), "hparams": (dict,), "data": (str,), "seed": (int,), "run": (str,),
+    "lr": _NUMBER, "batch_size": (int,), "momentum": _NUMBER, "nesterov": (bool,), "weight_decay": _NUMBER,
+    "label_smoothing": _NUMBER, "schedule": (str,), "warmup": _NUMBER, "jitter": _NUMBER, "autocast": (bool,),
+    "epochs": (int,), "augment": (bool,), "data_identity": (str,),
+}
+# the setting each command-line option decides, for naming the option that contradicts a saved run
+RESUME_OPTIONS = (("recipe", "--recipe"), ("lr", "--lr"), ("batch_size", "--batch-size"), ("seed", "--seed"))
+
+
+def read_run(out: str | Path) -> dict:
+    """A run folder's ``config.json``, checked: a JSON object with every setting of the run, each of its type and
+    range (the same checks as a new run's options)."""
     import json
 
-    if not (out / "config.json").is_file() or not (out / "last.state.pt").is_file():
-        raise UserError(f"--resume {out}: no config.json and last.state.pt there (not a cifarbench run folder)")
-    saved = json.loads((out / "config.json").read_text())
-    if saved.get("net") != cfg["net"]:
-        raise UserError(f"--resume {out}: that run trains {saved.get('net')}, not {cfg['net']}")
-    read_metadata(out / "last.safetensors")
+    out = Path(out)
+    path = out / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume {out}: no config.json there (not a cifarbench run folder)")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"--resume {out}: config.json is corrupt ({type(exc).__name__}); the run cannot be "
+                        f"resumed") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume {out}: config.json is corrupt (a JSON {type(saved).__name__}, not an object)")
+    for key, kinds in RUN_FIELDS.items():
+        if key not in saved:
+            raise UserError(f"--resume {out}: config.json is incomplete (no {key})")
+        value = saved[key]
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds) or (
+                isinstance(value, float) and not math.isfinite(value)):
+            raise UserError(f"--resume {out}: config.json has {key}={value!r}, not a valid "
+                            f"{' or '.join(k.__name__ for k in kinds)}")
+    if saved["schedule"] not in ("constant", "onecycle"):
+        raise UserError(f"--resume {out}: config.json has an unknown schedule {saved['schedule']!r}")
+    if saved.get("data_dir") is not None and not isinstance(saved["data_dir"], str):
+        raise UserError(f"--resume {out}: config.json has data_dir={saved['data_dir']!r}, not a path")
+    if saved.get("test_data_identity") is not None and not isinstance(saved["test_data_identity"], str):
+        raise UserError(f"--resume {out}: config.json has test_data_identity={saved['test_data_identity']!r}")
+    try:  # the same checks a new run's options get (known net and recipe, hyper-parameter ranges, finite lr)
+        saved["hparams"] = TrainConfig(saved["net"], recipe=saved["recipe"], hparams=saved["hparams"],
+                                       epochs=saved["epochs"], lr=saved["lr"], batch_size=saved["batch_size"],
+                                       data=saved["data"], seed=saved["seed"]).resolved()["hparams"]
+    except UserError as exc:
+        raise UserError(f"--resume {out}: config.json is invalid: {exc}") from None
+    return saved
+
+
+def resume_config(out: str | Path, net: str, *, hparams: dict | None = None, data_dir: str | None = None,
+                  device: str | None = None, **given) -> TrainConfig:
+    """The saved run's config with the options the user gave (``given``: recipe, lr, batch_size, epochs, data,
+    seed; ``hparams`` from ``--set``) applied over it, for :func:`train` to check against the saved run: an option
+    that repeats the saved value is fine, one that contradicts it fails there, naming the option."""
+    saved = read_run(out)
+    if net != saved["net"]:
+        raise UserError(f"--resume {out}: that run trains {saved['net']}, not {net}")
+    settings = {k: given.get(k, saved[k]) for k in ("recipe", "lr", "batch_size", "epochs", "data", "seed")}
+    return TrainConfig(saved["net"], hparams={**saved["hparams"], **(hparams or {})}, data_dir=data_dir,
+                       device=device, run=saved["run"], **settings)
+
+
+def _check_resume(out: Path, saved: dict, cfg: dict) -> dict:
+    """The settings of the resumed run: the saved run's, all of them (so a changed recipe table in a new
+    cifarbench cannot change a resumed run), with ``--epochs`` allowed to extend it; any other disagreement of
+    ``cfg`` with the saved run is an error naming the option."""
+    if cfg["net"] != saved["net"]:
+        raise UserError(f"--resume {out}: that run trains {saved['net']}, not {cfg['net']}")
+    for key, option in RESUME_OPTIONS:
+        if cfg[key] != saved[key]:
+            raise UserError(f"{option} {cfg[key]} contradicts the saved run's {key} {saved[key]} (in {out}); "
+                            f"a resumed run keeps its settings: omit {option}")
+    for key, value in cfg["hparams"].items():
+        if saved["hparams"].get(key) != value:
+            raise UserError(f"--set {key}={value} contradicts the saved run's {key}={saved['hparams'].get(key)} "
+                            f"(in {out}); a resumed run keeps its settings: omit --set")
+    if cfg["data"] != saved["data"] and "cifar10" in (cfg["data"], saved["data"]):
+        # other data than the official set, or the official set for other data: no need to load (download) it
+        raise UserError(f"--data {cfg['data']} contradicts the saved run's data {saved['data']} (in {out}); "
+                        f"omit --data to resume on the run's own data")
+    if (out / "last.safetensors").is_file():
+        read_metadata(out / "last.safetensors")
     resumed = {k: saved[k] for k in cfg}
-    if epochs is not None:
-        resumed["epochs"] = epochs
+    resumed["epochs"] = cfg["epochs"]
+    resumed["data"] = cfg["data"]  # the same data (checked by identity once loaded), maybe from a new path
     return resumed
+
+
+def _check_data(saved: dict, data: str, train_set: Dataset, test_set: Dataset) -> None:
+    """The data loaded for a resumed run is the data it trained on: the same identity (helper of the data layer:
+    a content digest for files), for the training split and, when recorded, the test split."""
+    for what, now, then in (("training", train_set.identity, saved["data_identity"]),
+                            ("test", test_set.identity, saved.get("test_data_identity"))):
+        if then is not None and now != then:
+            if data == saved["data"]:
+                raise UserError(f"the saved run's {what} data {data} has changed since it trained (identity now "
+                                f"{now}, then {then}); the run cannot be resumed exactly")
+            raise UserError(f"--data {data} is not the data the saved run trained on ({what} identity {now}, saved "
+                            f"{then}); omit --data to resume on the run's own data")
+
+
+def _read_resume_state(out: Path) -> dict | None:
+    """The last finished epoch's state, or None for a run stopped during epoch 1 (nothing but its config.json:
+    it starts again from epoch 0, which gives exactly the uninterrupted run)."""
+    path = out / "last.state.pt"
+    if not path.is_file():
+        if (out / "metrics.csv").is_file() or (out / "results.json").is_file():
+            raise UserError(f"--resume {out}: last.state.pt is missing but epochs were finished; the run cannot be "
+                            f"resumed exactly (start a new run)")
+        return None
+    state = load_state(path)
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"{path} is not a valid cifarbench training state: {problem}")
+    return state
+
+
+def _state_problem(state) -> str | None:
+    """What is wrong with a training state's structure (before it meets the model), or None."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__}, not a dict"
+    for key, kinds in (("model", dict), ("optimizer", dict), ("epoch", int), ("run_time", (int, float)),
+                       ("rng_cpu", torch.Tensor), ("history", list)):
+        if key not in state:
+            return f"no {key}"
+        if isinstance(state[key], bool) or not isinstance(state[key], kinds):
+            return f"{key} is {state[key]!r:.60}, not a {getattr(kinds, '__name__', 'number')}"
+    epoch, history = state["epoch"], state["history"]
+    if not 1 <= epoch <= MAX_EPOCHS:
+        return f"epoch {epoch} is out of range"
+    if len(history) != epoch or not all(isinstance(h, dict) and isinstance(h.get("test_accuracy"), float)
+                                        for h in history):
+        return f"its history does not hold one row per finished epoch ({epoch})"
+    if not (math.isfinite(state["run_time"]) and state["run_time"] >= 0):
+        return f"run_time {state['run_time']} is not a duration"
+    rng = state["rng_cpu"]
+    if rng.dtype != torch.uint8 or tuple(rng.shape) != tuple(torch.get_rng_state().shape):
+        return "rng_cpu is not a CPU random-generator state"
+    if "rng_cuda" in state and not (isinstance(state["rng_cuda"], torch.Tensor) and state["rng_cuda"].dtype ==
+                                    torch.uint8):
+        return "rng_cuda is not a CUDA random-generator state"
+    opt = state["optimizer"]
+    if not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        return "its optimizer holds no state and param_groups"
+    return None
+
+
+def _restore(path: Path, state: dict, model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: dict) -> None:
+    """Load a checked state into the model and optimizer after checking it fits them: every weight's name and shape,
+    the optimizer's groups and every momentum buffer's shape (torch would accept a wrong-shaped buffer and fail, or
+    silently broadcast, steps later)."""
+    def bad(why: str):
+        return UserError(f"{path} is not a valid cifarbench training state for {cfg['net']} {cfg['hparams']}: {why}")
+
+    if state["epoch"] > cfg["epochs"]:
+        raise UserError(f"--epochs {cfg['epochs']} is fewer than the {state['epoch']} epochs the saved run has done")
+    own = model.state_dict()
+    weights = state["model"]
+    if set(weights) != set(own):
+        raise bad(f"its weights are named {sorted(set(weights) ^ set(own))[:3]} where the net differs")
+    for key, ref in own.items():
+        if not isinstance(weights[key], torch.Tensor) or tuple(weights[key].shape) != tuple(ref.shape):
+            raise bad(f"{key} has shape {list(getattr(weights[key], 'shape', []))}, the net needs {list(ref.shape)}")
+    groups, saved_groups = opt.param_groups, state["optimizer"]["param_groups"]
+    if len(saved_groups) != len(groups) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(own_g["params"])
+            for g, own_g in zip(saved_groups, groups)):
+        raise bad("its optimizer has other parameter groups than the net's")
+    by_id = {pid: p for g, own_g in zip(saved_groups, groups) for pid, p in zip(g["params"], own_g["params"])}
+    for pid, entry in state["optimizer"]["state"].items():
+        if pid not in by_id or not isinstance(entry, dict):
+            raise bad(f"its optimizer state names parameter {pid!r}, which the net lacks")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and tuple(value.shape) != tuple(by_id[pid].shape):
+                raise bad(f"its optimizer's {name} for parameter {pid} has shape {list(value.shape)}, the parameter "
+                          f"{list(by_id[pid].shape)}")
+    try:
+        model.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng_cpu"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise bad(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

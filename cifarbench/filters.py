@@ -24,21 +24,44 @@ def split_specs(specs: Iterable[str] | None) -> list[str]:
     return [tok for spec in specs or () for tok in re.split(r"[\s;]+", spec.strip()) if tok]
 
 
-def parse_filters(specs: Iterable[str]) -> dict[str, list[int]]:
-    """Syntax only: ``["conv1:0,1", "conv3:4-6"]`` -> ``{"conv1": [0, 1], "conv3": [4, 5, 6]}``."""
-    out: dict[str, list[int]] = {}
+#: largest filter index a spec may name before it is checked against a net: far above any conv layer's width
+#: (net4's widest has 512), small enough that expanding a checked range can never take much memory
+MAX_INDEX = 1 << 16
+
+
+def parse_ranges(specs: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
+    """Syntax only, nothing expanded: ``["conv1:0,1", "conv3:4-6"]`` -> ``{"conv1": [(0, 0), (1, 1)],
+    "conv3": [(4, 6)]}``. A range is checked against a layer's width before it becomes a list of indices, so
+    ``conv1:0-300000000`` costs nothing."""
+    out: dict[str, list[tuple[int, int]]] = {}
     for tok in split_specs(specs):
         m = _SPEC.match(tok)
         if not m:
             raise UserError(f"malformed filter spec {tok!r}; expected LAYER:I[,J,...] with ranges I-J, "
                             f"e.g. conv1:0,1 conv3:4-7")
-        layer, indices = m.group(1), out.setdefault(m.group(1), [])
+        ranges = out.setdefault(m.group(1), [])
         for part in m.group(2).split(","):
             lo, _, hi = part.partition("-")
+            # a digit string too long for int() (Python refuses > 4300 digits) is simply out of range
+            if len(lo) > 9 or len(hi) > 9:
+                raise UserError(f"filter index out of range in {tok!r}")
             lo_i, hi_i = int(lo), int(hi or lo)
             if hi_i < lo_i:
-                raise UserError(f"empty filter range {part!r} in {tok!r}")
-            indices.extend(range(lo_i, hi_i + 1))
+                raise UserError(f"empty filter range {part!r} in {tok!r} (the range is reversed)")
+            ranges.append((lo_i, hi_i))
+    return out
+
+
+def parse_filters(specs: Iterable[str]) -> dict[str, list[int]]:
+    """Syntax only: ``["conv1:0,1", "conv3:4-6"]`` -> ``{"conv1": [0, 1], "conv3": [4, 5, 6]}``. Indices above
+    :data:`MAX_INDEX` are refused before expanding (no net has that many filters)."""
+    out: dict[str, list[int]] = {}
+    for layer, ranges in parse_ranges(specs).items():
+        for lo, hi in ranges:
+            if hi >= MAX_INDEX:
+                raise UserError(f"filter index {hi} in {layer} is out of range (no conv layer has "
+                                f"{MAX_INDEX} filters)")
+        out[layer] = [j for lo, hi in ranges for j in range(lo, hi + 1)]
     return out
 
 
@@ -60,7 +83,10 @@ def all_filters(model, layers: Iterable[str] | None = None) -> Selection:
 
 def resolve_selection(model, specs: Iterable[str] | None = None, every: bool = False) -> Selection:
     """The filters to analyse: ``every`` filter of the net, the given specs, or the report's default."""
-    specs = split_specs(specs)
+    given = list(specs or ())
+    specs = split_specs(given)
+    if given and not specs:  # `--filters ""` names no filter: an empty selection, not the default one
+        raise UserError("the filter spec is empty; give LAYER:I[,J,...] (e.g. conv1:0,1) or leave it out")
     if every and specs:
         raise UserError("give either filter specs or --all, not both")
     if every:
@@ -69,14 +95,15 @@ def resolve_selection(model, specs: Iterable[str] | None = None, every: bool = F
         return default_selection(model)
     channels = layer_channels(model)
     chosen = set()
-    for layer, indices in parse_filters(specs).items():
+    for layer, ranges in parse_ranges(specs).items():
         if layer not in channels:
             raise UserError(f"unknown layer {layer!r} in {model.name}; its conv layers are {', '.join(channels)}")
-        for j in indices:
-            if j >= channels[layer]:
-                raise UserError(f"filter {layer}:{j} out of range: {layer} of {model.name} has "
+        for lo, hi in ranges:  # bounds first: a range is expanded only once it fits the layer
+            if hi >= channels[layer]:
+                what = f"{layer}:{hi}" if lo == hi else f"{layer}:{lo}-{hi}"
+                raise UserError(f"filter {what} out of range: {layer} of {model.name} has "
                                 f"{channels[layer]} filters (0..{channels[layer] - 1})")
-            chosen.add((layer, j))
+            chosen.update((layer, j) for j in range(lo, hi + 1))
     order = {name: i for i, name in enumerate(channels)}
     return tuple(sorted(chosen, key=lambda lf: (order[lf[0]], lf[1])))
 

@@ -6,14 +6,31 @@ from typing import Annotated, Optional
 
 import typer
 
+#: said wherever a command takes MODEL: a .pt2 is native code, unlike checkpoints (safetensors, weights-only
+#: torch.load) and ONNX files, which are data
+PT2_WARNING = ("Security: an AOTInductor .pt2 package is a shared library, and opening one runs its code; "
+               "open only .pt2 files you built or trust.")
 ModelArg = Annotated[str, typer.Argument(help="Zoo name (net1..net4, bundled weights), checkpoint "
-                                               "(.safetensors or run dir) or exported artifact (.onnx, .pt2, .engine).",
-                                         show_default=False)]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo name, checkpoint or exported artifact.")]
+                                               "(.safetensors or run dir) or exported artifact (.onnx, .pt2, .engine). "
+                                               + PT2_WARNING, show_default=False)]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo name, checkpoint or exported artifact (.onnx, .pt2, "
+                                                             ".engine). " + PT2_WARNING)]
 BackendOpt = Annotated[str, typer.Option(
     "--backend", "-b",
     help="Runtime: auto | torch | torch-compile | aoti | onnxruntime | onnx-int8 | tensorrt (auto: fastest here).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cpu or cuda[:N]; default: cuda when present.")]
+
+
+def _check_device(value: Optional[str]) -> Optional[str]:
+    """``--device`` is checked while parsing, before any work: a bad name or a missing GPU is one error line."""
+    if value is None:
+        return None
+    from .runtime import parse_device  # torch is imported only when --device is given
+
+    return str(parse_device(value))
+
+
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,
+                                                  help="cpu, cuda or cuda:N; default: cuda when present.")]
 DataOpt = Annotated[str, typer.Option(
     "--data", help="cifar10 (official, via torchvision), synthetic[:N], or PATH (official folder, image-folder "
                    "root or its .tar.gz).")]

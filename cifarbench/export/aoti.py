@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_path
+from ..io import atomic_path, scratch_dir
 from .onnx import model_metadata
 
 #: largest batch the exported graph accepts (the dynamic dim's upper bound)
@@ -31,10 +32,12 @@ def export_aoti(model, out: str | Path, device: str | torch.device = "cpu", prec
     out = Path(out)
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        with atomic_path(out) as tmp:
-            tmp.unlink()
+        # the package is compiled in a pid-named scratch folder beside ``out`` (removed on every exit, swept after a
+        # kill -9), then moved into place atomically
+        with scratch_dir(out.parent, ".cifarbench-aoti-") as scratch, atomic_path(out) as tmp:
+            built = scratch / "model.pt2"
             torch._inductor.aoti_compile_and_package(
-                program, package_path=str(tmp.with_suffix(".pt2")),
+                program, package_path=str(built),
                 inductor_configs={"aot_inductor.metadata": {f"cifarbench.{k}": v for k, v in meta.items()}})
-            tmp.with_suffix(".pt2").rename(tmp)
+            os.replace(built, tmp)
     return out

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..io import atomic_path
+from ..io import atomic_path, scratch_dir
 
 CALIB_BATCH = 64
 
@@ -60,16 +60,20 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .onnx import INPUT_NAME, read_metadata, set_metadata
+    from . import images_sha256
+    from .onnx import INPUT_NAME, graph_precision, read_metadata, set_metadata
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     if calibrate_method not in methods:
         raise UserError(f"unknown calibration method {calibrate_method!r}; known: {', '.join(methods)}")
     meta = read_metadata(proto)
-    if meta.get("precision", "fp32") != "fp32":
-        raise UserError(f"can only quantize an fp32 ONNX model, this one is {meta['precision']}")
-    with tempfile.TemporaryDirectory(prefix="cifarbench-int8-") as tmp:
+    precision = graph_precision(proto)  # the graph, not its metadata, says whether it is quantized already
+    if precision != "fp32":
+        raise UserError(f"can only quantize an fp32 ONNX model, this one is {precision}")
+    # quant_pre_process and quantize_static work on files: a pid-named scratch folder, removed on every exit the
+    # process sees, and swept by the next run after a kill -9
+    with scratch_dir(tempfile.gettempdir(), "cifarbench-int8-") as tmp:
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)
@@ -85,6 +89,7 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         quantized = onnx.load(str(dst))
     set_metadata(quantized, {**meta, "precision": "int8", "calib_images": str(len(images)),
+                             "calib_sha256": images_sha256(images),
                              "calib_method": calibrate_method, "fp32_nodes": ",".join(exclude)})
     onnx.checker.check_model(quantized)
     return quantized

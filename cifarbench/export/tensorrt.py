@@ -58,10 +58,17 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
 
 
-def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str, precision: str, profile: Profile) -> str:
-    """One engine per (ONNX graph, TensorRT version, GPU model, precision, profile)."""
-    text = json.dumps({"onnx": onnx_sha256, "trt": trt_version, "gpu": gpu_name, "precision": precision,
-                       "profile": asdict(profile)}, sort_keys=True)
+def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str, precision: str, profile: Profile,
+                     calib_sha256: str | None = None, toolchain: dict | None = None) -> str:
+    """One engine per (ONNX graph, TensorRT version, GPU model, precision, profile), and per calibration set
+    (``calib_sha256``, INT8) and toolchain versions where given."""
+    fields = {"onnx": onnx_sha256, "trt": trt_version, "gpu": gpu_name, "precision": precision,
+              "profile": asdict(profile)}
+    if calib_sha256 is not None:
+        fields["calib"] = calib_sha256
+    if toolchain is not None:
+        fields["toolchain"] = toolchain
+    text = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -197,7 +204,11 @@ def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp32"
             raise UserError("a TensorRT INT8 engine needs calibration images (--calib N --data ...)")
         config.set_flag(trt.BuilderFlag.INT8)
         feed = CalibrationFeed(calib_images, profile.opt_batch)
-        config.int8_calibrator = _calibrator(trt, feed, cache_dir / f"calib-{file_sha256(onnx_path)[:16]}.cache")
+        # the calibrator's cache holds the activation ranges of these images: keyed by graph and images both
+        from . import images_sha256
+
+        calib_key = hashlib.sha256((file_sha256(onnx_path) + images_sha256(calib_images)).encode()).hexdigest()
+        config.int8_calibrator = _calibrator(trt, feed, cache_dir / f"calib-{calib_key[:24]}.cache")
         config.set_calibration_profile(opt_profile)
     timing_path = cache_dir / timing_cache_name(trt.__version__, gpu)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")

@@ -5,7 +5,7 @@ BatchNorm into the conv (``W' = W * s``, ``b' = (b - mean) * s + beta``); zeroin
 ``b'_j = bn(b_j)``, exactly what the torch variant (``weight[j] = 0``, bias kept) computes before the ReLU. With
 ``zero_bias`` the torch variant's pre-ReLU value is ``bn(0)``; on a folded graph that is written into ``b'_j``
 (computed from the torch net), on an unfolded one the conv bias is set to zero as in torch. Variants are cached
-in memory by (graph digest, selection, zero_bias).
+in memory by (the graph's content digest, selection, zero_bias; with zero_bias also the net's weights).
 """
 from __future__ import annotations
 
@@ -42,11 +42,9 @@ def runtime_proto(runtime, model):
 
 
 def graph_digest(proto) -> str:
-    """The source checkpoint's sha256 recorded by the exporter, else a hash of the serialized graph."""
-    from .onnx import read_metadata
-
-    meta = read_metadata(proto)
-    return meta.get("source_sha256") or hashlib.sha256(proto.SerializeToString()).hexdigest()
+    """sha256 of the serialized graph: its content, never a metadata field (two graphs that claim one source
+    checkpoint, e.g. an fp32 and an edited copy, must not share variants)."""
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
 
 
 def conv_nodes(proto) -> list:
@@ -64,7 +62,11 @@ def layer_convs(proto, model) -> dict[str, object]:
 
 def onnx_variant(proto, model, selection: Selection, zero_bias: bool = False):
     """A copy of ``proto`` computing the filter-zeroed variant of ``model`` (see the module docstring)."""
-    key = (graph_digest(proto), tuple(selection), bool(zero_bias))
+    # with zero_bias on a folded graph the variant's biases come from the torch net's BN: the net is in the key too
+    from .onnx import model_digest
+
+    net = model_digest(model) if zero_bias else (model.name, tuple(model.conv_blocks()))
+    key = (graph_digest(proto), net, tuple(selection), bool(zero_bias))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]

@@ -18,7 +18,7 @@ from .base import Runtime
 from .torch_eager import TorchRuntime
 
 __all__ = ["Runtime", "TorchRuntime", "BACKENDS", "open_runtime", "resolve_module", "resolve_backend",
-           "default_device"]
+           "default_device", "parse_device"]
 
 BACKENDS = ("auto", "torch", "torch-compile", "aoti", "onnxruntime", "onnx-int8", "tensorrt")
 #: artifact suffix -> the backends that can open it (first: the default)
@@ -28,6 +28,34 @@ ARTIFACTS = {".onnx": ("onnxruntime", "onnx-int8", "tensorrt"), ".pt2": ("aoti",
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def valid_devices() -> list[str]:
+    """The device names this machine accepts: ``cpu``, then ``cuda`` and ``cuda:0..N-1`` where CUDA is present."""
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["cpu"] + (["cuda"] + [f"cuda:{i}" for i in range(n)] if n else [])
+
+
+def parse_device(text, require_present: bool = True) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a :class:`torch.device`; anything else (``tpu``, ``cuda:x``, ``cuda:7`` on
+    a machine without it) is one :class:`UserError` listing what is valid here. ``require_present=False`` checks the
+    spelling only (the API may name a CUDA device on a machine without one and get the backend's own error)."""
+    if isinstance(text, torch.device):
+        text = str(text)
+    spelled = str(text).strip().lower()
+    kind, sep, index = spelled.partition(":")
+    ok = kind == "cpu" and not sep or kind == "cuda" and (not sep or (index.isdigit() and len(index) < 6))
+    if not ok:
+        raise UserError(f"unknown device {text!r}; valid here: {', '.join(valid_devices())}")
+    device = torch.device(spelled)
+    if require_present and device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"--device {text}: no CUDA GPU here; valid here: {', '.join(valid_devices())}")
+        if device.index is not None and device.index >= n:
+            raise UserError(f"--device {text}: this machine has {n} CUDA device{'s' if n > 1 else ''}; "
+                            f"valid here: {', '.join(valid_devices())}")
+    return device
 
 
 def resolve_module(model) -> torch.nn.Module:
@@ -80,7 +108,7 @@ def open_runtime(model, backend: str | None = "auto", device: str | torch.device
     """
     if isinstance(model, Runtime):
         return model
-    device = torch.device(device) if device is not None else default_device()
+    device = parse_device(device, require_present=False) if device is not None else default_device()
     if isinstance(model, (str, Path)) and Path(model).suffix in ARTIFACTS:
         return _open_artifact(Path(model), resolve_backend(backend, device, Path(model).suffix), device, options)
     backend = resolve_backend(backend, device)
@@ -93,7 +121,7 @@ def open_runtime(model, backend: str | None = "auto", device: str | torch.device
         return CompiledRuntime(module, device=device, precision=precision, mode=options.get("mode"))
     from ..export import cached_artifact
 
-    calib = {k: options[k] for k in ("calib", "calib_data", "seed") if k in options}
+    calib = {k: options[k] for k in ("calib", "calib_data", "seed", "data_dir") if k in options}
     if backend == "aoti":
         from .aoti import AotiRuntime
 

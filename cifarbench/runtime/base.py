@@ -21,6 +21,9 @@ class Runtime(ABC):
     max_batch: int | None = None
     #: zoo name of the net behind this runtime (``net1``..``net4``)
     net: str = ""
+    #: side S of the square images it takes ([N, 3, S, S]) and the number of classes it scores
+    input_size: int = 32
+    num_classes: int = 10
 
     @abstractmethod
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
@@ -31,13 +34,14 @@ class Runtime(ABC):
 
         if not isinstance(batch, torch.Tensor):
             raise UserError(f"expected a torch.Tensor batch, got {type(batch).__name__}")
-        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, 32, 32):
-            raise UserError(f"expected a [N, 3, 32, 32] batch, got {tuple(batch.shape)}")
+        size = self.input_size
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
+            raise UserError(f"expected a [N, 3, {size}, {size}] batch, got {tuple(batch.shape)}")
         if not batch.is_floating_point():
             raise UserError(f"expected float images in [0, 1], got {batch.dtype} (convert with "
                             f"Dataset.float_images() or .float() / 255)")
         if len(batch) == 0:
-            return torch.empty(0, 10, device=self.device)
+            return torch.empty(0, self.num_classes, device=self.device)
         batch = batch.to(self.device, torch.float32).contiguous()
         step = self.max_batch or len(batch)
         if len(batch) <= step:

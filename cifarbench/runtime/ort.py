@@ -15,6 +15,8 @@ import torch
 from ..errors import UserError
 from .base import Runtime
 
+#: (source, claimed precision) pairs already warned about
+_WARNED: set = set()
 #: execution providers in order of preference per device type
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
@@ -62,19 +64,30 @@ class OrtRuntime(Runtime):
                  tensorrt_ep: bool = False):
         import onnxruntime as ort
 
-        from ..export.onnx import INPUT_NAME, load_onnx, read_metadata
+        from ..errors import warn
+        from ..export.onnx import graph_io, graph_precision, load_onnx, read_metadata
 
         self.device = torch.device(device)
         proto = load_onnx(source)
+        self.source = str(source) if isinstance(source, (str, Path)) else "in-memory"
+        # shapes first, before a session or any work: a 64x64 or 100-class model fails here, in one line
+        contract = graph_io(proto, self.source if self.source != "in-memory" else "the ONNX model")
         self.proto = proto  # the graph itself: variant and probe builders edit a copy of it
         self.metadata = read_metadata(proto)
         self.net = self.metadata.get("net", "")
-        self.precision = self.metadata.get("precision", "fp32")
+        # the graph says what it computes; metadata is only a claim (a hand-edited fp32 file may say int8)
+        self.precision = graph_precision(proto)
+        claimed = self.metadata.get("precision")
+        if claimed and claimed != self.precision and (self.source, claimed) not in _WARNED:
+            _WARNED.add((self.source, claimed))  # once per file, not once per variant of a sweep
+            warn(f"{self.source}: its metadata says {claimed} but its graph is {self.precision}; "
+                 f"treating it as {self.precision}")
         if self.precision == "int8":
             self.name = "onnx-int8"
-        self.source = str(source) if isinstance(source, (str, Path)) else "in-memory"
-        inputs = [i.name for i in proto.graph.input]
-        self.input_name = INPUT_NAME if INPUT_NAME in inputs else inputs[0]
+        self.input_name = contract["input"]
+        self.input_size, self.num_classes = contract["input_size"], contract["num_classes"]
+        # a graph exported with a fixed batch N runs N images a call: larger batches are split, smaller padded
+        self._fixed_batch = self.max_batch = contract["batch"]
         self.output_names = [o.name for o in proto.graph.output]
         providers = choose_providers(self.device, available_providers(), tensorrt_ep)
         try:
@@ -94,7 +107,10 @@ class OrtRuntime(Runtime):
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, results)}
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.outputs(batch)[self.output_names[0]].float()
+        n = len(batch)
+        if self._fixed_batch and n < self._fixed_batch:  # pad with copies, keep the first n rows
+            batch = torch.cat([batch, batch[-1:].expand(self._fixed_batch - n, -1, -1, -1)]).contiguous()
+        return self.outputs(batch)[self.output_names[0]].float()[:n]
 
     def _run_bound(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """IOBinding: ORT reads the input from, and writes every output into, CUDA memory owned by torch."""

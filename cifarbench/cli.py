@@ -35,9 +35,14 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def _terminated(signum, frame):
+_signals: list[int] = []  # the signals that interrupted this run
+
+
+def _interrupted(signum, frame):
     # SIGTERM (kill, a scheduler's timeout) unwinds like Ctrl-C, so every ``finally`` runs and removes its
-    # temporary files and folders instead of leaving them for the next run to sweep
+    # temporary files and folders instead of leaving them for the next run to sweep; typer turns the
+    # KeyboardInterrupt into a silent exit 130, so the signal is noted here for the one ``error:`` line
+    _signals.append(signum)
     raise KeyboardInterrupt
 
 
@@ -46,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     import threading
 
     command = typer.main.get_command(app)
+    previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
-        previous = signal.signal(signal.SIGTERM, _terminated)
-    else:
-        previous = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _interrupted)
+    _signals.clear()
     try:
         code = command.main(args=argv, prog_name="cifarbench", standalone_mode=False)
     except UserError as exc:
@@ -68,10 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         fail("aborted")
     except KeyboardInterrupt:
-        fail("interrupted")
+        _signals.append(signal.SIGINT)
+        code = 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if _signals:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(128 + _signals[0])  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
     sys.exit(code if isinstance(code, int) else 0)
 
 

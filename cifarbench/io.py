@@ -101,6 +101,17 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
+def _make_folder(folder: Path) -> None:
+    """mkdir -p, where a regular file in the way is reported as that file: ``a.txt: Not a directory``."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        base = _nearest_existing(folder)
+        if base.is_dir():
+            raise
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(base)) from None
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; when the block ends normally the temporary is flushed to disk,
@@ -112,7 +123,7 @@ def atomic_path(path: str | Path):
     if guard is not None:
         guard.check(path)
     folder = path.parent
-    folder.mkdir(parents=True, exist_ok=True)
+    _make_folder(folder)
     key = os.path.abspath(folder)
     if key not in _swept:
         _swept.add(key)

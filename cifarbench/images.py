@@ -16,6 +16,7 @@ PIL is imported inside the functions: the CLI imports this module's callers at s
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -54,7 +55,10 @@ def read_rgb(source: bytes | str | Path, name: str | None = None, *, size: int |
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(fp, formats=FORMATS)
     except Image.DecompressionBombError as exc:
-        raise UserError(f"{name}: image too large to decode ({exc}); at most {MAX_SIDE}x{MAX_SIDE} pixels "
+        # Pillow refuses before our size check can run; its message holds the pixel count, not the sides
+        count = re.search(r"\((\d+) pixels\)", str(exc))
+        size_text = f"{int(count[1]):,} pixels" if count else "too many pixels"
+        raise UserError(f"{name}: image too large to decode ({size_text}); images up to {MAX_SIDE}x{MAX_SIDE} "
                         f"are accepted") from None
     except UnidentifiedImageError:
         raise UserError(f"{name}: not an image (cannot decode it; accepted formats: "

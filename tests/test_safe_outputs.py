@@ -276,3 +276,15 @@ def test_kill_9_leftovers_are_swept_by_the_next_write(tmp_path):
     with scratch_dir(tmp_path, "scratch-"):
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["next.csv"]
+
+
+def test_dataset_occlusion_checks_its_names_and_occludes_a_repeated_index_once(tmp_path, capsys):
+    mine = tmp_path / "synthetic-test-00003_k16.npy"
+    mine.write_bytes(b"mine")
+    assert_user_error(capsys, "occlude", *FAST, "--data", "synthetic", "--indices", "2,3", "--out", tmp_path,
+                      match=mine.name)
+    assert mine.read_bytes() == b"mine" and len(list(tmp_path.iterdir())) == 1
+    code, out, err = run_cli(capsys, "occlude", *FAST, "--data", "synthetic", "--indices", "2,2", "--out",
+                             tmp_path / "o", "--json", "--no-figures")
+    assert code == 0, err
+    assert len(json.loads(out)["results"]) == 1

@@ -178,11 +178,12 @@ def _occlude(images, data, indices, data_dir, ks, stride, baseline, target, mode
     from ..analysis.occlusion import make_engine, occlusion_maps
     from ..console import console, emit_json, progress
     from ..data import CLASSES
-    from ..io import atomic_path, write_text
+    from ..io import atomic_path, check_outputs, write_text
 
     items = _load(images, data, indices, data_dir, resize)
     if bases is None:
         bases = [name for name, _, _ in items]  # dataset names are distinct and hold no path
+        check_outputs(out / n for b in bases for n in files_for(b, ks, figures))  # before the maps are computed
     cache: dict = {}
     results: dict[str, list] = {b: [] for b in bases}
     with progress() as bar:

@@ -98,16 +98,20 @@ def _check_classes(classes) -> tuple[str, ...]:
     return classes
 
 
+def _check_known(names, classes: tuple[str, ...], where: str) -> None:
+    unknown = sorted(n for n in set(names) if n not in classes)
+    if unknown:
+        raise UserError(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
+                        f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})")
+
+
 def _labels(names, which: np.ndarray, classes: tuple[str, ...], where: str) -> tuple[np.ndarray, tuple]:
     """Labels for images whose class name is ``names[which[i]]``, as indices into the model's ``classes``.
 
     A name the model does not know is an error (never a shifted or re-sorted label); model classes without any
     image are returned (and reported in one warning line): their accuracy is undefined, not zero."""
     names = [str(n) for n in names]
-    unknown = sorted(n for n in set(names) if n not in classes)
-    if unknown:
-        raise UserError(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
-                        f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})")
+    _check_known(names, classes, where)
     to_model = np.array([classes.index(n) for n in names], dtype=np.int64)
     labels = to_model[which] if len(which) else np.empty(0, np.int64)
     present = np.bincount(labels, minlength=len(classes)) > 0
@@ -182,6 +186,7 @@ def _image_folder(path: Path, split: str, classes: tuple[str, ...]) -> Dataset:
         if not root.is_dir():
             raise UserError(f"{where}: expected {split}/<class>/<image> inside (an image-folder root)")
         files = _list_folder(root, where, split)
+        _check_known({cls for cls, *_ in files}, classes, f"{where} {split}")  # before decoding anything
         listing = hashlib.sha256()
         for cls, name, _, size, mtime in files:
             listing.update(f"{cls}/{name}\0{size}\0{mtime}\n".encode())

@@ -1,0 +1,895 @@
+"""Model sources, resolved once: whatever names a classifier becomes a :class:`ModelSource`.
+
+``resolve_source(spec, *, arch=None, arch_kw=None, mean=None, std=None, classes=None, input_size=None)`` takes
+
+- a zoo name (bundled weights) or a cifarbench checkpoint (``.safetensors`` with cifarbench metadata, or a run
+  folder holding ``best.safetensors``);
+- any ``torch.nn.Module`` (API), or an in-memory ``torch.export.ExportedProgram``;
+- a TorchScript file (``torch.jit.save``), a ``torch.export.save`` ExportedProgram ``.pt2`` and an AOTInductor
+  package ``.pt2``, told apart by their zip listing, not their suffix;
+- a state_dict (``.pt``/``.pth`` from ``torch.save(model.state_dict())``, or ``.safetensors`` without cifarbench
+  metadata) together with ``arch="PKG.MODULE:FACTORY"`` (``--arch``) and ``arch_kw`` (``--arch-kw key=value``);
+- any ONNX file: either exporter, external data or not, dynamic or fixed batch, cifarbench metadata or not;
+
+and returns the source with the input contract every analysis needs: the square input size S and class count C
+read from the model (the ONNX graph's shapes, or one probe forward of a zeros [B, 3, S, S] batch), the class names,
+the normalization the model does *not* do itself (``mean``/``std``: cifarbench applies it, in
+:meth:`ModelSource.normalize`, the one home of that fact for user models), a content digest and provenance.
+Every analysis takes [0, 1] RGB pixels, NCHW; ``source.torch_module()`` is a module that does too.
+
+What opening each format can run (recorded as ``provenance["runs_code"]`` and ``provenance["executes"]``):
+
+==================  ============  ==============================================================================
+format              runs code?    why
+==================  ============  ==============================================================================
+zoo / checkpoint    no            safetensors: raw tensors and a JSON header
+state_dict .pt      no (file)     ``torch.load(weights_only=True)``: only tensors and plain containers unpickle;
+                                  a whole pickled model (``torch.save(model)``) is refused, never unpickled
+state_dict + arch   **yes**       ``--arch`` imports the named Python module and calls the factory: the user's code
+TorchScript         no Python     TorchScript code runs in torch's own interpreter (torch operators only; no
+                                  Python, no native code from the file)
+ExportedProgram     no            a graph of registered torch operators. ``torch.export.load`` falls back to
+                                  ``torch.load(weights_only=False)`` for pickled payloads, so an archive holding
+                                  any pickled payload that ``weights_only=True`` cannot read is refused first
+AOTInductor .pt2    **yes**       the package's shared library (native code) is loaded into this process
+ONNX                no            a graph of ONNX operators run by onnxruntime; external data must lie in the
+                                  model's folder (a location that leaves it is refused)
+==================  ============  ==============================================================================
+
+The CLI passes ``--arch`` module names relative to the working directory (it is put on ``sys.path``, as uvicorn
+and gunicorn do for ``module:attr`` specs), or a ``path/to/file.py:factory``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+KINDS = ("zoo", "checkpoint", "module", "torchscript", "exported-program", "aoti", "onnx", "state-dict")
+#: the ``metadata_props`` prefix of cifarbench's ONNX files (the same as ``cifarbench.export.onnx.META_PREFIX``)
+META_PREFIX = "cifarbench."
+DEFAULT_INPUT_SIZE = 32
+#: the probe and every batch allocate [B, 3, S, S] floats; past this a "CIFAR-style" model is a typo
+MAX_INPUT_SIZE = 1024
+#: a classes file is a short list of names; anything larger is the wrong file
+MAX_CLASSES_FILE = 1 << 20
+ACCEPTED = ("a zoo name, a cifarbench checkpoint (.safetensors or run folder), a TorchScript file, "
+            "a torch.export .pt2, an AOTInductor .pt2, an ONNX file, or a state_dict (.pt/.pth/.safetensors) "
+            "with --arch PKG.MODULE:FACTORY")
+
+
+@dataclass(frozen=True, eq=False)
+class ModelSource:
+    """A classifier and its input contract. Build it with :func:`resolve_source`.
+
+    ``module``: an eval-mode ``torch.nn.Module`` taking the model's *own* input (normalized when ``mean`` is set),
+    or None for ONNX- and AOTI-only sources. ``onnx_path``: the ONNX file (external data beside it), else None.
+    ``path``: the file the source came from (any format), None for an in-memory module. ``input_size``: S, images
+    are 3 x S x S. ``fixed_batch``: the only batch size the graph accepts (a fixed-batch ONNX or ExportedProgram),
+    else None. ``mean``/``std``: the per-channel normalization cifarbench must apply to [0, 1] pixels before the
+    model (None: the model takes [0, 1] pixels, e.g. the zoo nets, which normalize inside). ``digest``: sha256 of
+    the content (see :func:`resolve_source`). ``provenance``: JSON-ready facts (path, format, runs_code, executes,
+    arch, ...). ``metadata``: cifarbench's metadata from the checkpoint or ONNX file, else empty.
+    """
+
+    kind: str
+    name: str
+    module: Any
+    onnx_path: Path | None
+    input_size: int
+    num_classes: int
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float] | None
+    std: tuple[float, float, float] | None
+    digest: str
+    provenance: dict = field(default_factory=dict)
+    path: Path | None = None
+    fixed_batch: int | None = None
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def normalized_inside(self) -> bool:
+        """True when the model takes [0, 1] pixels as they are (nothing for cifarbench to apply)."""
+        return self.mean is None
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (3, self.input_size, self.input_size)
+
+    def normalize(self, x):
+        """The model's input for a [0, 1] batch ``x`` [N, 3, S, S]: ``(x - mean) / std`` per channel, or ``x``."""
+        if self.mean is None:
+            return x
+        import torch
+
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise UserError(f"{self.name} takes [N, 3, {self.input_size}, {self.input_size}] batches, "
+                            f"got {list(x.shape)}")
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def torch_module(self):
+        """A module taking [0, 1] pixels: ``module`` itself, or ``module`` behind :meth:`normalize` (a
+        :class:`NormalizedModel`, whose ``.model`` is ``module``: the same object, so hooks on ``module``'s layers
+        fire and layer names are ``module``'s own). Not a copy: deep-copy it before editing weights."""
+        if self.module is None:
+            what = "an ONNX file" if self.kind == "onnx" else "an AOTInductor package"
+            raise UserError(f"{self.name} is {what}, not a torch module; use an ONNX Runtime "
+                            f"{'or TensorRT ' if self.kind == 'onnx' else 'AOTInductor '}backend for it")
+        if self.mean is None:
+            return self.module
+        return _classes().NormalizedModel(self.module, self.mean, self.std)
+
+    def describe(self) -> dict:
+        """Everything but the module, JSON-ready (for ``--json`` outputs and reports)."""
+        return {"kind": self.kind, "name": self.name, "path": str(self.path) if self.path else None,
+                "onnx_path": str(self.onnx_path) if self.onnx_path else None, "input_size": self.input_size,
+                "fixed_batch": self.fixed_batch, "num_classes": self.num_classes, "classes": list(self.classes),
+                "mean": list(self.mean) if self.mean else None, "std": list(self.std) if self.std else None,
+                "digest": self.digest, "provenance": self.provenance}
+
+
+@cache
+def _classes():
+    """The two wrapper modules, defined on first use so importing this module does not import torch."""
+    import torch
+    from torch import nn
+
+    class NormalizedModel(nn.Module):
+        """``model((x - mean) / std)``: a model that expects normalized input, fed [0, 1] pixels."""
+
+        def __init__(self, model: nn.Module, mean, std):
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
+
+    class ExportedModule(nn.Module):
+        """An ExportedProgram's module. ``ep.module().eval()`` raises (the train/eval mode is baked in at export
+        time), so ``train()``/``eval()`` here only set the flag and never reach the graph module."""
+
+        def __init__(self, program_module: nn.Module):
+            super().__init__()
+            self.program = program_module
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            return self
+
+        def forward(self, x):
+            return self.program(x)
+
+    return type("_Classes", (), {"NormalizedModel": NormalizedModel, "ExportedModule": ExportedModule})
+
+
+# ---------------------------------------------------------------------------------------------------- parsing
+
+
+def parse_triple(value, what: str) -> tuple[float, float, float] | None:
+    """``"R,G,B"`` or three numbers -> a float triple; None stays None."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        triple = tuple(float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise UserError(f"--{what} takes three numbers R,G,B (e.g. --{what} 0.485,0.456,0.406), "
+                        f"got {value!r}") from None
+    if len(triple) != 3 or not all(math.isfinite(v) for v in triple):
+        raise UserError(f"--{what} takes three finite numbers R,G,B (e.g. --{what} 0.485,0.456,0.406), "
+                        f"got {value!r}")
+    return triple
+
+
+def parse_contract(mean, std) -> tuple[tuple | None, tuple | None]:
+    mean, std = parse_triple(mean, "mean"), parse_triple(std, "std")
+    if (mean is None) != (std is None):
+        raise UserError("give --mean and --std together (for a model that only scales, use --mean 0,0,0)")
+    if std is not None and not all(v > 0 for v in std):
+        raise UserError(f"--std takes three positive numbers, got {','.join(map(str, std))}")
+    return mean, std
+
+
+def parse_arch_kw(items) -> dict:
+    """``["depth=20", "width=0.5", "pretrained=false"]`` (``--arch-kw``, repeatable or comma-separated) -> a
+    dict; values become int, float, bool or None when they read as one, else stay strings."""
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    if isinstance(items, str):
+        items = [items]
+    out = {}
+    for item in items:
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key.isidentifier():
+                raise UserError(f"--arch-kw takes key=value (e.g. --arch-kw num_classes=10), got {part!r}")
+            out[key] = _parse_value(value.strip())
+    return out
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_classes(value) -> tuple[str, ...] | None:
+    """A list of names, ``"a,b,c"``, or a path to a file with one name per line -> a tuple of names."""
+    if value is None:
+        return None
+    if isinstance(value, Path) or (isinstance(value, str) and "," not in value
+                                   and (os.sep in value or value.endswith(".txt") or Path(value).is_file())):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"no such classes file: {path} (give a file with one name per line, or a,b,c)")
+        if path.stat().st_size > MAX_CLASSES_FILE:
+            raise UserError(f"{path} is too large to be a classes file ({path.stat().st_size} bytes)")
+        try:
+            names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not a UTF-8 text file of class names") from None
+        names = [n for n in names if n]
+    elif isinstance(value, str):
+        names = [n.strip() for n in value.split(",")]
+    else:
+        names = [str(n).strip() for n in value]
+    if not names or any(not n for n in names):
+        raise UserError(f"class names must be non-empty, got {value!r}")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise UserError(f"class names repeat: {', '.join(dupes[:5])}")
+    return tuple(names)
+
+
+def default_classes(n: int) -> tuple[str, ...]:
+    from .data import CLASSES
+
+    return tuple(CLASSES) if n == len(CLASSES) else tuple(f"class{i}" for i in range(n))
+
+
+# ---------------------------------------------------------------------------------------------------- digests
+
+
+def file_digest(*paths: Path) -> str:
+    """sha256 over the bytes of ``paths`` in order (an ONNX file, then its external data files)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def module_digest(module) -> str:
+    """sha256 of a module's class, its ``repr`` (layer types and settings such as ReLU vs ReLU6, strides) and
+    every state_dict entry's name, dtype, shape and bytes. Forward code outside the layers is not covered."""
+    import torch
+
+    h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode())
+    for key, value in module.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"\n{key}:{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- resolving
+
+
+@dataclass
+class _Loaded:
+    """What a format loader found, before the contract is settled."""
+
+    kind: str
+    name: str
+    module: Any = None
+    onnx_path: Path | None = None
+    path: Path | None = None
+    digest: str = ""
+    provenance: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    fixed_batch: int | None = None
+    size: int | None = None  # read from a graph
+    num_classes: int | None = None  # read from a graph
+    normalizes_inside: bool = False  # a zoo net (or an export of one): (x - 0.5) / 0.5 is in the model
+    probe: Any = None  # callable(batch) -> logits, for sources without a module (AOTI)
+
+
+def resolve_source(spec, *, arch: str | None = None, arch_kw=None, mean=None, std=None, classes=None,
+                   input_size: int | None = None) -> ModelSource:
+    """The :class:`ModelSource` for ``spec`` (a zoo name, a path, an ``nn.Module`` or an ExportedProgram).
+
+    ``arch``/``arch_kw``: the factory for a state_dict file (required there, refused elsewhere). ``mean``/``std``:
+    three numbers each (or ``"R,G,B"``), the normalization the model expects on [0, 1] pixels; default: from
+    cifarbench's metadata, else none. ``classes``: names (list, ``"a,b,c"`` or a file path); default: metadata,
+    else CIFAR-10's for 10 outputs, else ``class0..``. ``input_size``: S for a torch model whose size cannot be
+    read from a graph (default 32); checked against the graph where there is one.
+
+    ``digest``: sha256 of the file's bytes (an ONNX file followed by its external data files in sorted order; a
+    state_dict followed by ``arch`` and ``arch_kw``), or :func:`module_digest` of an in-memory module. Every
+    mistake is a :class:`UserError` with one line that says what to do instead.
+    """
+    if isinstance(spec, ModelSource):
+        if any(v is not None for v in (arch, arch_kw, mean, std, classes, input_size)):
+            raise UserError(f"{spec.name} is already resolved; pass arch/mean/std/classes/input_size to "
+                            f"resolve_source with the original model instead")
+        return spec
+    mean, std = parse_contract(mean, std)
+    names = parse_classes(classes)
+    kw = parse_arch_kw(arch_kw)
+    if kw and not arch:
+        raise UserError("--arch-kw needs --arch PKG.MODULE:FACTORY")
+    if input_size is not None:
+        if isinstance(input_size, bool) or not isinstance(input_size, int) or not 1 <= input_size <= MAX_INPUT_SIZE:
+            raise UserError(f"input size must be an integer in 1..{MAX_INPUT_SIZE}, got {input_size!r}")
+    loaded = _load(spec, arch, kw)
+    return _finish(loaded, mean, std, names, input_size)
+
+
+def _load(spec, arch: str | None, kw: dict) -> _Loaded:
+    import torch
+
+    if isinstance(spec, torch.nn.Module):
+        _no_arch(arch, "a torch module")
+        return _from_module(spec)
+    if isinstance(spec, torch.export.ExportedProgram):
+        _no_arch(arch, "an ExportedProgram")
+        return _from_program(spec, None)
+    if not isinstance(spec, (str, Path)):
+        raise UserError(f"a model is {ACCEPTED}; got a {type(spec).__name__}")
+    from .zoo import list_models
+
+    text = str(spec)
+    if isinstance(spec, str) and text in list_models():
+        _no_arch(arch, f"the zoo net {text}")
+        return _from_zoo(text)
+    path = Path(text)
+    if path.is_dir():
+        if not (path / "best.safetensors").is_file():
+            raise UserError(f"{path} is a folder without best.safetensors; give a model file or a training run "
+                            f"folder")
+        path = path / "best.safetensors"
+    if not path.is_file():
+        raise UserError(f"no such model file or zoo net: {text} (known nets: {', '.join(list_models())})")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        _no_arch(arch, "an ONNX file")
+        return _from_onnx(path)
+    if suffix == ".safetensors":
+        return _from_safetensors(path, arch, kw)
+    if zipfile.is_zipfile(path):
+        return _from_zip(path, arch, kw)
+    # not a zip: torch.save's legacy (pre-1.6) format, or not a model at all
+    return _from_state_dict_file(path, arch, kw, legacy=True)
+
+
+def _no_arch(arch, what: str) -> None:
+    if arch:
+        raise UserError(f"--arch is only for state_dict files (.pt/.pth/.safetensors without cifarbench "
+                        f"metadata); drop it for {what}")
+
+
+def _from_module(module) -> _Loaded:
+    from .nets import CifarNet
+
+    module.eval()
+    if isinstance(module, CifarNet):
+        return _Loaded("module", module.name, module=module, digest=module_digest(module), size=32, num_classes=10,
+                       normalizes_inside=True, provenance=_prov(None, "cifarbench net (in memory)", False,
+                                                                "nothing: the module was given in Python"))
+    return _Loaded("module", type(module).__name__, module=module, digest=module_digest(module),
+                   provenance=_prov(None, "torch.nn.Module (in memory)", False,
+                                    "nothing: the module was given in Python"))
+
+
+def _prov(path, fmt: str, runs_code: bool, executes: str, **extra) -> dict:
+    return {"path": str(path) if path else None, "format": fmt, "runs_code": runs_code, "executes": executes,
+            **extra}
+
+
+def _from_zoo(name: str) -> _Loaded:
+    from .nets import IMAGE_SIZE, NUM_CLASSES
+    from .zoo import load_model
+
+    model = load_model(name)
+    path = Path(model.source)
+    return _Loaded("zoo", name, module=model, path=path, digest=file_digest(path), metadata=dict(model.meta),
+                   size=IMAGE_SIZE, num_classes=NUM_CLASSES, normalizes_inside=True,
+                   provenance=_prov(path, "cifarbench bundled weights (safetensors)", False,
+                                    "nothing: raw tensors and a JSON header"))
+
+
+def _from_checkpoint(path: Path) -> _Loaded:
+    from .nets import IMAGE_SIZE, NUM_CLASSES
+    from .zoo import load_model
+
+    model = load_model(path)
+    return _Loaded("checkpoint", model.name, module=model, path=path, digest=file_digest(path),
+                   metadata=dict(model.meta), size=IMAGE_SIZE, num_classes=NUM_CLASSES, normalizes_inside=True,
+                   provenance=_prov(path, "cifarbench checkpoint (safetensors)", False,
+                                    "nothing: raw tensors and a JSON header"))
+
+
+def _from_safetensors(path: Path, arch, kw) -> _Loaded:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"corrupt or unreadable safetensors file {path}: {str(exc).splitlines()[0][:200]}") from None
+    if "cifarbench" in meta:
+        _no_arch(arch, "a cifarbench checkpoint")
+        return _from_checkpoint(path)
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"corrupt or unreadable safetensors file {path}: {str(exc).splitlines()[0][:200]}") from None
+    return _with_arch(path, state, arch, kw, "state_dict (safetensors)", "raw tensors and a JSON header")
+
+
+# zip listings (first path component stripped): what each torch format writes (checked against torch 2.14)
+def _zip_kind(names: list[str]) -> str | None:
+    inner = [n.split("/", 1)[1] if "/" in n else n for n in names]
+    if any(n.startswith("data/aotinductor/") or n.endswith((".so", ".cpp", ".dll", ".dylib", ".pyd"))
+           for n in inner):
+        return "aoti"
+    if any(n.startswith("models/") and n.endswith(".json") for n in inner) or \
+            "serialized_exported_program.json" in inner:
+        return "exported-program"
+    if "constants.pkl" in inner or any(n.startswith("code/") for n in inner):
+        return "torchscript"
+    if "data.pkl" in inner:
+        return "pickle"
+    return None
+
+
+def _from_zip(path: Path, arch, kw) -> _Loaded:
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise UserError(f"corrupt or unreadable model file {path}: {exc}") from None
+    kind = _zip_kind(names)
+    if kind == "pickle":
+        return _from_state_dict_file(path, arch, kw, legacy=False)
+    if kind is None:
+        raise UserError(f"{path} is a zip archive but no model format cifarbench knows; give {ACCEPTED}")
+    _no_arch(arch, f"a {kind} file")
+    if kind == "torchscript":
+        return _from_torchscript(path)
+    if kind == "exported-program":
+        _check_program_archive(path)
+        import torch
+
+        try:
+            program = torch.export.load(str(path))
+        except Exception as exc:  # a truncated or foreign-version archive: unusable here, whatever the type
+            raise UserError(f"corrupt or incompatible torch.export program {path}: "
+                            f"{str(exc).strip().splitlines()[0][:200]}") from None
+        return _from_program(program, path)
+    return _from_aoti(path)
+
+
+def _from_torchscript(path: Path) -> _Loaded:
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated on every load
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # torch raises RuntimeError for any bad archive
+        raise UserError(f"corrupt or incompatible TorchScript file {path}: "
+                        f"{str(exc).strip().splitlines()[0][:200]}") from None
+    return _Loaded("torchscript", path.stem, module=module.eval(), path=path, digest=file_digest(path),
+                   provenance=_prov(path, "TorchScript", False,
+                                    "TorchScript code in torch's interpreter (torch operators only, no Python)"))
+
+
+def _check_program_archive(path: Path) -> None:
+    """Refuse an ExportedProgram archive that ``torch.export.load`` would unpickle with ``weights_only=False``:
+    payloads marked ``use_pickle`` and ``.pt`` members that ``weights_only=True`` cannot read."""
+    import io
+
+    import torch
+
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            inner = info.filename.split("/", 1)[-1]
+            if inner.endswith("_config.json") and inner.startswith("data/"):
+                try:
+                    config = json.loads(z.read(info)).get("config", {})
+                except ValueError:
+                    raise UserError(f"corrupt torch.export program {path}: bad {inner}") from None
+                if any(isinstance(v, dict) and v.get("use_pickle") for v in config.values()):
+                    raise UserError(f"{path} holds pickled tensors (tensor subclasses) that torch.export.load "
+                                    f"reads with weights_only=False, which can run code; re-export it with plain "
+                                    f"tensors, or export to ONNX")
+            elif inner.endswith(".pt"):
+                try:
+                    torch.load(io.BytesIO(z.read(info)), map_location="cpu", weights_only=True)
+                except Exception:
+                    raise UserError(f"{path} holds a pickled object ({inner}) that only weights_only=False can "
+                                    f"read, which can run code; re-export it, or export to ONNX") from None
+
+
+def _from_program(program, path: Path | None) -> _Loaded:
+    """An ExportedProgram: shapes from its input placeholder (a static batch is a fixed batch)."""
+    import torch
+
+    users = list(program.graph_signature.user_inputs)
+    if len(users) != 1:
+        raise UserError(f"the exported program takes {len(users)} inputs; cifarbench feeds one image batch")
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == users[0])
+    val = node.meta.get("val")
+    fixed = size = None
+    if isinstance(val, torch.Tensor):
+        shape = list(val.shape)
+        if len(shape) != 4:
+            raise UserError(f"the exported program takes {len(shape)}-d input; cifarbench feeds [N, 3, S, S]")
+        static = [d if isinstance(d, int) else None for d in shape]
+        fixed = static[0]
+        _check_layout(static, "the exported program")
+        size = static[2] if static[2] is not None and static[2] == static[3] else None
+    module = _classes().ExportedModule(program.module())
+    if path is None:
+        return _Loaded("exported-program", "ExportedProgram", module=module, digest=module_digest(module),
+                       fixed_batch=fixed, size=size,
+                       provenance=_prov(None, "torch.export ExportedProgram (in memory)", False,
+                                        "nothing: the program was given in Python"))
+    return _Loaded("exported-program", path.stem, module=module, path=path, digest=file_digest(path),
+                   fixed_batch=fixed, size=size,
+                   provenance=_prov(path, "torch.export ExportedProgram (.pt2)", False,
+                                    "a graph of registered torch operators; pickled payloads refused"))
+
+
+def _check_layout(static: list, what: str) -> None:
+    """[N, C, H, W] with C = 3 and H = W where the graph fixes them; NHWC named as such."""
+    _, c, h, w = static
+    if c is not None and c != 3:
+        if static[3] == 3:
+            raise UserError(f"{what} takes NHWC input {static}; cifarbench feeds NCHW [N, 3, S, S] — re-export "
+                            f"the model with channels first")
+        raise UserError(f"{what} takes {c}-channel input; cifarbench feeds RGB [N, 3, S, S]")
+    if h is not None and w is not None and h != w:
+        raise UserError(f"{what} takes {h}x{w} images; cifarbench runs square S x S images")
+
+
+def _from_aoti(path: Path) -> _Loaded:
+    import torch
+
+    try:
+        package = torch._inductor.aoti_load_package(str(path))
+        raw = package.get_metadata()
+    except Exception as exc:  # a bad zip, a missing .so, an ABI or device mismatch: unusable here
+        raise UserError(f"corrupt or incompatible AOTInductor package {path} (wrong device or torch version?): "
+                        f"{str(exc).strip().splitlines()[0][:200]}") from None
+    meta = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
+    zoo = "spec" in meta
+    return _Loaded("aoti", meta.get("net") or path.stem, path=path, digest=file_digest(path), metadata=meta,
+                   size=int(meta["input_size"]) if "input_size" in meta else (32 if zoo else None),
+                   num_classes=int(meta["num_classes"]) if "num_classes" in meta else (10 if zoo else None),
+                   normalizes_inside=zoo, probe=lambda batch: package(batch),
+                   provenance=_prov(path, "AOTInductor package (.pt2)", True,
+                                    "native code: the package's shared library is loaded into this process"))
+
+
+def _from_state_dict_file(path: Path, arch, kw, legacy: bool) -> _Loaded:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=not legacy)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise UserError(f"{path} holds pickled Python objects{what}, e.g. a whole model from torch.save(model); "
+                        f"loading it needs weights_only=False, which runs code from the file — save "
+                        f"model.state_dict() and pass --arch PKG.MODULE:FACTORY, or save TorchScript or ONNX") \
+            from None
+    except Exception as exc:  # torch raises many types for a file that is not a torch.save archive
+        raise UserError(f"{path} is not a model file cifarbench can read ({str(exc).strip().splitlines()[0][:120]}); "
+                        f"give {ACCEPTED}") from None
+    state, key = _find_state_dict(obj, path)
+    return _with_arch(path, state, arch, kw, "state_dict (torch.save)" + (f", under key {key!r}" if key else ""),
+                      "tensors via torch.load(weights_only=True)")
+
+
+def _find_state_dict(obj, path: Path) -> tuple[dict, str | None]:
+    """The tensors of a state_dict, or of a training checkpoint dict holding one under a usual key."""
+    import torch
+
+    def is_state(d):
+        return isinstance(d, dict) and d and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in d.items())
+
+    if is_state(obj):
+        return obj, None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "net", "weights", "ema"):
+            if is_state(obj.get(key)):
+                return obj[key], key
+        keys = ", ".join(map(str, list(obj)[:6]))
+        raise UserError(f"{path} holds a dict but no state_dict of tensors (keys: {keys}); save "
+                        f"model.state_dict() with torch.save")
+    raise UserError(f"{path} holds a {type(obj).__name__}, not a state_dict; save model.state_dict() with "
+                    f"torch.save")
+
+
+def _with_arch(path: Path, state: dict, arch, kw: dict, fmt: str, file_executes: str) -> _Loaded:
+    if not arch:
+        raise UserError(f"{path} is a state_dict (weights without an architecture); name the model with "
+                        f"--arch PKG.MODULE:FACTORY (a callable that builds it, e.g. --arch mypkg.models:resnet20)")
+    module = build_arch(arch, kw)
+    stripped = None
+    own = module.state_dict()
+    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
+        state, stripped = {k[len("module."):]: v for k, v in state.items()}, "module."  # saved from DataParallel
+    _check_state(path, state, own, arch, kw)
+    module.load_state_dict(state, strict=False)  # every key was checked above; BN counters may be absent
+    module.eval()
+    h = hashlib.sha256(bytes.fromhex(file_digest(path)))
+    h.update(json.dumps({"arch": arch, "arch_kw": kw}, sort_keys=True, default=str).encode())
+    return _Loaded("state-dict", path.stem, module=module, path=path, digest=h.hexdigest(),
+                   provenance=_prov(path, fmt, True, f"imports and calls {arch} (--arch, your Python code); "
+                                                     f"the file: {file_executes}",
+                                    arch=arch, arch_kw={k: v for k, v in kw.items()},
+                                    **({"stripped_prefix": stripped} if stripped else {})))
+
+
+def _check_state(path: Path, state: dict, own: dict, arch: str, kw: dict) -> None:
+    def few(keys):
+        keys = list(keys)
+        return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {few(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {few(unexpected)}")
+    if shapes:
+        problems.append(f"shape (file vs model) {few(shapes)}")
+    if problems:
+        call = f"{arch}({', '.join(f'{k}={v!r}' for k, v in kw.items())})"
+        raise UserError(f"{path} does not match {call}: {'; '.join(problems)} — check --arch/--arch-kw")
+
+
+def build_arch(arch: str, kw: dict | None = None):
+    """``PKG.MODULE:FACTORY`` (or ``path/to/file.py:FACTORY``; FACTORY may be dotted) called with ``kw``: a fresh
+    module. Imports the user's code: see the module docstring."""
+    import importlib
+    import importlib.util
+
+    import torch
+
+    kw = kw or {}
+    modname, sep, attr = str(arch).partition(":")
+    if not sep or not modname or not attr or ":" in attr:
+        raise UserError(f"--arch takes PKG.MODULE:FACTORY (e.g. --arch mypkg.models:resnet20), got {arch!r}")
+    try:
+        if modname.endswith(".py"):
+            file = Path(modname)
+            if not file.is_file():
+                raise UserError(f"--arch {arch}: no such file {file}")
+            spec = importlib.util.spec_from_file_location(f"_cifarbench_arch_{file.stem}", file)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        else:
+            cwd = os.getcwd()
+            if cwd not in sys.path and "" not in sys.path:
+                sys.path.append(cwd)  # `--arch mymodels:net` from the folder holding mymodels.py, as with python -m
+            mod = importlib.import_module(modname)
+    except UserError:
+        raise
+    except ImportError as exc:
+        raise UserError(f"--arch {arch}: cannot import {modname} ({exc}); install it or run from the folder "
+                        f"that holds it") from None
+    except Exception as exc:  # the user's module failed while importing (SyntaxError, anything it raises)
+        raise UserError(f"--arch {arch}: importing {modname} failed: {type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}") from None
+    factory = mod
+    for part in attr.split("."):
+        if not hasattr(factory, part):
+            raise UserError(f"--arch {arch}: {modname} has no attribute {attr!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise UserError(f"--arch {arch}: {attr} is a {type(factory).__name__}, not a callable that builds a model")
+    try:
+        module = factory(**kw)
+    except Exception as exc:  # wrong keyword arguments or the factory's own checks: the user's call is wrong
+        raise UserError(f"--arch {arch}: calling {attr}({', '.join(f'{k}={v!r}' for k, v in kw.items())}) failed: "
+                        f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+                        ) from None
+    if not isinstance(module, torch.nn.Module):
+        raise UserError(f"--arch {arch}: {attr}() returned a {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def _from_onnx(path: Path) -> _Loaded:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: not an ONNX model
+        raise UserError(f"corrupt or invalid ONNX model {path}: {str(exc).strip().splitlines()[0][:200]}") from None
+    folder = path.parent.resolve()
+    locations = set()
+    for tensor in _all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in tensor.external_data}.get("location", "")
+            target = (folder / loc).resolve()
+            if not loc or Path(loc).is_absolute() or folder not in target.parents:
+                raise UserError(f"{path} points its external data outside its folder ({loc!r}); refusing to read "
+                                f"it — re-save the model with its data beside it")
+            if not target.is_file():
+                raise UserError(f"{path} keeps its weights in {loc}, which is missing; copy it next to {path.name}")
+            locations.add(target)
+    try:
+        onnx.checker.check_model(str(path))  # by path: handles external data and > 2 GB models
+    except Exception as exc:  # ValidationError and friends
+        raise UserError(f"corrupt or invalid ONNX model {path}: {str(exc).strip().splitlines()[0][:200]}") from None
+    meta = {p.key[len(META_PREFIX):]: p.value for p in proto.metadata_props if p.key.startswith(META_PREFIX)}
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        raise UserError(f"{path} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); cifarbench feeds "
+                        f"one image batch")
+    tt = inputs[0].type.tensor_type
+    if tt.elem_type != onnx.TensorProto.FLOAT:
+        raise UserError(f"{path} takes {onnx.TensorProto.DataType.Name(tt.elem_type).lower()} input; cifarbench "
+                        f"feeds float32 — re-export it with a float32 input")
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+    if len(dims) != 4:
+        raise UserError(f"{path} takes {len(dims)}-d input; cifarbench feeds [N, 3, S, S]")
+    _check_layout(dims, str(path))
+    out_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                for d in proto.graph.output[0].type.tensor_type.shape.dim]
+    if out_dims and len(out_dims) != 2:
+        raise UserError(f"{path} outputs {len(out_dims)}-d {proto.graph.output[0].name}; cifarbench needs logits "
+                        f"[N, classes]")
+    zoo = "spec" in meta
+    external = sorted(locations)
+    fmt = "ONNX" + (f" (external data: {', '.join(p.name for p in external)})" if external else "")
+    return _Loaded("onnx", meta.get("net") or path.stem, onnx_path=path, path=path,
+                   digest=file_digest(path, *external), metadata=meta, fixed_batch=dims[0],
+                   size=dims[2] if dims[2] is not None and dims[2] == dims[3] else None,
+                   num_classes=out_dims[1] if len(out_dims) == 2 else None, normalizes_inside=zoo,
+                   probe=lambda batch: _ort_probe(path, batch),
+                   provenance=_prov(path, fmt, False, "a graph of ONNX operators run by onnxruntime",
+                                    external_data=[p.name for p in external]))
+
+
+def _all_tensors(proto):
+    """Every TensorProto of a model: initializers and Constant attributes, subgraphs included."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(proto)
+
+
+def _ort_probe(path: Path, batch):
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    return torch.from_numpy(out)
+
+
+def _probe(loaded: _Loaded, size: int):
+    """Logits of a zeros [B, 3, S, S] batch (B: the fixed batch, else 1), checked to be [B, C]."""
+    import torch
+
+    batch = loaded.fixed_batch or 1
+    shape = [batch, 3, size, size]
+    try:
+        if loaded.module is not None:
+            params = next(iter(loaded.module.parameters()), None)
+            device = params.device if params is not None else torch.device("cpu")
+            with torch.no_grad():
+                out = loaded.module(torch.zeros(shape, device=device))
+        else:
+            with torch.no_grad():
+                out = loaded.probe(torch.zeros(shape))
+    except Exception as exc:  # the model's own shape check: whatever it raises, it does not take this input
+        raise UserError(f"{loaded.name} does not run on a {shape} batch "
+                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
+                        f"; if it takes another image size, give input_size= (--input-size)") from None
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"{loaded.name} returns a {type(out).__name__}, not a logits tensor; wrap it in a module "
+                        f"whose forward returns logits [N, classes]")
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise UserError(f"{loaded.name} returns {list(out.shape)} for a {shape} batch; cifarbench needs logits "
+                        f"[N, classes]")
+    return int(out.shape[1])
+
+
+def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
+    if loaded.size is not None and input_size is not None and input_size != loaded.size:
+        raise UserError(f"{loaded.name} takes {loaded.size}x{loaded.size} images, not {input_size}x{input_size}; "
+                        f"drop the input size or give {loaded.size}")
+    size = loaded.size or input_size or DEFAULT_INPUT_SIZE
+    if size > MAX_INPUT_SIZE:
+        raise UserError(f"{loaded.name} takes {size}x{size} images; cifarbench runs at most "
+                        f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
+    probed = None
+    if loaded.kind not in ("zoo", "checkpoint") and (loaded.num_classes is None or loaded.module is not None) \
+            and not (loaded.normalizes_inside and loaded.kind == "module"):
+        probed = _probe(loaded, size)  # every torch model runs once: the only way to know it takes S x S
+    num_classes = probed if probed is not None else loaded.num_classes
+    if num_classes is None or num_classes < 2:
+        raise UserError(f"{loaded.name} outputs {num_classes} value(s) per image; cifarbench needs one logit per "
+                        f"class (at least 2)")
+    if loaded.num_classes is not None and probed is not None and probed != loaded.num_classes:
+        raise UserError(f"{loaded.name}'s graph declares {loaded.num_classes} outputs but returns {probed}; "
+                        f"re-export it")
+    meta = loaded.metadata
+    if mean is not None and loaded.normalizes_inside:
+        raise UserError(f"{loaded.name} normalizes its input itself ((x - 0.5) / 0.5); drop --mean/--std")
+    if mean is None and not loaded.normalizes_inside and "mean" in meta and "std" in meta:
+        try:
+            mean, std = parse_contract(json.loads(meta["mean"]), json.loads(meta["std"]))
+        except (ValueError, UserError):
+            raise UserError(f"{loaded.name}: corrupt mean/std in its cifarbench metadata; give --mean and --std") \
+                from None
+    if names is None and "classes" in meta:
+        raw = meta["classes"]
+        try:
+            names = parse_classes(json.loads(raw) if isinstance(raw, str) else raw)
+        except (ValueError, UserError):
+            raise UserError(f"{loaded.name}: corrupt class names in its cifarbench metadata; give --classes") \
+                from None
+        if len(names) != num_classes:
+            raise UserError(f"{loaded.name}'s metadata names {len(names)} classes but it outputs {num_classes}; "
+                            f"give --classes with {num_classes} names")
+    elif names is not None and len(names) != num_classes:
+        raise UserError(f"{loaded.name} outputs {num_classes} classes but --classes names {len(names)}; "
+                        f"give {num_classes} names")
+    names = names or default_classes(num_classes)
+    return ModelSource(kind=loaded.kind, name=loaded.name, module=loaded.module, onnx_path=loaded.onnx_path,
+                       input_size=size, num_classes=num_classes, classes=tuple(names), mean=mean, std=std,
+                       digest=loaded.digest, provenance=loaded.provenance, path=loaded.path,
+                       fixed_batch=loaded.fixed_batch, metadata=dict(meta))
+
+
+__all__ = ["KINDS", "ModelSource", "resolve_source", "build_arch", "parse_arch_kw", "parse_classes",
+           "parse_contract", "file_digest", "module_digest", "default_classes"]

@@ -189,7 +189,7 @@ def _image_folder(path: Path, split: str, classes: tuple[str, ...]) -> Dataset:
         _check_known({cls for cls, *_ in files}, classes, f"{where} {split}")  # before decoding anything
         listing = hashlib.sha256()
         for cls, name, _, size, mtime in files:
-            listing.update(f"{cls}/{name}\0{size}\0{mtime}\n".encode())
+            listing.update(f"{cls}\0{name}\0{size}\0{mtime}\0".encode())  # names cannot hold NUL
         source_key = f"dir:{listing.hexdigest()}"
     else:
         if not _is_tar(path):
@@ -205,7 +205,7 @@ def _image_folder(path: Path, split: str, classes: tuple[str, ...]) -> Dataset:
     images, folders, which, digest = decoded
     labels, missing = _labels(folders, which, classes, f"{where} {split}")
     return Dataset(torch.from_numpy(images), torch.from_numpy(labels), classes,
-                   f"imagefolder:{path.name}:{digest[:16]}:{split}", missing)
+                   f"imagefolder:{path.name.replace(':', '_')}:{digest[:16]}:{split}", missing)
 
 
 def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Path, int, int]]:

@@ -79,6 +79,13 @@ def sweep_stale(folder: str | Path, pattern: re.Pattern = _TMP_RE) -> list[str]:
     return removed
 
 
+def _sweep_once(folder: str | Path) -> None:
+    key = os.path.abspath(folder)
+    if key not in _swept and os.path.isdir(key):
+        _swept.add(key)
+        sweep_stale(key)
+
+
 def _fsync_dir(folder: str | Path) -> None:
     """Make a rename in ``folder`` durable; file systems that cannot fsync a folder are left as they are."""
     try:
@@ -124,10 +131,7 @@ def atomic_path(path: str | Path):
         guard.check(path)
     folder = path.parent
     _make_folder(folder)
-    key = os.path.abspath(folder)
-    if key not in _swept:
-        _swept.add(key)
-        sweep_stale(folder)
+    _sweep_once(folder)
     tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     os.close(fd)
@@ -375,6 +379,8 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
         return
     path = check_out_path(path, option)
     guard = _Guard(path, tuple(subdirs), option)
+    for folder in guard.dirs:  # temporaries of a killed earlier run go now, even if this run writes nothing
+        _sweep_once(folder)
     for name in names:
         guard.check(path / name)
     _guards.append(guard)
@@ -407,6 +413,7 @@ def output_file(path: str | Path, option: str = "--out"):
         return
     path = check_out_path(path, option, folder=False)
     guard = _Guard(path.parent, (), option, files=(path.name,))
+    _sweep_once(path.parent)
     guard.check(path)
     _guards.append(guard)
     try:

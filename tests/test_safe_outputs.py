@@ -288,3 +288,19 @@ def test_dataset_occlusion_checks_its_names_and_occludes_a_repeated_index_once(t
                              tmp_path / "o", "--json", "--no-figures")
     assert code == 0, err
     assert len(json.loads(out)["results"]) == 1
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace to watch the system calls")
+def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path):
+    log = tmp_path / "trace.txt"
+    target = tmp_path / "out" / "r.json"
+    script = f"from cifarbench.io import write_json; write_json({str(target)!r}, {{'a': 1}})"
+    subprocess.run(["strace", "-f", "-e", "trace=openat,fsync,fdatasync,rename,renameat,renameat2", "-o", str(log),
+                    sys.executable, "-c", script], check=True, cwd=REPO)
+    calls = [line.split(None, 1)[1] for line in log.read_text().splitlines() if str(target.parent) in line
+             or "fsync(" in line]
+    rename = next(i for i, c in enumerate(calls) if c.startswith("rename"))
+    written = [i for i, c in enumerate(calls[:rename]) if c.startswith("openat") and ".r.json." in c]
+    assert written and any(c.startswith(("fsync(", "fdatasync(")) for c in calls[written[0]:rename]), calls
+    assert any(c.startswith("fsync(") for c in calls[rename:]), calls  # and the folder after it
+    assert json.loads(target.read_text()) == {"a": 1}

@@ -361,3 +361,18 @@ def test_oversized_image_file_in_folder_is_refused_before_reading(tmp_path):
         f.truncate(3 << 20)  # sparse: 3 MB of nothing
     with pytest.raises(UserError, match="bytes"):
         load_split(str(tmp_path / "d"), "test")
+
+
+def test_archive_member_count_and_image_count_are_bounded(tmp_path, monkeypatch):
+    blob = _png_bytes(_pixels(0))
+    _tar(tmp_path / "many.tar", {f"test/cat/{i:03d}.png": blob for i in range(12)}
+         | {f"notes/{i}.txt": b"x" for i in range(12)})
+    monkeypatch.setattr(data_mod, "MAX_IMAGES", 10)  # the real bounds (1,000,000 / 2,000,000) scaled down
+    with pytest.raises(UserError, match="more than 10 images"):
+        load_split(str(tmp_path / "many.tar"), "test")
+    monkeypatch.setattr(data_mod, "MAX_IMAGES", 100)
+    monkeypatch.setattr(data_mod, "MAX_MEMBERS", 20)
+    with pytest.raises(UserError, match="more than 20 members"):
+        load_split(str(tmp_path / "many.tar"), "test")
+    monkeypatch.setattr(data_mod, "MAX_MEMBERS", 100)
+    assert len(load_split(str(tmp_path / "many.tar"), "test")) == 12

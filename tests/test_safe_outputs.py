@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -295,8 +294,9 @@ def test_the_data_is_flushed_to_disk_before_the_rename(tmp_path):
     log = tmp_path / "trace.txt"
     target = tmp_path / "out" / "r.json"
     script = f"from cifarbench.io import write_json; write_json({str(target)!r}, {{'a': 1}})"
-    subprocess.run(["strace", "-f", "--seccomp-bpf", "-e", "trace=openat,fsync,fdatasync,rename,renameat,renameat2", "-o", str(log),
-                    sys.executable, "-c", script], check=True, cwd=REPO)
+    traced = "trace=openat,fsync,fdatasync,rename,renameat,renameat2"
+    subprocess.run(["strace", "-f", "--seccomp-bpf", "-e", traced, "-o", str(log), sys.executable, "-c", script],
+                   check=True, cwd=REPO)
     calls = [line.split(None, 1)[1] for line in log.read_text().splitlines() if str(target.parent) in line
              or "fsync(" in line]
     rename = next(i for i, c in enumerate(calls) if c.startswith("rename"))

@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
         if fp16 and int8:
             raise UserError("--fp16 and --int8 are exclusive")
         if (fp16 and to not in ("tensorrt", "aoti")) or (int8 and to != "tensorrt"):
-            raise UserError(f"--fp16 applies to tensorrt and aoti, --int8 to tensorrt (use --to onnx-int8 for ONNX)")
+            raise UserError("--fp16 applies to tensorrt and aoti, --int8 to tensorrt (use --to onnx-int8 for ONNX)")
         precision = "fp16" if fp16 else "int8" if int8 else "fp32"
         dev = device or (str(default_device()) if to in ("aoti", "tensorrt") else "cpu")
         net = resolve_module(model)

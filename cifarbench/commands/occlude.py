@@ -229,6 +229,7 @@ def _occlude(images, data, indices, data_dir, ks, stride, baseline, target, mode
         table.add_column(col)
     for base, r in flat:
         worst = r.most_damaging
-        table.add_row(Path(r.image).stem if r.image else "", f"{base}_k{r.k}.*", str(r.k), CLASSES[r.target], f"{r.clean_prob:.3f}",
+        table.add_row(Path(r.image).stem if r.image else "", f"{base}_k{r.k}.*", str(r.k), CLASSES[r.target],
+                      f"{r.clean_prob:.3f}",
                       f"{r.map_sum:.2f}", f"({worst['y']}, {worst['x']})", f"{worst['prob']:.3f}")
     console.print(table)

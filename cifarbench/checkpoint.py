@@ -72,9 +72,11 @@ def read_metadata(path: str | Path) -> dict:
     if "net" not in meta or "hparams" not in meta:
         raise UserError(f"checkpoint {path} lacks the net name or hyper-parameters")
     if not isinstance(meta["net"], str):
-        raise UserError(f"corrupt metadata in checkpoint {path}: net is a {type(meta['net']).__name__}, not a name")
+        raise UserError(f"corrupt metadata in checkpoint {path}: net is of type {type(meta['net']).__name__}, "
+                        f"not a name")
     if not isinstance(meta["hparams"], dict):
-        raise UserError(f"corrupt metadata in checkpoint {path}: hparams is a {type(meta['hparams']).__name__}, "
+        raise UserError(f"corrupt metadata in checkpoint {path}: hparams is of type "
+                        f"{type(meta['hparams']).__name__}, "
                         f"not an object")
     return meta
 
@@ -103,11 +105,34 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, meta
 
 
+class _WriteRecorder:
+    """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch's zip writer turns it into a
+    RuntimeError that says only 'unexpected pos 704 vs 598'; the user needs 'No space left on device'."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_state(path: str | Path, state: dict) -> None:
     try:
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (RuntimeError, OSError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+            with open(tmp, "wb") as f:
+                out = _WriteRecorder(f)
+                try:
+                    torch.save(state, out)
+                except RuntimeError as exc:
+                    raise (out.error or exc) from None
+    except (RuntimeError, OSError) as exc:
         raise _write_error(path, exc) from None
 
 

@@ -36,18 +36,19 @@ def parse_ranges(specs: Iterable[str]) -> dict[str, list[tuple[int, int]]]:
     out: dict[str, list[tuple[int, int]]] = {}
     for tok in split_specs(specs):
         m = _SPEC.match(tok)
+        shown = repr(tok if len(tok) <= 60 else tok[:57] + "...")  # one readable line, whatever was typed
         if not m:
-            raise UserError(f"malformed filter spec {tok!r}; expected LAYER:I[,J,...] with ranges I-J, "
+            raise UserError(f"malformed filter spec {shown}; expected LAYER:I[,J,...] with ranges I-J, "
                             f"e.g. conv1:0,1 conv3:4-7")
         ranges = out.setdefault(m.group(1), [])
         for part in m.group(2).split(","):
             lo, _, hi = part.partition("-")
             # a digit string too long for int() (Python refuses > 4300 digits) is simply out of range
             if len(lo) > 9 or len(hi) > 9:
-                raise UserError(f"filter index out of range in {tok!r}")
+                raise UserError(f"filter index out of range in {shown}")
             lo_i, hi_i = int(lo), int(hi or lo)
             if hi_i < lo_i:
-                raise UserError(f"empty filter range {part!r} in {tok!r} (the range is reversed)")
+                raise UserError(f"empty filter range {part!r} in {shown} (the range is reversed)")
             ranges.append((lo_i, hi_i))
     return out
 

@@ -139,7 +139,7 @@ def atomic_path(path: str | Path):
         try:
             yield tmp
         except Exception as exc:
-            _raise_as_os_error(exc, path, folder)
+            _raise_as_os_error(exc, path, folder, tmp)
             raise
         try:
             # the writer may have made the file anew (safetensors does, with mode 0600): one mode for all outputs
@@ -149,7 +149,7 @@ def atomic_path(path: str | Path):
                 guard.record(path, tmp)
             os.replace(tmp, path)
         except OSError as exc:
-            _raise_as_os_error(exc, path, folder)
+            _raise_as_os_error(exc, path, folder, tmp)
             raise
         _fsync_dir(folder)
     finally:
@@ -157,13 +157,13 @@ def atomic_path(path: str | Path):
             _remove(tmp)
 
 
-def _raise_as_os_error(exc: Exception, path: Path, folder: Path) -> None:
+def _raise_as_os_error(exc: Exception, path: Path, folder: Path, tmp: Path) -> None:
     """Re-raise a writer's failure that is a file-system error as an ``OSError`` naming ``path`` (not the
     temporary), so the CLI prints one line. safetensors says ``... (os error 28)``; torch.save only "unexpected
     pos" when the disk fills, so a full file system (checked while the temporary still takes its space) is
-    the cause then. Anything else is left alone."""
+    the cause then. Anything else, and an OSError about another file, is left alone."""
     if isinstance(exc, OSError):
-        if exc.errno:
+        if exc.errno and (exc.filename is None or str(exc.filename).startswith(str(tmp))):
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         return
     m = re.search(r"os error (\d+)", str(exc))

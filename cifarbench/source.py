@@ -401,7 +401,15 @@ def _no_arch(arch, what: str) -> None:
 def _from_module(module) -> _Loaded:
     from .nets import CifarNet
 
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError:  # ep.module() refuses eval(); its mode was fixed when it was exported
+        inputs = [n for n in module.graph.nodes if n.op == "placeholder"]
+        fixed, size = _placeholder_dims(inputs[0], "the exported module") if len(inputs) == 1 else (None, None)
+        module = _classes().ExportedModule(module)
+        return _Loaded("module", "ExportedModule", module=module, digest=module_digest(module), fixed_batch=fixed,
+                       size=size, provenance=_prov(None, "torch.export module (in memory)", False,
+                                                   "nothing: the module was given in Python"))
     if isinstance(module, CifarNet):
         return _Loaded("module", module.name, module=module, digest=module_digest(module), size=32, num_classes=10,
                        normalizes_inside=True, provenance=_prov(None, "cifarbench net (in memory)", False,
@@ -554,16 +562,7 @@ def _from_program(program, path: Path | None) -> _Loaded:
     if len(users) != 1:
         raise UserError(f"the exported program takes {len(users)} inputs; cifarbench feeds one image batch")
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == users[0])
-    val = node.meta.get("val")
-    fixed = size = None
-    if isinstance(val, torch.Tensor):
-        shape = list(val.shape)
-        if len(shape) != 4:
-            raise UserError(f"the exported program takes {len(shape)}-d input; cifarbench feeds [N, 3, S, S]")
-        static = [d if isinstance(d, int) else None for d in shape]
-        fixed = static[0]
-        _check_layout(static, "the exported program")
-        size = static[2] if static[2] is not None and static[2] == static[3] else None
+    fixed, size = _placeholder_dims(node, "the exported program")
     module = _classes().ExportedModule(program.module())
     if path is None:
         return _Loaded("exported-program", "ExportedProgram", module=module, digest=module_digest(module),
@@ -574,6 +573,21 @@ def _from_program(program, path: Path | None) -> _Loaded:
                    fixed_batch=fixed, size=size,
                    provenance=_prov(path, "torch.export ExportedProgram (.pt2)", False,
                                     "a graph of registered torch operators; pickled payloads refused"))
+
+
+def _placeholder_dims(node, what: str) -> tuple[int | None, int | None]:
+    """(fixed batch, square size) of a traced graph's input placeholder; None where the dim is symbolic."""
+    import torch
+
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None, None
+    shape = list(val.shape)
+    if len(shape) != 4:
+        raise UserError(f"{what} takes {len(shape)}-d input; cifarbench feeds [N, 3, S, S]")
+    static = [d if isinstance(d, int) else None for d in shape]
+    _check_layout(static, what)
+    return static[0], static[2] if static[2] is not None and static[2] == static[3] else None
 
 
 def _check_layout(static: list, what: str) -> None:
@@ -591,6 +605,9 @@ def _check_layout(static: list, what: str) -> None:
 def _from_aoti(path: Path) -> _Loaded:
     import torch
 
+    dims = _aoti_input_dims(path)  # before loading: a package for another layout never runs here
+    if dims is not None:
+        _check_layout(dims, str(path))
     try:
         package = torch._inductor.aoti_load_package(str(path))
         raw = package.get_metadata()
@@ -599,12 +616,37 @@ def _from_aoti(path: Path) -> _Loaded:
                         f"{str(exc).strip().splitlines()[0][:200]}") from None
     meta = {k[len(META_PREFIX):]: v for k, v in raw.items() if k.startswith(META_PREFIX)}
     zoo = "spec" in meta
+    fixed, size = (dims[0], dims[2] if dims[2] == dims[3] else None) if dims else (None, None)
     return _Loaded("aoti", meta.get("net") or path.stem, path=path, digest=file_digest(path), metadata=meta,
-                   size=int(meta["input_size"]) if "input_size" in meta else (32 if zoo else None),
+                   fixed_batch=fixed,
+                   size=size or (int(meta["input_size"]) if "input_size" in meta else (32 if zoo else None)),
                    num_classes=int(meta["num_classes"]) if "num_classes" in meta else (10 if zoo else None),
                    normalizes_inside=zoo, probe=lambda batch: package(batch),
                    provenance=_prov(path, "AOTInductor package (.pt2)", True,
                                     "native code: the package's shared library is loaded into this process"))
+
+
+def _aoti_input_dims(path: Path) -> list | None:
+    """The input's static dims ([N, C, H, W], None where dynamic) from the package's generated C++.
+
+    An AOTInductor model checks its input's shape only when ``AOTI_RUNTIME_CHECK_INPUTS`` is set; otherwise a
+    batch of another shape is read out of bounds. The wrapper's ``check_input_0`` states the expected dims
+    (``if (2 != arg4_1_size[0])``), so a fixed batch is known before the package ever runs. None when the package
+    ships no wrapper source."""
+    with zipfile.ZipFile(path) as z:
+        wrappers = [i for i in z.infolist() if i.filename.endswith(".wrapper.cpp") and i.file_size < 64 << 20]
+        if not wrappers:
+            return None
+        text = z.read(wrappers[0]).decode("utf-8", "replace")
+    start = text.find("check_input_0(")
+    end = text.find("\n}\n", start)
+    if start < 0:
+        return None
+    dims: list = [None] * 4
+    for value, index in re.findall(r"if \((\d+) != \w+_size\[(\d+)\]\)", text[start:end]):
+        if int(index) < 4:
+            dims[int(index)] = int(value)
+    return dims
 
 
 def _from_state_dict_file(path: Path, arch, kw, legacy: bool) -> _Loaded:
@@ -823,10 +865,11 @@ def _probe(loaded: _Loaded, size: int):
     shape = [batch, 3, size, size]
     try:
         if loaded.module is not None:
-            params = next(iter(loaded.module.parameters()), None)
-            device = params.device if params is not None else torch.device("cpu")
+            param = next(iter(loaded.module.parameters()), None)
+            device = param.device if param is not None else torch.device("cpu")
+            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
             with torch.no_grad():
-                out = loaded.module(torch.zeros(shape, device=device))
+                out = loaded.module(torch.zeros(shape, device=device, dtype=dtype))
         else:
             with torch.no_grad():
                 out = loaded.probe(torch.zeros(shape))

@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
-import pickle
+import os
 import warnings
 import zipfile
 from pathlib import Path
@@ -268,6 +268,9 @@ def test_exported_program_fixed_batch_and_in_memory(tmp_path):
     assert (src.kind, src.fixed_batch, src.num_classes) == ("exported-program", 3, 10)
     src.torch_module().eval()  # ep.module().eval() raises in torch; the source's module must not
     check_logits(src, model, torch.rand(3, 3, 32, 32))
+    graph_module = resolve_source(program.module())  # the same, handed over as a plain nn.Module
+    assert (graph_module.kind, graph_module.fixed_batch, graph_module.num_classes) == ("module", 3, 10)
+    check_logits(graph_module, model, torch.rand(3, 3, 32, 32))
 
 
 def test_zoo_names_checkpoints_and_cifarbench_nets(tmp_path):
@@ -483,11 +486,33 @@ def test_exported_program_with_pickled_payload_is_refused(tmp_path):
             data = src.read(info)
             if info.filename.endswith("sample_inputs/model.pt"):
                 buf = io.BytesIO()
-                torch.save(Booby(marker), buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+                torch.save(Booby(marker), buf)
                 data = buf.getvalue()
             dst.writestr(info, data)
-    one_line_error(resolve_source, sneaky)
+    assert "sample_inputs/model.pt" in one_line_error(resolve_source, sneaky)
     assert not marker.exists()
+    with pytest.raises(Exception):  # torch.export.load itself would run the payload (then fail)
+        torch.export.load(str(sneaky))
+    assert marker.read_text() == "code ran"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CIFARBENCH_SLOW_TESTS"), reason="compiles an AOTInductor package "
+                    "(about a minute on 2 cores); set CIFARBENCH_SLOW_TESTS=1")
+def test_real_aoti_package_with_a_fixed_batch(tmp_path):
+    """A package compiled for batch 2 reads a batch of 1 out of bounds unless told; the source must know."""
+    model = build("resnet20")
+    path = tmp_path / "r20.pt2"
+    with quiet(), torch.no_grad():
+        program = torch.export.export(model, (torch.rand(2, 3, 32, 32),))
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    src = resolve_source(path)
+    assert (src.kind, src.fixed_batch, src.input_size, src.num_classes, src.module) == ("aoti", 2, 32, 10, None)
+    assert src.provenance["runs_code"] is True and src.digest == sha256(path)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        got = torch._inductor.aoti_load_package(str(path))(x)
+        assert (got - model(x)).abs().max().item() <= 1e-4  # Inductor reorders float sums
 
 
 def test_cli_arch_kw_values():

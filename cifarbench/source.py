@@ -556,8 +556,6 @@ def _check_program_archive(path: Path) -> None:
 
 def _from_program(program, path: Path | None) -> _Loaded:
     """An ExportedProgram: shapes from its input placeholder (a static batch is a fixed batch)."""
-    import torch
-
     users = list(program.graph_signature.user_inputs)
     if len(users) != 1:
         raise UserError(f"the exported program takes {len(users)} inputs; cifarbench feeds one image batch")

@@ -45,8 +45,10 @@ from .incremental import cpu_workers, single_threaded_ops
 #: rows before a buffer's clean activation: the zero row (padding of convs and average pools) and the -inf row
 #: (padding of max pools)
 HEAD = 2
-#: elements (floats) a worker's window buffers and gathers may hold for one step; bounds memory at large inputs
-STEP_ELEMENTS = 1 << 25
+#: elements (floats, and int64 index entries) a worker's window buffers and gathers may hold for one step, on
+#: average over positions; bounds memory at large inputs (net4 at K=8: ~330,000 per pair, so 160 pairs fit on
+#: the CPU; CUDA steps are larger, as in kernels/incremental.py's 16,384-pair GPU steps)
+STEP_ELEMENTS = {"cpu": 1 << 26, "cuda": 1 << 30}
 
 
 def _round_up(sizes: np.ndarray, buckets: int) -> np.ndarray:
@@ -213,11 +215,15 @@ class GraphOcclusion:
     ``GraphOcclusion(module, device=None, chunk=160, buckets=3, workers=None, size=32)`` builds the IR for
     ``size`` x ``size`` inputs (raises :class:`~cifarbench.kernels.graph.UnsupportedOp` naming an op it cannot
     run); other input sizes are built on first use. ``chunk``: (image, position) pairs per step (memory bound,
-    further capped by :data:`STEP_ELEMENTS`); on the CPU ``workers`` steps (default one per core) run side by side.
+    further capped by ``step_elements``, default :data:`STEP_ELEMENTS`); on the CPU ``workers`` steps (default
+    one per core) run side by side. Same ``logits`` / ``flops`` / ``dense_flops`` interface as
+    :class:`~cifarbench.kernels.incremental.IncrementalOcclusion` (``use_triton`` is always False here).
     """
 
+    use_triton = False
+
     def __init__(self, module, device=None, chunk: int = 160, buckets: int = 3, workers: int | None = None,
-                 size: int | tuple[int, int] = 32):
+                 size: int | tuple[int, int] = 32, step_elements: int | None = None):
         from torch import fx
 
         params = list(module.parameters())
@@ -226,6 +232,7 @@ class GraphOcclusion:
         self.module = module.eval().to(self.device)
         self.traced = fx.symbolic_trace(self.module)
         self.chunk, self.buckets = chunk, buckets
+        self.step_elements = step_elements or STEP_ELEMENTS.get(self.device.type, STEP_ELEMENTS["cuda"])
         self.workers = workers or cpu_workers()
         self._graphs: dict[tuple[int, int], Graph] = {}
         self._scales: dict[tuple[int, int], dict] = {}
@@ -264,7 +271,8 @@ class GraphOcclusion:
             scales[v] = torch.where(summed > 0, mean / summed.clamp_min(1), torch.zeros_like(mean)).numpy()
         return scales
 
-    def describe(self, size=32) -> list[str]:
+    def summary(self, size=32) -> list[str]:
+        """One ``name:kind+fused ops`` string per node of the IR for ``size`` inputs."""
         return self.graph(size).describe()
 
     # ------------------------------------------------------------------ costs
@@ -287,11 +295,11 @@ class GraphOcclusion:
         return total
 
     def _step_cost(self, g: Graph, k: int, stride: int) -> int:
-        """Elements one (image, position) pair can need in buffers and gathers, at the largest windows."""
+        """Elements one (image, position) pair needs in buffers and gathers, on average over positions."""
         wr, wc = axis_windows(g, 0, k, stride, self.buckets), axis_windows(g, 1, k, stride, self.buckets)
         cost = 0
         for v, node in enumerate(g.nodes[1:], start=1):
-            h, w = int(wr[v][1].max()), int(wc[v][1].max())
+            h, w = float(wr[v][1].mean()), float(wc[v][1].mean())
             cost += h * w * node.shape[0]
             for u in node.inputs:
                 if node.kind in ("conv", "maxpool", "avgpool"):
@@ -302,7 +310,7 @@ class GraphOcclusion:
                 cost += hin * win * (g.nodes[u].shape[0] + 2)  # the gather and its int64 index
         for f in g.frontier:
             cost += int(np.prod(g.nodes[f].shape)) * 3
-        return max(cost, 1)
+        return max(int(cost), 1)
 
     # ------------------------------------------------------------------ running
 
@@ -349,7 +357,7 @@ class GraphOcclusion:
             base = f(base)
         base = base.reshape(n_img, -1)
         total = ((g.size[0] - k) // stride + 1) * ((g.size[1] - k) // stride + 1)
-        per = max(1, min(self.chunk, STEP_ELEMENTS // self._step_cost(g, k, stride)) // n_img)
+        per = max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)) // n_img)
         out = torch.empty(n_img, total, clean_logits.shape[-1], device=self.device)
         token = object()  # a new call: buffers' clean rows must be copied again
 

@@ -294,16 +294,16 @@ class _Builder:
                 raise UnsupportedOp(opname, n.name, "takes a list of tensors")
             if i in consts:
                 args[i] = consts[i]
-        if len(spatial) == 1 and len(positions) == 1:
-            pos = positions[0]
+        if len(spatial) == 1 and positions:
             if target in (F.relu, torch.relu, torch.Tensor.relu) and len(args) == 1 and \
                     not any(kwargs.values()):
                 self._add(n, Node(n.name, "pointwise", (self.index[spatial[0]],), fn=relu, fn_name="relu"))
                 return
 
-            def call(x, _args=tuple(args), _kw=kwargs, _pos=pos, _t=target):
+            def call(x, _args=tuple(args), _kw=kwargs, _pos=tuple(positions), _t=target):
                 a = list(_args)
-                a[_pos] = x
+                for i in _pos:  # x + x: the one map in every tensor slot
+                    a[i] = x
                 return _t(*a, **_kw)
 
             self._add(n, Node(n.name, "pointwise", (self.index[spatial[0]],), fn=call))

@@ -153,6 +153,37 @@ def test_quantize_leaves_no_scratch_folder_and_sweeps_a_dead_runs(tmp_path, monk
     assert list(tmp_path.iterdir()) == []
 
 
+def test_kill_9_during_quantization_leaves_one_folder_that_the_next_run_sweeps(tmp_path):
+    """A real SIGKILL at the moment ONNX Runtime calibrates (its first request for a batch): everything the run
+    had made, ONNX Runtime's own ``ort.quant.*`` folder included, is inside one pid-named scratch folder, and the
+    next quantization removes it."""
+    import tempfile
+
+    from cifarbench.export.int8 import quantize
+
+    graph = save(tiny_onnx(), tmp_path / "tiny.onnx")
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    code = ("import os, signal, tempfile, torch, onnx\n"
+            f"tempfile.tempdir = {str(scratch)!r}\n"
+            "from cifarbench.export import int8\n"
+            "int8.ImageCalibrationReader.get_next = lambda self: os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"int8.quantize(onnx.load({str(graph)!r}), torch.rand(4, 3, 32, 32), keep_first_conv=False)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == -9, run.stderr
+    left = list(scratch.iterdir())
+    assert len(left) == 1 and left[0].name.startswith("cifarbench-int8-"), left
+    assert any(p.name.startswith("ort.quant.") for p in left[0].iterdir())  # the quantizer's folder is inside
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(scratch)
+    try:
+        quantize(tiny_onnx(), torch.rand(4, 3, 32, 32), keep_first_conv=False)
+    finally:
+        tempfile.tempdir = saved
+    assert list(scratch.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- external data escapes
 
 def _external(location: str):

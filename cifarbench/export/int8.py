@@ -53,6 +53,19 @@ class ImageCalibrationReader:
         self.position = 0
 
 
+@contextlib.contextmanager
+def _temporaries_in(folder: Path):
+    """ONNX Runtime's quantizer makes its own temporary folders (``ort.quant.*``, ``pre.quant.*``, a copy of the
+    model each) with no option for where: point :mod:`tempfile` into our scratch folder meanwhile, so a kill -9
+    leaves them inside it, where the next run's sweep removes them."""
+    saved = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
+
+
 def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_head: bool = True,
              per_channel: bool = True, calibrate_method: str = "minmax") -> "onnx.ModelProto":  # noqa: F821
     """A QDQ int8 copy of the fp32 ONNX ``proto``, calibrated on ``images``, with cifarbench metadata."""
@@ -73,7 +86,7 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
         raise UserError(f"can only quantize an fp32 ONNX model, this one is {precision}")
     # quant_pre_process and quantize_static work on files: a pid-named scratch folder, removed on every exit the
     # process sees, and swept by the next run after a kill -9
-    with scratch_dir(tempfile.gettempdir(), "cifarbench-int8-") as tmp:
+    with scratch_dir(tempfile.gettempdir(), "cifarbench-int8-") as tmp, _temporaries_in(tmp):
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, str(src))
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=False)

@@ -45,6 +45,8 @@ from .incremental import cpu_workers, single_threaded_ops
 #: rows before a buffer's clean activation: the zero row (padding of convs and average pools) and the -inf row
 #: (padding of max pools)
 HEAD = 2
+#: plans kept (one per position chunk, K, stride, input size and image count)
+PLAN_CACHE = 128
 #: elements (floats, and int64 index entries) a worker's window buffers and gathers may hold for one step, on
 #: average over positions; bounds memory at large inputs (net4 at K=8: ~330,000 per pair, so 160 pairs fit on
 #: the CPU; CUDA steps are larger, as in kernels/incremental.py's 16,384-pair GPU steps)
@@ -239,6 +241,20 @@ class GraphOcclusion:
         self._plans: OrderedDict = OrderedDict()
         self._scratch: list[dict] = []
         self.graph(size)
+        self._verify(size)
+
+    @torch.inference_mode()
+    def _verify(self, size) -> None:
+        """Refuse at construction a traced graph that does not compute what the module computes (Python control
+        flow that tracing froze, a module whose ``forward`` reads state): compare on two random images."""
+        g = self.graph(size)
+        x = torch.rand(2, g.nodes[0].shape[0], *g.size, generator=torch.Generator().manual_seed(0))
+        x = x.to(self.device)
+        ref = self.module(x)
+        got = g.run(x.contiguous(memory_format=torch.channels_last))[1]
+        if ref.shape != got.shape or float((ref - got).abs().max()) > 1e-3 * (1 + float(ref.abs().max())):
+            raise UnsupportedOp("traced graph", "-", "does not reproduce the model's output (data-dependent "
+                                "control flow or state in forward?)")
 
     # ------------------------------------------------------------------ IR per input size
 
@@ -320,7 +336,7 @@ class GraphOcclusion:
         if plan is None:
             plan = build_plan(g, k, stride, p0, p1, images, self.buckets, str(self.device), self._scales[g.size])
             self._plans[key] = plan
-            while len(self._plans) > 64:
+            while len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(key)
@@ -373,7 +389,7 @@ class GraphOcclusion:
         workers = min(self.workers, len(starts)) if self.device.type == "cpu" else 1
         while len(self._scratch) < workers:
             self._scratch.append({})
-        if workers > 1:
+        if workers > 1 and len(starts) <= PLAN_CACHE:
             # plans are built on the calling thread first: numpy index building holds the GIL anyway
             for p0 in starts:
                 self._plan(g, k, stride, p0, min(total, p0 + per), n_img)

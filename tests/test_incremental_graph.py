@@ -331,25 +331,33 @@ def test_unsupported_op_is_refused_by_name(model, op):
     assert op in info.value.op and f"op {info.value.op}" in str(info.value)
 
 
-def test_ir_check_refuses_a_graph_it_misreads():
-    """A model whose traced graph differs from what it runs (data-dependent Python) is caught by the clean-logit
-    check, never turned into a silently wrong map."""
+class Sneaky(nn.Module):
+    """Python state in ``forward``: from call ``switch`` on it computes something else than tracing saw."""
 
-    class Sneaky(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c = nn.Conv2d(3, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 10)
-            self.calls = 0
+    def __init__(self, switch):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+        self.calls, self.switch = 0, switch
 
-        def forward(self, x):
-            self.calls += 1
-            y = self.c(x)
-            if self.calls > 1:  # not what tracing saw
-                y = y * 3
-            return self.fc(y.mean((2, 3)))
+    def forward(self, x):
+        self.calls += 1
+        y = self.c(x)
+        if self.calls >= self.switch:
+            y = y * 3
+        return self.fc(y.mean((2, 3)))
 
-    engine = GraphOcclusion(Sneaky().eval(), "cpu")
+
+def test_graph_that_misreads_the_model_is_refused_at_construction():
+    """Call 1 is the trace, call 2 the construction check: the IR no longer matches, so no engine."""
+    with pytest.raises(UnsupportedOp, match="does not reproduce"):
+        GraphOcclusion(Sneaky(switch=2).eval(), "cpu")
+
+
+def test_graph_that_drifts_later_is_caught_before_any_map():
+    """A mismatch that appears only later is caught by the clean-logit check of each call, never turned into a
+    silently wrong map."""
+    engine = GraphOcclusion(Sneaky(switch=3).eval(), "cpu")
     with pytest.raises(RuntimeError, match="does not reproduce"):
         engine.logits(torch.rand(1, 3, 32, 32), torch.full((1, 3), 0.5), 8, 8)
 

@@ -10,11 +10,58 @@ import typer
 #: torch.load) and ONNX files, which are data
 PT2_WARNING = ("Security: an AOTInductor .pt2 package is a shared library, and opening one runs its code; "
                "open only .pt2 files you built or trust.")
-ModelArg = Annotated[str, typer.Argument(help="Zoo name (net1..net4, bundled weights), checkpoint "
-                                               "(.safetensors or run dir) or exported artifact (.onnx, .pt2, .engine). "
-                                               + PT2_WARNING, show_default=False)]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Zoo name, checkpoint or exported artifact (.onnx, .pt2, "
-                                                             ".engine). " + PT2_WARNING)]
+MODEL_HELP = ("Zoo name (net1..net4, bundled weights), cifarbench checkpoint (.safetensors or run dir), any ONNX "
+              "file, TorchScript file, torch.export or AOTInductor .pt2, TensorRT .engine, or a state_dict "
+              "(.pt/.pth/.safetensors) with --arch. ")
+ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP + PT2_WARNING, show_default=False)]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP + PT2_WARNING)]
+
+# ---- the model option group: every command that takes MODEL takes these, and resolves it once (model_source)
+_GROUP = "Model input contract"
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", help="For a state_dict: PKG.MODULE:FACTORY (or path/to/file.py:FACTORY), a callable that builds the "
+                   "model. Security: this imports and runs that Python code.", rich_help_panel=_GROUP,
+    show_default=False)]
+ArchKwOpt = Annotated[Optional[list[str]], typer.Option(
+    "--arch-kw", help="Keyword argument for --arch's factory, key=value (repeatable), e.g. num_classes=10.",
+    rich_help_panel=_GROUP, show_default=False)]
+MeanOpt = Annotated[Optional[str], typer.Option(
+    "--mean", help="R,G,B the model subtracts from [0, 1] pixels (e.g. ImageNet's 0.485,0.456,0.406); with --std. "
+                   "Default: from cifarbench metadata, else none.", rich_help_panel=_GROUP, show_default=False)]
+StdOpt = Annotated[Optional[str], typer.Option(
+    "--std", help="R,G,B the model divides by (e.g. 0.229,0.224,0.225); with --mean.", rich_help_panel=_GROUP,
+    show_default=False)]
+ClassesOpt = Annotated[Optional[str], typer.Option(
+    "--classes", help="Class names in output order, a,b,c or a file with one name per line (default: metadata, "
+                      "else CIFAR-10's for 10 outputs). Labels are matched to them by name.",
+    rich_help_panel=_GROUP, show_default=False)]
+InputSizeOpt = Annotated[Optional[int], typer.Option(
+    "--input-size", help="Side S of the square images a torch model takes (default: read from the model, else 32).",
+    rich_help_panel=_GROUP, show_default=False)]
+
+
+def model_source(model, arch=None, arch_kw=None, mean=None, std=None, classes=None, input_size=None):
+    """The :class:`cifarbench.source.ModelSource` for a command's MODEL and its model options: resolved once, at
+    the command's boundary; everything after takes the source, never the string."""
+    from .source import resolve_source
+
+    return resolve_source(model, arch=arch, arch_kw=arch_kw or None, mean=mean, std=std, classes=classes,
+                          input_size=input_size)
+
+
+def check_data(source, dataset) -> None:
+    """The data fits the model: as many classes (the labels were matched by name in ``load_split``) and images of
+    the model's input size; one error line otherwise."""
+    from .errors import UserError
+
+    if len(dataset.classes) != source.num_classes:
+        raise UserError(f"{source.name} outputs {source.num_classes} classes but the data has "
+                        f"{len(dataset.classes)}; give --classes with {source.num_classes} names")
+    size = tuple(dataset.images.shape[-2:])
+    if len(dataset) and size != (source.input_size, source.input_size):
+        raise UserError(f"{source.name} takes {source.input_size}x{source.input_size} images but the data's are "
+                        f"{size[0]}x{size[1]}; use data of that size (or --input-size for a torch model that takes "
+                        f"{size[0]}x{size[1]})")
 BackendOpt = Annotated[str, typer.Option(
     "--backend", "-b",
     help="Runtime: auto | torch | torch-compile | aoti | onnxruntime | onnx-int8 | tensorrt (auto: fastest here).")]

@@ -21,7 +21,7 @@ _CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "
 
 
 #: the modules under cifarbench/commands/, in the order the root help lists their commands
-COMMANDS = ("models", "train", "evaluate", "export", "verify", "bench", "occlude", "ablate", "mine", "sweep")
+COMMANDS = ("models", "train", "evaluate", "export", "verify", "bench", "occlude", "ablate", "mine", "layers", "sweep")
 #: command name -> module, where they differ (``eval`` lives in evaluate.py: ``eval`` is a Python builtin)
 MODULE_OF = {"eval": "evaluate"}
 #: the root listing's one line per command (kept here so listing them imports none of them)

@@ -214,7 +214,7 @@ def _torch_table(module, size: int, name: str, zoo: bool) -> LayerTable:
     module = _unwrap(module)
     convs = _conv_modules(module)
     geometry, note = _fx_geometry(module, size)
-    sizes, probes = _hooked_shapes(module, size, [p for p, _ in convs]) if geometry is not None else ({}, {})
+    sizes, probes = _hooked_shapes(module, size, [p for p, _ in convs])
     layers = OrderedDict()
     for i, (path, conv) in enumerate(convs, 1):
         weight = conv.weight

@@ -6,8 +6,12 @@ so L's output is computed once per image; the first linear operation after L (th
 fully connected layer, with only per-channel max-pools in between) sees its input change in channel j alone, so
 its output changes by ``W_next[:, j] * (c_j - a_j)``, a single-input-channel convolution (or a matrix product)
 that costs a fraction ``1 / C_in`` of the full layer. Only the layers after that are recomputed, for several
-variants stacked in one batch. Runtimes without access to the net's layers (ONNX, TensorRT) run the variants one
-by one through the runtime instead, which is also the baseline the sweep benchmark compares against.
+variants stacked in one batch (zoo nets on a runtime with a torch module). Every other model and runtime runs the
+variants one by one through the runtime instead, which is also the baseline the sweep benchmark compares against.
+
+Any model: a runtime with a torch module gets a zeroed deep copy of it (``weight[j] = 0`` of the named conv); a
+runtime of an ONNX file gets the graph with the Conv's weight slice zeroed in its initializer. Layers are named as
+:mod:`cifarbench.filters` names them (module paths, ONNX Conv node names, ``convN`` for the zoo nets).
 """
 from __future__ import annotations
 
@@ -38,33 +42,116 @@ def selection_json(selection: Selection) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------- variants
-def zeroed_model(model: CifarNet, selection: Selection, zero_bias: bool = False) -> CifarNet:
-    """A copy of ``model`` with the selected filters' weights (and biases if ``zero_bias``) set to zero."""
-    variant = copy.deepcopy(model).eval()
-    blocks = variant.conv_blocks()
+def torch_module_of(runtime):
+    """The runtime's torch module (an eval module taking [0, 1] pixels), or None: its ``torch_module()``
+    capability."""
+    ask = getattr(runtime, "torch_module", None)
+    if ask is not None:
+        return ask()
+    return getattr(runtime, "model", None)  # runtimes from before the capability API: TorchRuntime.model
+
+
+def onnx_path_of(runtime):
+    """The ONNX file the runtime runs, or None: its ``onnx_path()`` capability."""
+    ask = getattr(runtime, "onnx_path", None)
+    return ask() if ask is not None else None
+
+
+def _find(root, path: str):
+    """The submodule at ``path`` of the user's module, inside cifarbench's normalizing wrapper or not."""
+    mods = dict(root.named_modules())
+    for key in (path, f"model.{path}"):
+        if key in mods:
+            return mods[key]
+    raise UserError(f"layer {path} is not in the model's torch module")
+
+
+def zeroed_model(model, selection: Selection, zero_bias: bool = False, table=None):
+    """A deep copy of torch module ``model`` with the selected filters' weights (``weight[j]``, and biases if
+    ``zero_bias``) set to zero; the layers are found through ``table`` (default: ``model``'s own)."""
+    from ..filters import layer_table
+
+    table = layer_table(model) if table is None else table
+    variant = copy.deepcopy(model)
+    variant.eval()
     with torch.no_grad():
         for layer, idx in by_layer(selection).items():
-            conv = blocks[layer].conv
+            conv = _find(variant, table[layer].target)
             conv.weight[idx] = 0
             if zero_bias and conv.bias is not None:
                 conv.bias[idx] = 0
     return variant
 
 
-def variant_runtime(runtime, model: CifarNet, selection: Selection, zero_bias: bool = False):
-    """The same backend running the filter-zeroed variant: a zeroed torch copy, or a zeroed ONNX graph."""
-    from ..runtime import TorchRuntime
+def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):
+    """A copy of ``proto`` with the selected filters' Conv weight slices (``W[j]``) zeroed in the initializers; with
+    ``zero_bias`` also the Conv's bias (where the exporter folded a BatchNorm into the conv, that is the folded
+    bias, so the pre-activation of a zeroed filter becomes 0)."""
+    import onnx
+    from onnx import numpy_helper
 
-    if type(runtime) is TorchRuntime:
-        return TorchRuntime(zeroed_model(runtime.model, selection, zero_bias), runtime.device,
-                            channels_last=runtime.channels_last, precision=runtime.precision)
-    if runtime.name == "onnxruntime":
-        from ..export.variants import onnx_variant, runtime_proto
-        from ..runtime.ort import OrtRuntime
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {t.name: t for t in out.graph.initializer}
+    nodes = {(n.name or n.output[0]): n for n in out.graph.node if n.op_type == "Conv"}
+    for layer, idx in by_layer(selection).items():
+        node = nodes[table[layer].target]
+        if node.input[1] not in inits or (zero_bias and len(node.input) > 2 and node.input[2] not in inits):
+            raise UserError(f"{layer}: the ONNX graph's conv weights are computed, not stored initializers "
+                            f"(a quantized graph?); ablate the fp32 model")
+        names = [node.input[1]] + ([node.input[2]] if zero_bias and len(node.input) > 2 else [])
+        for name in names:
+            arr = numpy_helper.to_array(inits[name]).copy()
+            arr[idx] = 0
+            inits[name].CopyFrom(numpy_helper.from_array(arr, name))
+    return out
 
-        return OrtRuntime(onnx_variant(runtime_proto(runtime, model), model, selection, zero_bias), runtime.device)
-    raise UserError(f"filter-zeroed variants are not available for backend {runtime.name!r}; "
-                    f"use torch or onnxruntime")
+
+class _Variant:
+    """A runtime of a filter-zeroed variant, holding the folder of its ONNX file while it lives."""
+
+    def __init__(self, runtime, keep=None):
+        self.runtime, self._keep = runtime, keep
+        self.name = getattr(runtime, "name", "")
+
+    def logits(self, batch):
+        return self.runtime.logits(batch)
+
+
+def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = False):
+    """The same backend running the filter-zeroed variant. A runtime with a torch module: a zeroed deep copy of
+    it (opened with the same backend, device and precision: a compiled backend compiles the variant). Without
+    one, a runtime with an ONNX file: the graph with the Conv weight slices zeroed, run through the same backend
+    with the source's input contract (normalization, classes, fixed batch)."""
+    from ..runtime import open_runtime
+
+    source = getattr(runtime, "source", None)
+    backend = getattr(runtime, "backend", None) or runtime.name
+    opts = {"device": runtime.device, "precision": getattr(runtime, "precision", "fp32")}
+    module = torch_module_of(runtime)
+    if module is None and source is not None and getattr(source, "module", None) is not None:
+        module = source.torch_module()   # a compiled runtime of a torch model: compile the zeroed module
+    if module is not None:
+        return open_runtime(zeroed_model(module, selection, zero_bias, table), backend=backend, **opts)
+    path = onnx_path_of(runtime)
+    if path is None:
+        raise UserError(f"filter-zeroed variants need a torch module or an ONNX graph; backend {runtime.name!r} "
+                        f"has neither; use --backend torch or onnxruntime")
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+
+    from ..source import resolve_source
+
+    variant = zeroed_onnx(onnx.load(str(path)), table, selection, zero_bias)
+    keep = tempfile.TemporaryDirectory(prefix="cifarbench-variant-")
+    file = Path(keep.name) / "variant.onnx"
+    onnx.save(variant, str(file))
+    contract = {}
+    if source is not None:
+        contract = {"mean": source.mean, "std": source.std, "classes": list(source.classes)}
+    return _Variant(open_runtime(resolve_source(file, **contract), backend=backend, **opts), keep)
 
 
 def predictions(runtime, data: Dataset, batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> np.ndarray:
@@ -78,10 +165,14 @@ def predictions(runtime, data: Dataset, batch_size: int = DEFAULT_BATCH, progres
     return torch.cat(out).numpy() if out else np.zeros(0, np.int64)
 
 
-def ablate(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bias: bool = False,
+def ablate(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,
            flipped: int = 256, batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> dict:
     """Per-class accuracy and confusion matrices before and after zeroing ``selection``, and the images among the
-    first ``flipped`` that were right before and wrong after. ``difference`` is before - after (the report's)."""
+    first ``flipped`` that were right before and wrong after. ``difference`` is before - after (the report's).
+    ``model``: what names the layers (a :class:`cifarbench.filters.LayerTable`, a source or a torch module)."""
+    from ..filters import layer_table
+
+    model = layer_table(model)
     if not selection:
         raise UserError("no filters selected")
     n = len(data.classes)
@@ -173,17 +264,20 @@ def _variant_group(split: _LayerSplit, a: torch.Tensor, z: torch.Tensor) -> int:
     return max(1, SWEEP_ELEMENTS // per_variant)
 
 
-def sweep(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bias: bool = False,
+def sweep(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,
           batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> dict:
     """Ablate each filter of ``selection`` on its own; ranked results (see :func:`sweep_result`).
 
     Torch runtimes use the cached-prefix, stacked-suffix computation described in the module docstring, one pass
-    over the data for every layer; other runtimes run each variant through the runtime."""
-    from ..runtime import TorchRuntime
+    over the data for every layer; other runtimes run each variant through the runtime. The fast path needs the
+    runtime's torch module to be a zoo net (its layers are a plain chain of conv blocks and pools)."""
+    from ..filters import layer_table
 
-    if type(runtime) is not TorchRuntime:
-        return sweep_by_variants(runtime, model, data, selection, zero_bias, batch_size, progress)
-    net, dev = runtime.model, runtime.device
+    table = layer_table(model)
+    net = torch_module_of(runtime)
+    if not isinstance(net, CifarNet):
+        return sweep_by_variants(runtime, table, data, selection, zero_bias, batch_size, progress)
+    dev = runtime.device
     dtype = next(net.parameters()).dtype
     layers = by_layer(selection)
     splits = {layer: _split(net, layer, zero_bias) for layer in layers}
@@ -195,9 +289,10 @@ def sweep(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bi
     with torch.inference_mode():
         for i in range(0, n, batch_size):
             x = data.images[i:i + batch_size].to(dev).float().div_(255).to(dtype)
-            if runtime.channels_last:
+            if getattr(runtime, "channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
-            h, base_done = (x - 0.5) / 0.5, False
+            # the zoo net's own input normalization, as in CifarNet.forward (the body is run layer by layer here)
+            h, base_done = (net.normalize(x) if hasattr(net, "normalize") else (x - 0.5) / 0.5), False
             for k, mod in enumerate(mods[:last + 1]):
                 h = mod(h)
                 split = next((s for s in splits.values() if s.index == k), None)
@@ -224,7 +319,7 @@ def sweep(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bi
     return sweep_result(selection, base, confs, data.classes)
 
 
-def sweep_by_variants(runtime, model: CifarNet, data: Dataset, selection: Selection, zero_bias: bool = False,
+def sweep_by_variants(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,
                       batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> dict:
     """The same sweep, one filter-zeroed variant at a time through the full network of ``runtime``."""
     nc, labels = len(data.classes), data.labels.numpy()

@@ -2,9 +2,10 @@
 
 One pass over the data serves every layer. Per batch a *probe* returns, for every conv layer, three [B, C]
 tensors reduced on the runtime's device: the response (spatial sum of the pre-ReLU map), the flat position of its
-first maximum and the maximum itself. The torch probe reads the maps with forward hooks on each block's BN (the
-pre-ReLU output; an Identity where the net has no BN); the ONNX probe is a graph with those reductions as extra
-outputs (:mod:`cifarbench.export.probe`). Top-K is a streaming selection: the running K best are merged with each
+first maximum and the maximum itself. The map of a conv layer is its output, or the output of the BatchNorm that
+is the conv's only consumer (for the zoo nets: the pre-ReLU map after BN, as in the report). The torch probe reads
+the maps with forward hooks on a copy of the model; the ONNX probe is the model's graph with those reductions as
+extra outputs, run by ONNX Runtime. Layers are named as :mod:`cifarbench.filters` names them. Top-K is a streaming selection: the running K best are merged with each
 batch by a stable sort, so memory does not grow with the data and ties go to the lower image index.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from ..data import Dataset
 from ..errors import UserError
 from ..filters import Selection, all_filters, by_layer
-from ..nets import CifarNet, receptive_patch
 
 DEFAULT_BATCH = 250
 Probe = Callable[[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -33,60 +33,139 @@ def reduce_map(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return flat.sum(1), am, mx
 
 
-def torch_probe(net: CifarNet, channels_last: bool = True) -> Probe:
-    """A probe running ``net``'s body (the head is not needed) with a forward hook on every block's BN."""
-    blocks = net.conv_blocks()
-    names = [n for n, _ in net.layers.named_children()]
-    body = net.layers[:names.index(list(blocks)[-1]) + 1]
+def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
+    """A probe running torch module ``net`` (taking [0, 1] pixels) with a forward hook on every conv layer's probe
+    point: the BatchNorm that is the conv's only consumer (the zoo's pre-ReLU, after-BN map), else the conv
+    itself. Hooks go on ``net`` itself: give it a copy (``probe_for`` does)."""
+    from ..filters import layer_table
+
+    table = layer_table(net) if table is None else table
     found: dict[str, tuple] = {}
-    param = next(net.parameters())
+    param = next(iter(net.parameters()), None)
+    mods = dict(net.named_modules())
 
     def hook(layer):
         def fn(_module, _inputs, output):
             found[layer] = reduce_map(output)
         return fn
 
-    for layer, block in blocks.items():
-        block.bn.register_forward_hook(hook(layer))
+    for layer in table:
+        point = table[layer].probe or table[layer].target
+        module = mods.get(point, mods.get(f"model.{point}"))   # inside cifarbench's normalizing wrapper or not
+        if module is None:
+            raise UserError(f"layer {layer} is not in the model's torch module")
+        try:
+            module.register_forward_hook(hook(layer))
+        except RuntimeError:  # TorchScript modules take no hooks
+            raise UserError(f"{table.model} is a TorchScript model, whose layers cannot be probed; mine its ONNX "
+                            f"export or its state_dict with --arch") from None
 
     @torch.inference_mode()
     def probe(batch: torch.Tensor):
         found.clear()
-        batch = batch.to(param.device, param.dtype)
+        if param is not None:
+            batch = batch.to(param.device, param.dtype)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        body((batch - 0.5) / 0.5)
+        net(batch)
         return dict(found)
 
     return probe
 
 
-def onnx_probe(runtime, model: CifarNet) -> Probe:
-    """The runtime's graph with probe outputs, run by the same ONNX Runtime backend on the same device."""
-    from ..export.probe import output_names, probe_graph
-    from ..export.variants import runtime_proto
-    from ..runtime.ort import OrtRuntime
+def onnx_probe(source, table, path=None, layers=None) -> Probe:
+    """The source's ONNX graph with, per conv layer, its probe tensor (the Conv's output, or the output of the
+    BatchNormalization that is its only consumer) reduced inside the graph to three [N, C] outputs (sum, first
+    argmax, max): no feature map leaves ONNX Runtime. Batches get the source's input contract (normalization;
+    a fixed batch is fed exactly, the last one padded with zeros and cut)."""
+    import tempfile
+    from pathlib import Path
 
-    probed = OrtRuntime(probe_graph(runtime_proto(runtime, model), model), runtime.device)
-    layers = list(model.conv_blocks())
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    path = path or source.onnx_path
+    proto = onnx.load(str(path))
+    g = proto.graph
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    layers = list(layers or table)
+    g.initializer.extend([helper.make_tensor("cifarbench.probe.axes_hw", TensorProto.INT64, [2], [2, 3]),
+                          helper.make_tensor("cifarbench.probe.shape", TensorProto.INT64, [3], [0, 0, -1]),
+                          helper.make_tensor("cifarbench.probe.k1", TensorProto.INT64, [1], [1])])
+    names = {}
+    for i, layer in enumerate(layers):
+        t = table[layer].probe
+        p = f"cifarbench.probe.{i}."
+        s, am, mx = p + "sum", p + "argmax", p + "max"
+        if opset >= 13:
+            reduce = helper.make_node("ReduceSum", [t, "cifarbench.probe.axes_hw"], [s], keepdims=0, name=s)
+        else:
+            reduce = helper.make_node("ReduceSum", [t], [s], axes=[2, 3], keepdims=0, name=s)
+        g.node.extend([reduce,
+                       helper.make_node("Reshape", [t, "cifarbench.probe.shape"], [p + "flat"], name=p + "flat"),
+                       helper.make_node("TopK", [p + "flat", "cifarbench.probe.k1"], [p + "max3", p + "am3"],
+                                        axis=-1, name=p + "topk"),
+                       helper.make_node("Squeeze" if opset < 13 else "Flatten", [p + "max3"], [mx],
+                                        **({"axes": [2]} if opset < 13 else {"axis": 1}), name=p + "mx"),
+                       helper.make_node("Squeeze" if opset < 13 else "Flatten", [p + "am3"], [am],
+                                        **({"axes": [2]} if opset < 13 else {"axis": 1}), name=p + "am")])
+        g.output.extend([helper.make_tensor_value_info(s, TensorProto.FLOAT, None),
+                         helper.make_tensor_value_info(am, TensorProto.INT64, None),
+                         helper.make_tensor_value_info(mx, TensorProto.FLOAT, None)])
+        names[layer] = (s, am, mx)
+    with tempfile.TemporaryDirectory(prefix="cifarbench-probe-") as tmp:
+        file = Path(tmp) / "probe.onnx"
+        onnx.save(proto, str(file))   # ONNX Runtime reads the file (and any data) while building the session
+        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0].name
+    wanted = [n for trio in names.values() for n in trio]
+    fixed = getattr(source, "fixed_batch", None)
+
+    def run(x: torch.Tensor):
+        n = len(x)
+        if fixed and n != fixed:
+            parts = []
+            for i in range(0, n, fixed):
+                chunk = x[i:i + fixed]
+                pad = fixed - len(chunk)
+                if pad:
+                    chunk = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])])
+                parts.append([o[:len(chunk) - pad] for o in session.run(wanted, {feed: chunk.numpy()})])
+            return [np.concatenate([p[k] for p in parts]) for k in range(len(wanted))]
+        return session.run(wanted, {feed: x.numpy()})
 
     def probe(batch: torch.Tensor):
-        outs = probed.outputs(batch.to(probed.device, torch.float32).contiguous())
-        return {layer: tuple(outs[name] for name in output_names(layer)) for layer in layers}
+        x = source.normalize(batch.float().cpu()).contiguous()
+        outs = dict(zip(wanted, run(x)))
+        # the Flatten'd TopK outputs are [N, C]: max values and flat positions y * W + x, ties to the lower index
+        return {layer: tuple(torch.from_numpy(np.ascontiguousarray(outs[n])) for n in trio)
+                for layer, trio in names.items()}
 
     return probe
 
 
-def probe_for(runtime, model: CifarNet) -> Probe:
-    from ..runtime import TorchRuntime
+def probe_for(runtime, model) -> Probe:
+    """The probe for ``runtime``, asked for its capabilities: its torch module (probed on a deep copy, so hooks stay
+    off the user's model), else its source's torch module (a compiled runtime of a torch model: the responses are
+    the model's, computed in torch fp32), else its ONNX graph."""
+    import copy
 
-    if type(runtime) is TorchRuntime:
-        import copy
+    from ..filters import layer_table
+    from .ablation import onnx_path_of, torch_module_of
 
-        return torch_probe(copy.deepcopy(runtime.model), runtime.channels_last)  # hooks stay off the user's net
-    if getattr(runtime, "name", "") == "onnxruntime":
-        return onnx_probe(runtime, model)
-    raise UserError(f"filter mining is not available for backend {runtime.name!r}; use torch or onnxruntime")
+    table = layer_table(model)
+    source = getattr(runtime, "source", None)
+    module = torch_module_of(runtime)
+    if module is None and source is not None and getattr(source, "module", None) is not None:
+        module = source.torch_module()
+    if module is not None:
+        return torch_probe(copy.deepcopy(module), getattr(runtime, "channels_last", False), table)
+    path = onnx_path_of(runtime)
+    if path is not None and source is not None:
+        return onnx_probe(source, table, path)
+    raise UserError(f"filter mining needs a torch module or an ONNX graph; backend {runtime.name!r} has neither; "
+                    f"use --backend torch or onnxruntime")
 
 
 # ------------------------------------------------------------------------------------------------------ top-K
@@ -142,18 +221,22 @@ class MiningResult:
                 "dead_filters": [{"layer": layer, "filter": j} for layer, j in self.dead]}
 
 
-def mine(runtime, model: CifarNet, data: Dataset, selection: Selection, k: int = 20,
+def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,
          batch_size: int = DEFAULT_BATCH, probe: Probe | None = None, progress=None) -> MiningResult:
     """Top-``k`` images of each selected filter by response, their max-response patches, and the net's dead
-    filters, in one pass over ``data`` through ``runtime``."""
+    filters, in one pass over ``data`` through ``runtime``. ``model`` names the layers: a
+    :class:`cifarbench.filters.LayerTable`, a source, a runtime or a torch module."""
+    from ..filters import layer_table, receptive_patch
+
+    table = layer_table(model if model is not None else runtime)
     if k < 1:
         raise UserError(f"--top must be at least 1, got {k}")
     if not selection:
         raise UserError("no filters selected")
-    probe = probe or probe_for(runtime, model)
+    probe = probe or probe_for(runtime, table)
     layers = by_layer(selection)
     selection = tuple((layer, j) for layer, idx in layers.items() for j in idx)
-    channels = {n: b.conv.out_channels for n, b in model.conv_blocks().items()}
+    channels = table.channels()
     cols = {layer: torch.tensor(idx) for layer, idx in layers.items()}
     tops = {layer: StreamingTopK(len(idx), k) for layer, idx in layers.items()}
     peak = {layer: torch.full((c,), -torch.inf) for layer, c in channels.items()}
@@ -167,16 +250,22 @@ def mine(runtime, model: CifarNet, data: Dataset, selection: Selection, k: int =
                 tops[layer].update(s[:, c].T.cpu(), i, am[:, c].T.cpu())
         if progress:
             progress(len(batch))
-    geometry = model.geometry()
     idx, resp, pos, patch = [], [], [], []
     for layer, top in tops.items():
-        width = geometry[layer].out_size
+        geo = table[layer]
+        if geo.out_size is None:
+            raise UserError(f"the output size of {layer} is unknown, so its max-response positions cannot be "
+                            f"placed; mine the model as ONNX or as a state_dict with --arch")
+        width = geo.out_size
         y, x = top.payload // width, top.payload % width
         idx.append(top.index), resp.append(top.values), pos.append(torch.stack([y, x], -1))
-        patch.append(torch.tensor([[receptive_patch(geometry[layer], int(a), int(b)) for a, b in zip(ys, xs)]
+        if geo.rf is None:   # no readable graph (TorchScript): the patch is unknown, never guessed
+            patch.append(torch.full((*y.shape, 4), -1, dtype=torch.long))
+            continue
+        patch.append(torch.tensor([[receptive_patch(geo, int(a), int(b), table.input_size) for a, b in zip(ys, xs)]
                                    for ys, xs in zip(y.tolist(), x.tolist())], dtype=torch.long).reshape(*y.shape, 4))
     top_index = torch.cat(idx).numpy()
-    dead = tuple(f for f in all_filters(model) if peak[f[0]][f[1]] <= 0)
+    dead = tuple(f for f in all_filters(table) if peak[f[0]][f[1]] <= 0)
     return MiningResult(selection, top_index, torch.cat(resp).numpy(), torch.cat(pos).numpy(),
                         torch.cat(patch).numpy(), data.labels.numpy()[top_index], tuple(data.classes),
-                        model.receptive_fields(), dead)
+                        table.receptive_fields(), dead)

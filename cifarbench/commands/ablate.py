@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
 
 SpecsArg = Annotated[Optional[list[str]], typer.Argument(
     help="More filter specs, so that `--filters conv1:0,1 conv2:0,1` works unquoted.", show_default=False)]
@@ -18,22 +18,25 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the f
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per runtime call.")]
 
 
-def open_analysis(model: str, select, backend: str, device: str | None, data: str, data_dir, limit: int | None):
-    """(torch net, selection, runtime, test split) for an analysis command; every mistake a UserError.
-
-    ``select(net)`` resolves the filters before the runtime is built, so a bad spec fails fast."""
+def open_analysis(source, select, backend: str, device: str | None, data: str, data_dir, limit: int | None):
+    """(layer table, selection, runtime, test split) for an analysis command on a resolved model source; every
+    mistake a UserError. ``select(table)`` resolves the filters (named by the model's own layer names) before the
+    runtime is built, so a bad spec fails fast; the data's labels are matched to the source's class names."""
     from ..data import load_split
     from ..errors import UserError
-    from ..runtime import open_runtime, resolve_module
+    from ..filters import layer_table
+    from ..options import check_data
+    from ..runtime import open_runtime
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
-    net = resolve_module(model)
-    selection = select(net)
-    dataset = load_split(data, "test", data_dir)
+    table = layer_table(source)
+    selection = select(table)
+    dataset = load_split(data, "test", data_dir, classes=source.classes)
     if limit is not None:
         dataset = dataset.subset(slice(0, limit))
-    return net, selection, open_runtime(net, backend=backend, device=device), dataset
+    check_data(source, dataset)
+    return table, selection, open_runtime(source, backend=backend, device=device), dataset
 
 
 def run_progress(total: int, what: str):
@@ -149,6 +152,12 @@ def register(app: typer.Typer) -> None:
             "--flipped", help="Look for right-before, wrong-after images among the first N test images.")] = 256,
         backend: BackendOpt = "auto",
         device: DeviceOpt = None,
+        arch: ArchOpt = None,
+        arch_kw: ArchKwOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        classes: ClassesOpt = None,
+        input_size: InputSizeOpt = None,
         data: DataOpt = "cifar10",
         data_dir: DataDirOpt = None,
         limit: LimitOpt = None,
@@ -174,7 +183,10 @@ def register(app: typer.Typer) -> None:
 
         # --out is checked before the model is opened, so a refusal never comes after the work
         with output_folder(out, SWEEP_FILES if sweep is not None else ABLATION_FILES):
-            net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
+            from ..options import model_source
+
+            source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit)
             _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json)
 
 
@@ -190,9 +202,11 @@ def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_s
 
     if sweep is not None:
         console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
-        from ..runtime import TorchRuntime
+        from ..analysis.ablation import torch_module_of
+        from ..nets import CifarNet
 
-        passes = 1 if type(runtime) is TorchRuntime else 1 + len(selection)  # see analysis.ablation.sweep
+        # one pass for the zoo nets' stacked sweep on a torch module, else one per variant (analysis.ablation.sweep)
+        passes = 1 if isinstance(torch_module_of(runtime), CifarNet) else 1 + len(selection)
         bar, step = run_progress(passes * len(dataset), "sweep")
         with bar:
             result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)

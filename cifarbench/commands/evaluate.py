@@ -3,40 +3,46 @@ from __future__ import annotations
 
 import typer
 
-from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
 
 
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def evaluate_cmd(model: ModelArg, data: DataOpt = "cifar10", data_dir: DataDirOpt = None,
-                     backend: BackendOpt = "torch", device: DeviceOpt = None, out: OutOpt = None,
-                     json: JsonOpt = False) -> None:
+                     backend: BackendOpt = "auto", device: DeviceOpt = None, out: OutOpt = None,
+                     json: JsonOpt = False, arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None,
+                     std: StdOpt = None, classes: ClassesOpt = None, input_size: InputSizeOpt = None) -> None:
         """Test-set accuracy, per-class accuracy and confusion matrix (CSV and PNG under --out)."""
         from ..io import output_folder
 
         # --out is checked before the model is opened: no run ends in a refusal after the work is done
         with output_folder(out, FILES):
-            _evaluate(model, data, data_dir, backend, device, out, json)
+            from ..options import model_source
+
+            source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+            _evaluate(source, data, data_dir, backend, device, out, json)
 
 
 FILES = ("confusion.csv", "per_class.csv", "eval.json", "confusion.png")
 
 
-def _evaluate(model, data, data_dir, backend, device, out, json) -> None:
+def _evaluate(source, data, data_dir, backend, device, out, json) -> None:
     from ..analysis.ablation import predictions
     from ..analysis.metrics import confusion_matrix, summary
     from ..console import console, emit_json, progress
     from ..data import load_split
+    from ..options import check_data
     from ..runtime import open_runtime
 
-    runtime = open_runtime(model, backend=backend, device=device)
-    test = load_split(data, "test", data_dir)
+    test = load_split(data, "test", data_dir, classes=source.classes)
+    check_data(source, test)
+    runtime = open_runtime(source, backend=backend, device=device)
     with progress() as bar:
         task = bar.add_task("eval", total=len(test), status=runtime.name)
         preds = predictions(runtime, test, progress=lambda n: bar.advance(task, n))
     conf = confusion_matrix(preds, test.labels, len(test.classes))
     result = {**summary(conf, test.classes), "confusion": conf.tolist(), "classes": list(test.classes),
-              "images": len(test), "backend": runtime.name, "data": test.identity}
+              "images": len(test), "backend": runtime.name, "data": test.identity, "model": source.describe()}
     if out is not None:
         _write(out, result, test.classes)
     if json:
@@ -44,7 +50,7 @@ def _evaluate(model, data, data_dir, backend, device, out, json) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"{model} on {test.identity} ({runtime.name})")
+    table = Table(title=f"{source.name} on {test.identity} ({runtime.name})")
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for cls, acc in result["per_class"].items():

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ..options import BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
 from .ablate import BatchOpt, FiltersOpt, LimitOpt, SpecsArg, _csv, open_analysis, run_progress
 
 
@@ -71,6 +71,12 @@ def register(app: typer.Typer) -> None:
         show: Annotated[int, typer.Option("--show", help="Images per filter in the PNG figures.")] = 5,
         backend: BackendOpt = "auto",
         device: DeviceOpt = None,
+        arch: ArchOpt = None,
+        arch_kw: ArchKwOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        classes: ClassesOpt = None,
+        input_size: InputSizeOpt = None,
         data: DataOpt = "cifar10",
         data_dir: DataDirOpt = None,
         limit: LimitOpt = None,
@@ -100,7 +106,10 @@ def register(app: typer.Typer) -> None:
 
         # --out is checked before the model is opened, so a refusal never comes after the work
         with output_folder(out, TABLES, subdirs=("filters",)):
-            net, selection, runtime, dataset = open_analysis(model, select, backend, device, data, data_dir, limit)
+            from ..options import model_source
+
+            source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit)
             _mine(runtime, net, dataset, selection, top, show, batch_size, out, json)
 
 

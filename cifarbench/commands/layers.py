@@ -1,0 +1,39 @@
+"""``cifarbench layers``: every conv layer of a model, in the names ``ablate``/``mine --filters`` accept."""
+from __future__ import annotations
+
+import typer
+
+from ..options import (ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, StdOpt,
+                       model_source)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("layers")
+    def layers_cmd(model: ModelArg, json: JsonOpt = False, arch: ArchOpt = None, arch_kw: ArchKwOpt = None,
+                   mean: MeanOpt = None, std: StdOpt = None, classes: ClassesOpt = None,
+                   input_size: InputSizeOpt = None) -> None:
+        """Conv layers: name (what --filters takes), filters (output channels), kernel, stride, output size and
+        receptive field in input pixels (max over paths where branches join)."""
+        from ..console import console, emit_json
+        from ..filters import layer_table
+
+        source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+        table = layer_table(source)
+        doc = {**table.to_json(), "source": source.kind}
+        if json:
+            emit_json(doc)
+            return
+        from rich.table import Table
+
+        out = Table(title=f"{table.model}: {len(table)} conv layers ({source.input_size}x{source.input_size} input)")
+        for col in ("#", "layer", "filters", "kernel", "stride", "groups", "out", "RF"):
+            out.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
+        for i, layer in enumerate(table.layers.values(), 1):
+            name = layer.name + (f" ({', '.join(layer.aliases)})" if layer.aliases else "")
+            out.add_row(str(i), name, str(layer.filters), "x".join(map(str, layer.kernel)),
+                        "x".join(map(str, layer.stride)), str(layer.groups),
+                        "-" if layer.out_size is None else str(layer.out_size),
+                        "-" if layer.rf is None else str(layer.rf))
+        console.print(out)
+        if table.note:
+            console.print(table.note)

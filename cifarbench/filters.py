@@ -299,7 +299,7 @@ def _fx_geometry(module, size: int):
             if n.target in (F.conv2d, torch.conv2d) or "convolution" in fname or fname.startswith("conv2d"):
                 w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
                 if isinstance(w, fx.Node) and w.op == "get_attr":
-                    weight = gm.get_parameter(w.target) if "." in w.target or True else None
+                    weight = gm.get_parameter(w.target)
                     conv_path = w.target.rsplit(".", 1)[0] if w.target.endswith(".weight") else w.target
                     k = int(weight.shape[2])
                     geo = (k, pair(arg(n, 3, "stride", 1))[0], pair(arg(n, 4, "padding", 0))[0],
@@ -364,7 +364,6 @@ def _hooked_shapes(module, size: int, paths: list[str]):
 
 def _onnx_table(path, size: int, name: str, zoo: bool) -> LayerTable:
     import onnx
-    from onnx import numpy_helper  # noqa: F401  (onnx is imported lazily; numpy_helper kept for callers)
 
     proto = onnx.load(str(path), load_external_data=False)
     return onnx_layer_table(proto, size, name, zoo)

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import DeviceOpt, JsonOpt
+from ..options import (ArchKwOpt, ArchOpt, ClassesOpt, DeviceOpt, InputSizeOpt, JsonOpt, MeanOpt, StdOpt,
+                       model_source)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -26,7 +27,8 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
         model: Annotated[Optional[str], typer.Argument(
-            help="Zoo name or checkpoint to benchmark (not needed with --from).", show_default=False)] = None,
+            help="Model to benchmark: zoo name, checkpoint, ONNX, TorchScript, .pt2, or state_dict with --arch "
+                 "(not needed with --from).", show_default=False)] = None,
         backends: Annotated[Optional[str], typer.Option(
             "--backends", help="Comma list of backend[:precision] (default: torch and the auto backend).")] = None,
         batch: Annotated[str, typer.Option("--batch", help="Comma list of batch sizes.")] = "1,64,625",
@@ -44,6 +46,8 @@ def register(app: typer.Typer) -> None:
         compare_: Annotated[Optional[Path], typer.Option("--compare", help="With --from: compare with this run.")]
         = None,
         json: JsonOpt = False,
+        arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+        classes: ClassesOpt = None, input_size: InputSizeOpt = None,
     ) -> None:
         """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
         import torch
@@ -88,30 +92,48 @@ def register(app: typer.Typer) -> None:
         from ..runtime import default_device, resolve_backend
 
         dev = torch.device(device) if device else default_device()
+        source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
         if backends:
             specs = parse_backends(backends)
         else:
             auto = resolve_backend("auto", dev)
-            specs = [BackendSpec("torch", "fp32")] + ([BackendSpec(auto, "fp32")] if auto != "torch" else [])
+            first = [BackendSpec("torch", "fp32")] if source.module is not None else []  # torch needs a module
+            specs = first + ([BackendSpec(auto, "fp32")] if auto != "torch" or not first else [])
         batches = parse_batches(batch)
         with output_file(out):  # --out is checked before measuring
-            _measure(model, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json)
+            _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json)
 
 
-def _measure(model, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json) -> None:
+def flops_per_image(source) -> int | None:
+    """Multiply-accumulates x 2 per image: counted from the zoo net's layers, else None (not guessed)."""
+    from ..nets import CifarNet, count_flops
+
+    return count_flops(source.module) if isinstance(source.module, CifarNet) else None
+
+
+def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json) -> None:
     import itertools
+    from datetime import datetime, timezone
 
     from ..console import console, emit_json, progress
     from ..io import write_json
-    from ..timing import results_table, run_bench
+    from ..runtime import open_runtime
+    from ..timing import FORMAT, bench_runtime, machine, results_table
 
+    flops = flops_per_image(source)
+    options = {"calib_data": calib_data} if calib_data else {}
+    rows = []
     with progress() as bar:
         done = itertools.count()  # backends finished before the one starting now
         task = bar.add_task("bench", total=len(specs), status="")
-        doc = run_bench(model, specs, batches, dev, warmup=warmup, iters=iters, min_seconds=min_seconds,
-                        calib_data=calib_data,
-                        step=lambda label: bar.update(task, completed=next(done), status=label))
+        for spec in specs:
+            bar.update(task, completed=next(done), status=spec.label)
+            rt = open_runtime(source, spec.backend, device=dev, precision=spec.precision, **options)
+            rows += bench_runtime(rt, batches, warmup, iters, min_seconds, flops)
         bar.update(task, completed=len(specs), status="done")
+    doc = {"format": FORMAT, "net": source.name, "source": str(source.path or "in-memory"), "model": source.describe(),
+           "flops_per_image": flops, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "machine": machine(), "warmup": warmup, "iters": iters, "results": rows}
     if out is not None:
         write_json(out, doc)
     if json:

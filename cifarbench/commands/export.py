@@ -1,4 +1,8 @@
-"""``cifarbench export``: a checkpoint or zoo net to ONNX, INT8 ONNX, AOTInductor or a TensorRT engine."""
+"""``cifarbench export``: any model source to ONNX, INT8 ONNX, AOTInductor or a TensorRT engine.
+
+A torch source (zoo, checkpoint, state_dict + --arch, TorchScript, ExportedProgram) exports to every target; an
+ONNX file is its own graph: it goes to ``onnx-int8`` (quantized from the file itself) and ``tensorrt`` (built from
+the file), and refuses ``onnx`` (it already is one) and ``aoti`` (needs a torch module) with one line."""
 from __future__ import annotations
 
 import time
@@ -7,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, SeedOpt
+from ..options import (ArchKwOpt, ArchOpt, ClassesOpt, DataDirOpt, DataOpt, DeviceOpt, InputSizeOpt, JsonOpt,
+                       MeanOpt, ModelArg, SeedOpt, StdOpt, model_source)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +39,8 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         seed: SeedOpt = 0,
         json: JsonOpt = False,
+        arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
+        classes: ClassesOpt = None, input_size: InputSizeOpt = None,
     ) -> None:
         """Export MODEL; onnx-int8 also reports test accuracy of the int8 model next to fp32."""
         from ..checkpoint import file_sha256
@@ -41,7 +48,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import UserError
         from ..export import SUFFIXES, check_target, export
         from ..io import output_file
-        from ..runtime import default_device, resolve_module
+        from ..runtime import default_device
 
         check_target(to)
         if fp16 and int8:
@@ -50,22 +57,27 @@ def register(app: typer.Typer) -> None:
             raise UserError("--fp16 applies to tensorrt and aoti, --int8 to tensorrt (use --to onnx-int8 for ONNX)")
         precision = "fp16" if fp16 else "int8" if int8 else "fp32"
         dev = device or (str(default_device()) if to in ("aoti", "tensorrt") else "cpu")
-        net = resolve_module(model)
+        source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+        if source.module is None and to in ("onnx", "aoti"):
+            raise UserError(f"{source.name} is an ONNX file: it already is --to onnx, and --to aoti needs a torch "
+                            f"model (give its state_dict with --arch, TorchScript or .pt2)" if source.onnx_path else
+                            f"{source.name} is an AOTInductor package; it exports to nothing else: give the model "
+                            f"it was built from")
         if out is None:
-            out = Path(f"{net.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
+            out = Path(f"{source.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
         start = time.perf_counter()
         # the artifact path is checked before exporting: never a file of the user's replaced, never a refusal
         # after minutes of calibration
         with output_file(out):
-            path = export(net, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
+            path = export(source, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
                           data_dir=data_dir, seed=seed, max_batch=max_batch, opt_batch=opt_batch)
-        result = {"artifact": str(path), "target": to, "net": net.name, "precision": "int8" if to == "onnx-int8"
-                  else precision, "bytes": path.stat().st_size, "sha256": file_sha256(path),
-                  "seconds": round(time.perf_counter() - start, 2)}
+        result = {"artifact": str(path), "target": to, "net": source.name, "model": source.describe(),
+                  "precision": "int8" if to == "onnx-int8" else precision, "bytes": path.stat().st_size,
+                  "sha256": file_sha256(path), "seconds": round(time.perf_counter() - start, 2)}
         if to == "onnx-int8" and eval_images > 0:
             from ..export.int8 import int8_accuracy_report
 
-            result["accuracy"] = int8_accuracy_report(net, path, data, data_dir, eval_images)
+            result["accuracy"] = int8_accuracy_report(source, path, data, data_dir, eval_images)
         if json:
             emit_json(result)
             return

@@ -221,3 +221,160 @@ def test_index_html_is_self_contained_and_shows_the_json_numbers(tmp_path):
     assert doc.result == result
     text = "".join(doc.text)
     assert prov["command"] in text and "dog <b>.png" in text  # escaped, shown as text
+
+
+# ------------------------------------------------------------------------------------------------ figures
+def _occ(map_, k, clean=0.9, target=3, predicted=3, stride=1):
+    from cifarbench.analysis.occlusion import OcclusionResult
+
+    return OcclusionResult(map=np.asarray(map_, np.float32), clean_prob=clean, target=target, predicted=predicted,
+                           k=k, stride=stride, baseline=[0.5, 0.5, 0.5])
+
+
+def _image(seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (3, 32, 32), dtype=np.uint8)
+
+
+def _png_title(path: Path) -> dict:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
+def test_occlusion_figure_shares_one_perceptual_scale_and_names_model_and_true_label(tmp_path):
+    from cifarbench.analysis.occlusion_plot import occlusion_figure, plot_occlusion
+
+    small = _occ(np.linspace(0.2, 0.8, 25 * 25).reshape(25, 25), k=8)
+    large = _occ(np.linspace(0.05, 0.6, 21 * 21).reshape(21, 21), k=12)
+    fig = occlusion_figure(_image(), [small, large], "cat.png", model="net1", true_label="dog")
+    title = fig._suptitle.get_text()
+    assert "net1" in title and "true dog" in title and "cat.png" in title and "prediction" in title
+    overlays = [ax.images[-1] for ax in fig.axes[1:3]]
+    assert all(im.get_cmap().name == "viridis" for im in overlays)
+    assert {im.get_clim() for im in overlays} == {(0.0, 0.9)}  # one scale: 0 to the clean probability
+    assert all(len(ax.images) == 2 and 0 < ax.images[-1].get_alpha() < 1 for ax in fig.axes[1:3])  # image beneath
+    bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 1 and bars[0].get_ylabel() == "p(target)"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    own = occlusion_figure(_image(), [small, large], show="drop", shared_scale=False)
+    overlays = [ax.images[-1] for ax in own.axes[1:3]]
+    assert overlays[0].get_cmap().name == "magma" and overlays[0].get_clim() != overlays[1].get_clim()
+    bars = [ax for ax in own.axes if ax.get_label() == "<colorbar>"]
+    assert len(bars) == 2 and all(b.get_ylabel().startswith("drop in p") for b in bars)
+    # drop = clean - occluded, exactly
+    np.testing.assert_allclose(overlays[0].get_array(), 0.9 - small.map, rtol=0, atol=1e-6)
+    plt.close(own)
+    # the old call (positional title) still works, and the PNG carries its title
+    path = plot_occlusion(_image(), [small], tmp_path / "a.png", "cat.png")
+    assert "cat.png" in _png_title(path)["Title"]
+
+
+def test_occlusion_grid_is_one_figure_for_many_images(tmp_path):
+    from cifarbench.analysis.occlusion_plot import occlusion_grid_figure, plot_occlusion_grid
+
+    items = [(_image(i), _occ(np.full((25, 25), 0.1 * (i + 1)), k=8, predicted=i % 10, target=i % 10),
+              "cat" if i != 2 else None, f"test[{i}]") for i in range(7)]
+    fig = occlusion_grid_figure(items, model="net4", columns=3)
+    maps = [ax for ax in fig.axes if ax.images]
+    assert len(maps) == 7 and {ax.images[-1].get_clim() for ax in maps} == {(0.0, 0.9)}
+    assert "net4" in fig._suptitle.get_text() and "K=8" in fig._suptitle.get_text()
+    titles = [ax.get_title() for ax in maps]
+    assert "true cat" in titles[3] and "pred cat" in titles[3] and "true" not in titles[2]
+    assert maps[0].title.get_color() == "tab:red" and maps[3].title.get_color() == "black"  # airplane vs cat
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert plot_occlusion_grid(items, tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_ablation_figures_name_the_filters_and_have_colorbars(tmp_path):
+    from cifarbench.analysis.figures import change_text, confusion_fig, confusion_figure, flipped_grid
+
+    classes = ["airplane", "automobile", "bird"]
+    before, after = np.array([[5, 1, 0], [0, 6, 0], [1, 0, 4]]), np.array([[4, 2, 0], [0, 6, 0], [3, 0, 2]])
+    filters = [{"layer": "conv1", "filter": 0}, {"layer": "conv1", "filter": 1}, {"layer": "conv2", "filter": 5}]
+    fig = confusion_fig(before, after, classes, filters=filters, title="net1")
+    assert "conv1:0,1 conv2:5" in fig._suptitle.get_text() and "net1" in fig._suptitle.get_text()
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    assert len(panels) == 3 and len(fig.axes) == 6  # a colorbar per panel
+    assert [ax.get_ylabel() for ax in panels] == ["true", "", ""]  # no "true" over panel 1's class names
+    assert panels[2].images[0].get_clim() == (-2, 2) and panels[2].get_title() == "after − before"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    assert "conv2:5" in _png_title(confusion_figure(before, after, classes, tmp_path / "c.png",
+                                                    filters=filters))["Title"]
+    path = flipped_grid([_image()], [{"index": 3, "label": "cat", "before": "cat", "after": "dog"}],
+                        tmp_path / "flipped.png", filters=filters)
+    assert "conv1:0,1" in _png_title(path)["Title"] and "right before and wrong after" in _png_title(path)["Title"]
+    assert change_text({"class": "bird", "change": 0.0}) == "none"
+    assert change_text({"class": "bird", "change": 0.012}) == "bird +1.20"
+    assert change_text({"class": "cat", "change": -0.05}, kind="loss") == "cat -5.00"
+    assert change_text({"class": "cat", "change": 0.0}, kind="loss") == "none"
+
+
+def test_mining_patches_share_one_scale_and_negative_filters_are_flagged():
+    from cifarbench.analysis.figures import mining_fig
+
+    top = [{"index": 1, "label": "cat", "response": -2.0, "patch": [0, 0, 5, 7]},   # clipped at the top border
+           {"index": 2, "label": "dog", "response": -3.0, "patch": [10, 10, 17, 17]}]
+    fig = mining_fig([_image(1), _image(2)], {"layer": "conv3", "filter": 4, "top": top}, receptive_field=7)
+    patches = fig.axes[len(top):]  # second row
+    assert [ax.get_xlim() for ax in patches] == [(-0.5, 6.5)] * 2  # one 7x7 window each
+    (l0, r0, b0, t0), (l1, r1, b1, t1) = (ax.images[0].get_extent() for ax in patches)
+    assert (r0 - l0, b0 - t0) == (7, 5) and (r1 - l1, b1 - t1) == (7, 7)  # a pixel is a pixel in both
+    assert t0 == 1.5  # the two missing rows are above the clipped patch (it touched the top border)
+    assert "negative" in fig._suptitle.get_text() and "conv3 filter 4" in fig._suptitle.get_text()
+    note = fig.texts[-1].get_text()
+    assert "spatial sum" in note and "argmax" in note
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    top[0]["response"] = 1.0
+    fig = mining_fig([_image(1), _image(2)], {"layer": "conv3", "filter": 4, "top": top})
+    assert "negative" not in fig._suptitle.get_text()
+    plt.close(fig)
+
+
+def test_sweep_plots_draw_bars_or_points_for_few_epochs_with_titles(tmp_path):
+    from matplotlib.image import imread
+
+    from cifarbench.sweep_plots import percent, plot_curves, plot_grouped
+
+    one = [{"name": f"run{i}", "epoch": 1, "test_accuracy": 0.1 * (i + 1)} for i in range(3)]
+    plot_curves(one, tmp_path / "one.png")
+    assert _png_title(tmp_path / "one.png")["Title"] == "test accuracy of 3 runs"
+    three = [{"name": f"run{i}", "epoch": e, "test_accuracy": 0.1 * e} for i in range(2) for e in (1, 2, 3)]
+    plot_curves(three, tmp_path / "three.png", title="net1 grid")
+    assert _png_title(tmp_path / "three.png")["Title"].startswith("net1 grid")
+    plot_grouped([{"epoch": 1, "train_accuracy": 0.3, "test_accuracy": 0.25}], ["epoch"], tmp_path / "g.png")
+    assert imread(tmp_path / "g.png").shape[0] > 100
+    assert percent(0.1142) == "11.4" and percent(-0.13785999) == "-13.8" and percent(None) == ""
+
+
+def test_sweep_curves_for_one_epoch_are_bars():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cifarbench import sweep_plots
+
+    rows = [{"name": f"run{i}", "epoch": 1, "test_accuracy": 0.1 * (i + 1)} for i in range(3)]
+    before = set(plt.get_fignums())
+    saved = []
+    orig = sweep_plots._save
+    try:  # capture the figure that plot_curves saves (the saving, not the drawing, is replaced)
+        sweep_plots._save = lambda fig, path, caption=None: saved.append(fig)
+        sweep_plots.plot_curves(rows, "unused.png")
+    finally:
+        sweep_plots._save = orig
+    (fig,) = saved
+    ax = fig.axes[0]
+    assert len(ax.patches) == 3 and [round(p.get_height(), 6) for p in ax.patches] == [0.1, 0.2, 0.3]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["run0", "run1", "run2"]
+    plt.close(fig)
+    assert set(plt.get_fignums()) == before

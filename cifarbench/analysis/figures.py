@@ -1,4 +1,11 @@
-"""PNG figures for ablation and mining results (matplotlib, Agg backend, written atomically)."""
+"""PNG figures for ablation and mining results (matplotlib, Agg backend, written atomically).
+
+Every figure has a title that says what was changed (the zeroed filters, the mined filter) and takes an optional
+``title`` (e.g. the model) and ``caption`` (e.g. :func:`cifarbench.provenance.caption`: model, digest, data,
+backend), written under the figure. The title and caption also go into the PNG's ``Title``/``Description``
+metadata, so a file says what it is even when cropped out of its page. Each ``*_figure(..., path)`` function
+has a ``*_fig`` twin (without ``path``) that returns the matplotlib Figure, for tests and notebooks.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,12 +24,67 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def figure_title(fig) -> str:
+    """The figure's suptitle, else its first axes title (what the PNG metadata records)."""
+    sup = getattr(fig, "_suptitle", None)
+    if sup is not None and sup.get_text():
+        return sup.get_text()
+    for ax in fig.axes:
+        if ax.get_title():
+            return ax.get_title()
+    return ""
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110, caption: str | None = None) -> Path:
+    """Write ``fig`` as PNG atomically, its title and caption in the PNG metadata, and close it."""
     path = Path(path)
+    meta = {"Title": figure_title(fig), "Software": "cifarbench"}
+    text = caption or getattr(fig, "_cifarbench_caption", None)
+    if text:
+        meta["Description"] = text
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=meta)
     _plt().close(fig)
     return path
+
+
+def _save(fig, path: str | Path) -> Path:
+    return save_figure(fig, path)
+
+
+def add_caption(fig, caption: str | None) -> None:
+    """A small grey line under the figure (saved with ``bbox_inches="tight"``, so it is kept)."""
+    if caption:
+        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=7, color="0.35", wrap=True)
+        fig._cifarbench_caption = caption
+
+
+def filters_text(filters, limit: int = 8) -> str:
+    """``conv1:0,1 conv2:0`` from ``[{"layer", "filter"}, ...]`` (or ``(layer, j)`` pairs), shortened past
+    ``limit`` filters to ``... (+N more)``."""
+    by_layer: dict[str, list] = {}
+    for f in filters or ():
+        layer, j = (f["layer"], f["filter"]) if isinstance(f, dict) else f
+        by_layer.setdefault(str(layer), []).append(j)
+    parts, shown = [], 0
+    for layer, js in by_layer.items():
+        take = js[:max(0, limit - shown)]
+        if take:
+            parts.append(f"{layer}:{','.join(map(str, take))}")
+        shown += len(take)
+    total = sum(len(js) for js in by_layer.values())
+    return " ".join(parts) + (f" ... (+{total - shown} more)" if total > shown else "")
+
+
+def change_text(change: dict | None, kind: str = "gain", pct: bool = True) -> str:
+    """A per-class change for a table: ``bird +1.20`` (percentage points), or ``none`` when no class gained
+    (``kind="gain"``) or lost (``kind="loss"``): "largest gain bird 0.00" would name a class that did not gain."""
+    if not change or change.get("class") is None:
+        return "none"
+    value = float(change["change"])
+    if (kind == "gain" and value <= 0) or (kind == "loss" and value >= 0):
+        return "none"
+    return f"{change['class']} {100 * value if pct else value:+.2f}"
 
 
 def _hwc(image) -> np.ndarray:
@@ -30,36 +92,61 @@ def _hwc(image) -> np.ndarray:
     return np.asarray(image).transpose(1, 2, 0)
 
 
-def confusion_figure(before, after, classes, path) -> Path:
-    """Before, after and after - before confusion matrices side by side, counts written in the cells."""
+def confusion_figure(before, after, classes, path, *, filters=None, title: str | None = None,
+                     caption: str | None = None) -> Path:
+    """Before, after and after - before confusion matrices side by side, counts written in the cells, each with
+    a colorbar; the title names the zeroed ``filters`` (``[{"layer", "filter"}, ...]``)."""
+    return _save(confusion_fig(before, after, classes, filters=filters, title=title, caption=caption), path)
+
+
+def confusion_fig(before, after, classes, *, filters=None, title: str | None = None, caption: str | None = None):
     before, after = np.asarray(before), np.asarray(after)
     diff = after - before
     lim = max(1, int(np.abs(diff).max()))
-    return _confusion_panels([(before, "before", "Blues", 0, None), (after, "after", "Blues", 0, None),
-                              (diff, "after - before", "RdBu", -lim, lim)], classes, path)
+    vmax = max(1, int(max(before.max(initial=0), after.max(initial=0))))  # before and after on one scale
+    head = "confusion matrices" + (f", filters zeroed: {filters_text(filters)}" if filters else "")
+    return _confusion_panels([(before, "before (count)", "Blues", 0, vmax), (after, "after (count)", "Blues", 0, vmax),
+                              (diff, "after − before (count)", "RdBu", -lim, lim)], classes,
+                             f"{title} — {head}" if title else head, caption)
 
 
-def single_confusion_figure(conf, classes, path, title: str = "confusion matrix") -> Path:
-    return _confusion_panels([(np.asarray(conf), title, "Blues", 0, None)], classes, path)
+def single_confusion_figure(conf, classes, path, title: str = "confusion matrix", *,
+                            caption: str | None = None) -> Path:
+    return _save(_confusion_panels([(np.asarray(conf), "count", "Blues", 0, None)], classes, title, caption), path)
 
 
-def _confusion_panels(panels, classes, path) -> Path:
+def _confusion_panels(panels, classes, suptitle=None, caption=None):
     plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.3 * len(panels), 6), squeeze=False)
-    for ax, (mat, title, cmap, vmin, vmax) in zip(axes[0], panels):
-        ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.6 * len(panels), 6.4), squeeze=False, layout="constrained")
+    for n, (ax, (mat, label, cmap, vmin, vmax)) in enumerate(zip(axes[0], panels)):
+        im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_title(label.replace(" (count)", ""))
         ax.set_xticks(range(len(classes)), classes, rotation=60, ha="right")
-        ax.set_yticks(range(len(classes)), classes)
         ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        for (i, j), v in np.ndenumerate(mat):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7)
-    return _save(fig, path)
+        if n == 0:  # one y axis for the row: the later panels' "true" label sat on the class names
+            ax.set_yticks(range(len(classes)), classes)
+            ax.set_ylabel("true")
+        else:
+            ax.set_yticks(range(len(classes)), [""] * len(classes))
+        lo, hi = im.get_clim()
+        for (i, j), v in np.ndenumerate(mat):  # white on the darkest cells, so every count stays readable
+            dark = abs(v) > 0.6 * max(abs(lo), abs(hi)) if lo < 0 else v > lo + 0.6 * (hi - lo)
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if dark else "black")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label(label)
+    if suptitle:
+        fig.suptitle(suptitle)
+    add_caption(fig, caption)
+    return fig
 
 
-def flipped_grid(images, items: list[dict], path, columns: int = 8) -> Path:
+def flipped_grid(images, items: list[dict], path, columns: int = 8, *, filters=None, title: str | None = None,
+                 caption: str | None = None) -> Path:
     """Images right before and wrong after the ablation, titled with the label and both predictions."""
+    return _save(flipped_fig(images, items, columns, filters=filters, title=title, caption=caption), path)
+
+
+def flipped_fig(images, items: list[dict], columns: int = 8, *, filters=None, title: str | None = None,
+                caption: str | None = None):
     plt = _plt()
     rows = max(1, -(-len(items) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
@@ -70,11 +157,19 @@ def flipped_grid(images, items: list[dict], path, columns: int = 8) -> Path:
         ax.set_title(f"#{item['index']} {item['label']}\n{item['before']} -> {item['after']}", fontsize=8)
     if not items:
         axes.flat[0].text(0.5, 0.5, "no image flipped from right to wrong", ha="center", va="center")
-    return _save(fig, path)
+    head = (f"{len(items)} images right before and wrong after zeroing "
+            + (filters_text(filters) if filters else "the filters") + " (label, before -> after)")
+    fig.suptitle(f"{title} — {head}" if title else head)
+    add_caption(fig, caption)
+    return fig
 
 
-def sweep_figure(result: dict, path, top: int = 30) -> Path:
+def sweep_figure(result: dict, path, top: int = 30, *, title: str | None = None, caption: str | None = None) -> Path:
     """The ``top`` filters by accuracy drop (bars), and the distribution of drops over every swept filter."""
+    return _save(sweep_fig(result, top, title=title, caption=caption), path)
+
+
+def sweep_fig(result: dict, top: int = 30, *, title: str | None = None, caption: str | None = None):
     plt = _plt()
     rows = result["filters"]
     shown = rows[:top]
@@ -88,26 +183,57 @@ def sweep_figure(result: dict, path, top: int = 30) -> Path:
     ax2.set_xlabel("accuracy drop (percentage points)")
     ax2.set_ylabel("filters")
     ax2.set_title(f"all swept filters ({', '.join(result['layers'])})")
-    return _save(fig, path)
+    head = "one filter zeroed at a time: accuracy drop (before − after)"
+    fig.suptitle(f"{title} — {head}" if title else head)
+    add_caption(fig, caption)
+    return fig
 
 
-def mining_figure(images, entry: dict, path) -> Path:
+def mining_figure(images, entry: dict, path, *, receptive_field: int | None = None, title: str | None = None,
+                  caption: str | None = None) -> Path:
     """One filter: each top image with its max-response patch outlined, and the patch crop beside it."""
+    return _save(mining_fig(images, entry, receptive_field=receptive_field, title=title, caption=caption), path)
+
+
+def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title: str | None = None,
+               caption: str | None = None):
+    """Patches are drawn at one scale: each sits in a window of the receptive field's size (``receptive_field``,
+    else the largest patch shown), so a patch clipped at the image border is drawn smaller, on the side away
+    from the border, not stretched. Filters whose top responses are all negative are flagged in the title."""
     plt = _plt()
     from matplotlib.patches import Rectangle
 
     top = entry["top"]
     n = max(1, len(top))
-    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.2), squeeze=False)
+    sizes = [max(t["patch"][2] - t["patch"][0], t["patch"][3] - t["patch"][1]) for t in top]
+    window = max([receptive_field or 0, *sizes, 1])
+    fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.6), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for k, (item, image) in enumerate(zip(top, images)):
         y0, x0, y1, x1 = item["patch"]
         img = _hwc(image)
+        height, width = img.shape[:2]
         axes[0, k].imshow(img, interpolation="nearest")
         axes[0, k].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
         axes[0, k].set_title(f"#{item['index']} {item['label']}\nr={item['response']:.3g}", fontsize=8)
-        axes[1, k].imshow(img[y0:y1, x0:x1], interpolation="nearest")
-        axes[1, k].set_title(f"patch {y1 - y0}x{x1 - x0}", fontsize=8)
-    fig.suptitle(f"{entry['layer']} filter {entry['filter']}: top {len(top)} images and max-response patches")
-    return _save(fig, path)
+        # clipped at the top/left border: the missing rows/columns are the ones before the patch
+        oy = window - (y1 - y0) if y0 == 0 and y1 - y0 < window and y1 < height else 0
+        ox = window - (x1 - x0) if x0 == 0 and x1 - x0 < window and x1 < width else 0
+        ax = axes[1, k]
+        ax.imshow(img[y0:y1, x0:x1], interpolation="nearest",
+                  extent=(ox - 0.5, ox + x1 - x0 - 0.5, oy + y1 - y0 - 0.5, oy - 0.5))
+        ax.add_patch(Rectangle((-0.5, -0.5), window, window, fill=False, edgecolor="0.6", lw=0.8, ls=":"))
+        ax.set_xlim(-0.5, window - 0.5)
+        ax.set_ylim(window - 0.5, -0.5)
+        clipped = (y1 - y0, x1 - x0) != (window, window)
+        ax.set_title(f"patch {y1 - y0}x{x1 - x0}" + (" (clipped)" if clipped else ""), fontsize=8)
+    negative = bool(top) and all(t["response"] < 0 for t in top)
+    head = f"{entry['layer']} filter {entry['filter']}: top {len(top)} images and max-response patches"
+    if negative:
+        head += "\nwarning: every top response is negative (the filter barely fires on these images)"
+    fig.suptitle(f"{title} — {head}" if title else head, color="tab:red" if negative else "black")
+    note = ("response r = spatial sum of the filter's pre-ReLU map; the red box is the receptive field of the "
+            f"map's largest value (argmax), patches drawn at one scale in a {window}x{window} window")
+    add_caption(fig, f"{note}\n{caption}" if caption else note)
+    return fig

@@ -86,10 +86,10 @@ class ConvLayer:
     name: str
     target: str
     filters: int
-    in_channels: int
-    groups: int
+    in_channels: int | None
+    groups: int | None
     kernel: tuple[int, int]
-    stride: tuple[int, int]
+    stride: tuple[int, int] | None
     rf: int | None = None
     jump: int | None = None
     start: float | None = None
@@ -100,7 +100,7 @@ class ConvLayer:
     def to_json(self) -> dict:
         return {"name": self.name, "aliases": list(self.aliases), "filters": self.filters,
                 "in_channels": self.in_channels, "groups": self.groups, "kernel": list(self.kernel),
-                "stride": list(self.stride), "receptive_field": self.rf, "jump": self.jump, "start": self.start,
+                "stride": list(self.stride) if self.stride else None, "receptive_field": self.rf, "jump": self.jump, "start": self.start,
                 "out_size": self.out_size}
 
 
@@ -221,10 +221,13 @@ def _torch_table(module, size: int, name: str, zoo: bool) -> LayerTable:
         g = geometry.get(path) if geometry is not None else None
         alias = f"conv{i}"
         shown = alias if zoo else path
+        # a traced TorchScript conv keeps its weight but not its settings: those stay unknown (None), never guessed
+        groups, stride = getattr(conv, "groups", None), getattr(conv, "stride", None)
         layers[shown] = ConvLayer(
-            name=shown, target=path, filters=int(weight.shape[0]), in_channels=int(weight.shape[1]) * int(conv.groups),
-            groups=int(conv.groups), kernel=tuple(int(k) for k in weight.shape[2:]),
-            stride=tuple(int(s) for s in conv.stride), rf=g[0] if g else None, jump=g[1] if g else None,
+            name=shown, target=path, filters=int(weight.shape[0]),
+            in_channels=int(weight.shape[1]) * int(groups) if groups else None,
+            groups=int(groups) if groups else None, kernel=tuple(int(k) for k in weight.shape[2:]),
+            stride=tuple(int(v) for v in stride) if stride else None, rf=g[0] if g else None, jump=g[1] if g else None,
             start=g[2] if g else None, out_size=sizes.get(path), aliases=(path,) if zoo else (),
             probe=probes.get(path, path))
     if not layers:

@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
         for i, layer in enumerate(table.layers.values(), 1):
             name = layer.name + (f" ({', '.join(layer.aliases)})" if layer.aliases else "")
             out.add_row(str(i), name, str(layer.filters), "x".join(map(str, layer.kernel)),
-                        "x".join(map(str, layer.stride)), str(layer.groups),
+                        "x".join(map(str, layer.stride)) if layer.stride else "-",
+                        "-" if layer.groups is None else str(layer.groups),
                         "-" if layer.out_size is None else str(layer.out_size),
                         "-" if layer.rf is None else str(layer.rf))
         console.print(out)

@@ -201,8 +201,21 @@ def build_graph(module: nn.Module, size: int | tuple[int, int] = 32, channels: i
     """The IR of ``module`` (eval semantics: BN uses running statistics, dropout is identity) for square or
     ``(H, W)`` inputs of ``size``. Raises :class:`UnsupportedOp` for a spatial op it cannot represent."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    gm = module if isinstance(module, fx.GraphModule) else fx.symbolic_trace(module)
-    return _Builder(gm, size, channels).build()
+    return _Builder(trace(module), size, channels).build()
+
+
+def trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace``, with a module it cannot trace (Python control flow on tensor values, a
+    TorchScript module) refused as :class:`UnsupportedOp`."""
+    if isinstance(module, fx.GraphModule):
+        return module
+    if isinstance(module, torch.jit.ScriptModule):
+        raise UnsupportedOp("TorchScript module", type(module).__name__, "cannot be traced by torch.fx")
+    try:
+        return fx.symbolic_trace(module)
+    except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError... depending on the construct
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedOp("torch.fx trace", type(module).__name__, f"failed: {first[:200]}") from None
 
 
 class _Builder:

@@ -226,13 +226,13 @@ class GraphOcclusion:
 
     def __init__(self, module, device=None, chunk: int = 160, buckets: int = 3, workers: int | None = None,
                  size: int | tuple[int, int] = 32, step_elements: int | None = None):
-        from torch import fx
+        from .graph import trace
 
         params = list(module.parameters())
         self.device = torch.device(device) if device is not None else (params[0].device if params else
                                                                         torch.device("cpu"))
         self.module = module.eval().to(self.device)
-        self.traced = fx.symbolic_trace(self.module)
+        self.traced = trace(self.module)
         self.chunk, self.buckets = chunk, buckets
         self.step_elements = step_elements or STEP_ELEMENTS.get(self.device.type, STEP_ELEMENTS["cuda"])
         self.workers = workers or cpu_workers()

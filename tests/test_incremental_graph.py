@@ -331,6 +331,26 @@ def test_unsupported_op_is_refused_by_name(model, op):
     assert op in info.value.op and f"op {info.value.op}" in str(info.value)
 
 
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        y = self.c(x)
+        if y.sum() > 0:  # control flow on a tensor value: torch.fx cannot trace it
+            y = -y
+        return self.fc(y.mean((2, 3)))
+
+
+def test_untraceable_model_is_refused():
+    with pytest.raises(UnsupportedOp, match="torch.fx trace"):
+        GraphOcclusion(Branchy().eval(), "cpu")
+    with pytest.raises(UnsupportedOp, match="TorchScript"):
+        GraphOcclusion(torch.jit.script(Rolls().eval()), "cpu")
+
+
 class Sneaky(nn.Module):
     """Python state in ``forward``: from call ``switch`` on it computes something else than tracing saw."""
 

@@ -344,6 +344,7 @@ class Branchy(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_untraceable_model_is_refused():
     with pytest.raises(UnsupportedOp, match="torch.fx trace"):
         GraphOcclusion(Branchy().eval(), "cpu")

@@ -71,7 +71,7 @@ def zeroed_model(model, selection: Selection, zero_bias: bool = False, table=Non
     ``zero_bias``) set to zero; the layers are found through ``table`` (default: ``model``'s own)."""
     from ..filters import layer_table
 
-    table = layer_table(model) if table is None else table
+    table = layer_table(model if table is None else table)
     variant = copy.deepcopy(model)
     variant.eval()
     with torch.no_grad():
@@ -123,8 +123,10 @@ def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = Fals
     it (opened with the same backend, device and precision: a compiled backend compiles the variant). Without
     one, a runtime with an ONNX file: the graph with the Conv weight slices zeroed, run through the same backend
     with the source's input contract (normalization, classes, fixed batch)."""
+    from ..filters import layer_table
     from ..runtime import open_runtime
 
+    table = layer_table(table)
     source = getattr(runtime, "source", None)
     backend = getattr(runtime, "backend", None) or runtime.name
     opts = {"device": runtime.device, "precision": getattr(runtime, "precision", "fp32")}

@@ -1,6 +1,7 @@
 """Where output goes: JSON results alone on stdout, progress bars and tables on stderr."""
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
@@ -8,7 +9,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .io import to_json
 
-console = Console(stderr=True)
+#: a table written to a file or a pipe (``cifarbench bench --from run.json > report.txt``, ``2> log``) is
+#: printed whole: rich would otherwise cut it to 80 columns ("ima…") since a file has no width. ``COLUMNS``
+#: still wins when set, as for any terminal program.
+WIDE = 4096
+
+
+def make_console(stderr: bool = True, **kwargs) -> Console:
+    """A rich console that fits the terminal when it is one, and never cuts lines when it is a file or pipe."""
+    probe = Console(stderr=stderr, **kwargs)
+    if not probe.is_terminal and "width" not in kwargs and not os.environ.get("COLUMNS"):
+        return Console(stderr=stderr, width=WIDE, **kwargs)
+    return probe
+
+
+console = make_console(stderr=True)
 
 
 def emit_json(obj) -> None:

@@ -31,6 +31,14 @@ from .io import atomic_path
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_DATA_DIR = Path(os.environ.get("CIFARBENCH_DATA_DIR", Path.home() / ".cache" / "cifarbench" / "data"))
+#: names the default ``--data`` (a path to a CIFAR-10 folder or archive, or ``cifar10``/``synthetic``), so a
+#: machine without internet can point every command at its own copy once
+DATA_ENV = "CIFARBENCH_DATA"
+#: what to tell a user whose ``cifar10`` cannot be downloaded
+OFFLINE_HINT = (f"pass --data PATH (an official cifar-10-batches-py folder, an image-folder root or its .tar.gz), "
+                f"or set {DATA_ENV}=PATH once for every command")
+#: the zoo nets' bundled INT8 calibration set (CIFAR-10 training images, uint8) and its provenance file
+CALIBRATION_NAME = "calib-cifar10-250"
 CACHE_DIR = Path(os.environ.get("CIFARBENCH_CACHE_DIR", Path.home() / ".cache" / "cifarbench"))
 
 #: one image file (or archive member) at most; a 32x32 image is a few KB even as an uncompressed BMP, so this
@@ -67,6 +75,20 @@ class Dataset:
 
     def float_images(self, device="cpu") -> torch.Tensor:
         return self.images.to(device).float().div_(255)
+
+
+def default_data() -> str:
+    """The default ``--data``: ``$CIFARBENCH_DATA`` when set (and not blank), else ``cifar10``."""
+    value = os.environ.get(DATA_ENV, "").strip()
+    return value or "cifar10"
+
+
+def data_settings() -> dict:
+    """What ``cifarbench models``/``config`` shows: the default data, where it comes from, and the caches."""
+    env = os.environ.get(DATA_ENV, "").strip()
+    return {"data": default_data(), "data_from": f"${DATA_ENV}" if env else "built-in default",
+            "data_dir": str(DEFAULT_DATA_DIR), "cache_dir": str(CACHE_DIR),
+            "calibration": str(_calibration_paths()[0])}
 
 
 def load_split(source: str, split: str, data_dir: str | Path | None = None,
@@ -166,8 +188,8 @@ def _torchvision(root: Path, split: str, download: bool, classes: tuple[str, ...
         try:
             ds = CIFAR10(str(root), train=split == "train", download=True)
         except Exception as exc:  # urllib/ssl/socket errors: the message is what matters
-            raise UserError(f"cannot download CIFAR-10 to {root} ({type(exc).__name__}); put the official "
-                            f"cifar-10-batches-py there or point --data-dir at it") from None
+            raise UserError(f"cannot download CIFAR-10 to {root} ({type(exc).__name__}); {OFFLINE_HINT} "
+                            f"(or put the official cifar-10-batches-py under --data-dir)") from None
     images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)))
     targets = np.asarray(ds.targets, dtype=np.int64)
     if targets.size and (targets.min() < 0 or targets.max() >= len(ds.classes)):
@@ -407,3 +429,95 @@ def augment(images: torch.Tensor, generator: torch.Generator, crop: bool = True,
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+# ---------------------------------------------------------------- the bundled calibration set
+
+
+def _calibration_paths() -> tuple[Path, Path]:
+    from importlib import resources
+
+    folder = Path(str(resources.files("cifarbench.models").joinpath("weights")))
+    return folder / f"{CALIBRATION_NAME}.npz", folder / f"{CALIBRATION_NAME}.json"
+
+
+def bundled_calibration(classes: tuple[str, ...] | list[str] | None = None) -> Dataset:
+    """The zoo nets' INT8 calibration set: 250 CIFAR-10 training images (25 per class, uint8), shipped beside
+    the bundled weights, so ``--backend onnx-int8`` and ``export --to onnx-int8`` work offline. Its JSON file
+    records the source archive, the members chosen, and the sha256 checked here before the images are used."""
+    npz, meta_path = _calibration_paths()
+    if not npz.is_file() or not meta_path.is_file():
+        raise UserError(f"the bundled calibration set is missing ({npz.name}); pass --calib-data PATH")
+    import json
+
+    meta = json.loads(meta_path.read_text())
+    if _sha256_file(npz) != meta["sha256"]:
+        raise UserError(f"{npz}: does not match the sha256 in {meta_path.name} (damaged install); reinstall "
+                        f"cifarbench or pass --calib-data PATH")
+    with np.load(npz, allow_pickle=False) as f:
+        images, which, names = f["images"], f["labels"], tuple(str(c) for c in f["classes"])
+    classes = _check_classes(classes)
+    labels, missing = _labels(names, which.astype(np.int64), classes, npz.name)
+    return Dataset(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), classes,
+                   f"calibration:{meta['images_sha256'][:16]}", missing)
+
+
+def build_calibration(archive: str | Path, out_dir: str | Path, per_class: int = 25, seed: int = 0) -> Path:
+    """Build ``CALIBRATION_NAME.npz`` and its provenance JSON from a CIFAR-10 image-folder archive (the
+    ``train/<class>/*`` members): ``per_class`` images of each class, chosen with ``numpy.random.default_rng(seed)``
+    among that class's members sorted by name. Run once by the maintainers; recorded here so it can be rerun::
+
+        python -c "from cifarbench.data import build_calibration as b; b('../shared/data/cifar10-jpeg75.tar.gz', 'models/weights')"
+    """
+    import io
+    import json
+
+    from .io import write_json
+
+    archive, out_dir = Path(archive), Path(out_dir)
+    with tarfile.open(archive, "r:*") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and m.name.lstrip("./").startswith("train/")
+                   and Path(m.name).suffix.lower() in IMAGE_SUFFIXES]
+        by_class: dict[str, list] = {}
+        for m in members:
+            by_class.setdefault(Path(m.name).parent.name, []).append(m)
+        unknown = sorted(set(by_class) - set(CLASSES))
+        if unknown:
+            raise UserError(f"{archive}: classes {unknown} are not CIFAR-10's")
+        rng = np.random.default_rng(seed)
+        chosen, picked = [], {}
+        for label, cls in enumerate(CLASSES):
+            pool = sorted(by_class.get(cls, []), key=lambda m: m.name)
+            if len(pool) < per_class:
+                raise UserError(f"{archive}: {cls} has {len(pool)} training images, fewer than {per_class}")
+            idx = sorted(int(i) for i in rng.choice(len(pool), per_class, replace=False))
+            picked[cls] = idx
+            chosen += [(label, pool[i]) for i in idx]
+        images = np.empty((len(chosen), 3, 32, 32), np.uint8)
+        labels = np.empty(len(chosen), np.int64)
+        for n, (label, m) in enumerate(chosen):
+            blob = tar.extractfile(m).read(MAX_IMAGE_BYTES + 1)
+            pixels, _ = _decode_one(blob, m.name)
+            images[n], labels[n] = pixels.transpose(2, 0, 1), label
+    npz = out_dir / f"{CALIBRATION_NAME}.npz"
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=images, labels=labels, classes=np.array(CLASSES))
+    with atomic_path(npz) as tmp:
+        tmp.write_bytes(buf.getvalue())
+    meta = {
+        "name": CALIBRATION_NAME, "purpose": "INT8 calibration of the zoo nets (ONNX Runtime static quantization)",
+        "images": len(chosen), "per_class": per_class, "classes": list(CLASSES), "layout": "uint8 [N, 3, 32, 32] RGB",
+        "source": {"file": archive.name, "sha256": _sha256_file(archive), "split": "train",
+                   "description": "CIFAR-10 (Krizhevsky, 2009) training images, public copy re-encoded as JPEG q75"},
+        "selection": {"seed": seed, "rule": "per class: numpy.random.default_rng(seed).choice over that class's "
+                                            "train/<class>/ members sorted by name, without replacement",
+                      "indices": picked, "members": [m.name for _, m in chosen]},
+        "license": "CIFAR-10 is distributed by its authors (https://www.cs.toronto.edu/~kriz/cifar.html) for "
+                   "research use with no stated license; cite Krizhevsky, Learning Multiple Layers of Features "
+                   "from Tiny Images, 2009.",
+        "images_sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+        "sha256": _sha256_file(npz),
+        "built_by": "cifarbench.data.build_calibration",
+    }
+    write_json(out_dir / f"{CALIBRATION_NAME}.json", meta)
+    return npz

@@ -378,3 +378,116 @@ def test_sweep_curves_for_one_epoch_are_bars():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["run0", "run1", "run2"]
     plt.close(fig)
     assert set(plt.get_fignums()) == before
+
+
+# ------------------------------------------------------------------------------------------------ offline defaults
+def test_default_data_comes_from_the_environment(monkeypatch):
+    from cifarbench.data import data_settings, default_data
+
+    monkeypatch.delenv("CIFARBENCH_DATA", raising=False)
+    assert default_data() == "cifar10" and data_settings()["data_from"] == "built-in default"
+    monkeypatch.setenv("CIFARBENCH_DATA", "  ")
+    assert default_data() == "cifar10"
+    monkeypatch.setenv("CIFARBENCH_DATA", "/data/cifar10-jpeg75.tar.gz")
+    assert default_data() == "/data/cifar10-jpeg75.tar.gz"
+    assert data_settings()["data_from"] == "$CIFARBENCH_DATA"
+
+
+def test_a_failed_download_names_data_path_and_the_setting(monkeypatch, tmp_path):
+    import torchvision.datasets
+
+    from cifarbench.data import load_split
+    from cifarbench.errors import UserError
+
+    class Offline:  # torchvision's CIFAR10 on a machine without network: not there, and the download fails
+        def __init__(self, root, train=True, download=False):
+            raise RuntimeError("Dataset not found") if not download else OSError("Network is unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(UserError) as exc:
+        load_split("cifar10", "test", data_dir=tmp_path)
+    assert "--data PATH" in str(exc.value) and "CIFARBENCH_DATA" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_bundled_calibration_set_is_class_balanced_uint8_and_matches_its_provenance():
+    from cifarbench.data import CLASSES, _calibration_paths, bundled_calibration
+
+    ds = bundled_calibration()
+    npz, meta_path = _calibration_paths()
+    meta = json.loads(meta_path.read_text())
+    assert ds.images.dtype.is_floating_point is False and str(ds.images.dtype) == "torch.uint8"
+    assert tuple(ds.images.shape) == (250, 3, 32, 32) and ds.classes == CLASSES
+    assert np.bincount(ds.labels.numpy(), minlength=10).tolist() == [25] * 10
+    assert hashlib.sha256(npz.read_bytes()).hexdigest() == meta["sha256"]
+    assert hashlib.sha256(ds.images.numpy().tobytes()).hexdigest() == meta["images_sha256"]
+    members = meta["selection"]["members"]
+    assert len(members) == 250 and all(m.lstrip("./").startswith("train/") for m in members)
+    assert [m.split("/")[-2] for m in members] == [CLASSES[i] for i in ds.labels.tolist()]
+    assert meta["source"]["split"] == "train" and "license" in meta
+    # a model with its classes in another order gets labels by name
+    flipped = bundled_calibration(classes=CLASSES[::-1])
+    assert (flipped.labels == 9 - ds.labels).all()
+
+
+def test_bundled_calibration_images_are_the_archive_members_decoded():
+    archive = REPO.parent / "shared" / "data" / "cifar10-jpeg75.tar.gz"
+    if not archive.is_file():
+        pytest.skip("../shared/data is absent")
+    import tarfile
+
+    from PIL import Image
+
+    from cifarbench.data import _calibration_paths, bundled_calibration
+
+    meta = json.loads(_calibration_paths()[1].read_text())
+    assert hashlib.sha256(archive.read_bytes()).hexdigest() == meta["source"]["sha256"]
+    ds = bundled_calibration()
+    want = {m: i for i, m in enumerate(meta["selection"]["members"]) if i % 25 == 0}  # one per class
+    with tarfile.open(archive) as tar:
+        for m in tar:
+            if m.name in want:
+                pixels = np.asarray(Image.open(tar.extractfile(m)).convert("RGB")).transpose(2, 0, 1)
+                assert (ds.images[want.pop(m.name)].numpy() == pixels).all(), m.name
+    assert not want
+
+
+def test_a_damaged_calibration_file_is_one_error(monkeypatch, tmp_path):
+    import shutil
+
+    from cifarbench import data
+    from cifarbench.errors import UserError
+
+    npz, meta = data._calibration_paths()
+    bad_npz, bad_meta = tmp_path / npz.name, tmp_path / meta.name
+    shutil.copy(meta, bad_meta)
+    blob = bytearray(npz.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    bad_npz.write_bytes(bytes(blob))
+    monkeypatch.setattr(data, "_calibration_paths", lambda: (bad_npz, bad_meta))
+    with pytest.raises(UserError, match="sha256.*--calib-data PATH"):
+        data.bundled_calibration()
+    bad_npz.unlink()
+    with pytest.raises(UserError, match="missing.*--calib-data PATH"):
+        data.bundled_calibration()
+
+
+# ------------------------------------------------------------------------------------------------ whole tables
+_TABLE = """
+from rich.table import Table
+from cifarbench.console import console
+t = Table(title="wide")
+for i in range(9):
+    t.add_column(f"images per second {i}")
+t.add_row(*[f"GFLOP/s value {i}" for i in range(9)])
+console.print(t)
+"""
+
+
+def test_tables_written_to_a_file_are_whole(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    with open(tmp_path / "report.txt", "w") as f:
+        subprocess.run([sys.executable, "-c", _TABLE], stderr=f, cwd=REPO, env=env, check=True, timeout=120)
+    text = (tmp_path / "report.txt").read_text()
+    assert "…" not in text
+    assert all(f"images per second {i}" in text and f"GFLOP/s value {i}" in text for i in range(9))
+    assert max(len(line) for line in text.splitlines()) > 120

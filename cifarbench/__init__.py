@@ -12,4 +12,25 @@ def occlusion_map(model, image, k, **kwargs):
     return _occlusion_map(model, image, k, **kwargs)
 
 
-__all__ = ["UserError", "occlusion_map", "create_model", "list_models", "load_model", "__version__"]
+def open_runtime(model, backend="auto", device=None, precision="fp32", **options):
+    """See :func:`cifarbench.artifacts.open_runtime` (imported on first use to keep start-up light)."""
+    from .artifacts import open_runtime as _open_runtime
+
+    return _open_runtime(model, backend, device, precision, **options)
+
+
+def resolve_source(spec, **contract):
+    """See :func:`cifarbench.source.resolve_source`."""
+    from .source import resolve_source as _resolve_source
+
+    return _resolve_source(spec, **contract)
+
+
+def export(model, to="onnx", out=None, **options):
+    """See :func:`cifarbench.export.export` (imported on first use to keep start-up light)."""
+    from .export import export as _export
+
+    return _export(model, to, out, **options)
+
+
+__all__ = ["UserError", "occlusion_map", "open_runtime", "resolve_source", "export", "create_model", "list_models", "load_model", "__version__"]

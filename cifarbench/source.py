@@ -55,7 +55,7 @@ from typing import Any
 
 from .errors import UserError
 
-KINDS = ("zoo", "checkpoint", "module", "torchscript", "exported-program", "aoti", "onnx", "state-dict")
+KINDS = ("zoo", "checkpoint", "module", "torchscript", "exported-program", "aoti", "onnx", "state-dict", "tensorrt")
 #: the ``metadata_props`` prefix of cifarbench's ONNX files (the same as ``cifarbench.export.onnx.META_PREFIX``)
 META_PREFIX = "cifarbench."
 DEFAULT_INPUT_SIZE = 32
@@ -932,5 +932,18 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
                        fixed_batch=loaded.fixed_batch, metadata=dict(meta))
 
 
-__all__ = ["KINDS", "ModelSource", "resolve_source", "build_arch", "parse_arch_kw", "parse_classes",
+def source_from_contract(kind: str, name: str, *, input_size: int, num_classes: int, metadata: dict | None = None,
+                         path: Path | None = None, onnx_path: Path | None = None, fixed_batch: int | None = None,
+                         digest: str = "", provenance: dict | None = None) -> ModelSource:
+    """A :class:`ModelSource` for a graph whose shapes the caller has read already (an in-memory ONNX graph, a
+    TensorRT engine's header): the contract (classes, mean/std; a zoo net's ``spec`` means normalization inside)
+    comes from cifarbench's ``metadata`` under the same rules as :func:`resolve_source`. Nothing is run."""
+    meta = dict(metadata or {})
+    loaded = _Loaded(kind, name, onnx_path=onnx_path, path=path, digest=digest, provenance=provenance or {},
+                     metadata=meta, fixed_batch=fixed_batch, size=input_size, num_classes=num_classes,
+                     normalizes_inside="spec" in meta)
+    return _finish(loaded, None, None, None, None)
+
+
+__all__ = ["KINDS", "ModelSource", "resolve_source", "source_from_contract", "build_arch", "parse_arch_kw", "parse_classes",
            "parse_contract", "file_digest", "module_digest", "default_classes"]

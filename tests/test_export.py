@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cifarbench.errors import UserError
-from cifarbench.export import cached_artifact, export
+from cifarbench.artifacts import cached_artifact
+from cifarbench.export import export
 from cifarbench.export.onnx import load_onnx, model_digest, read_metadata
 from cifarbench.runtime.ort import OrtRuntime
 from conftest import random_model
@@ -163,7 +164,7 @@ def test_int8_refuses_a_quantized_source(int8_export):
 
 def test_int8_accuracy_report_counts_like_naive():
     from cifarbench.data import load_split
-    from cifarbench.export.int8 import int8_accuracy_report
+    from cifarbench.artifacts import int8_accuracy_report
 
     model = fitted_model("net1")
     path = cached_artifact(model, "onnx-int8", calib=128, calib_data="synthetic")

@@ -346,7 +346,7 @@ def net1():
 def test_int8_cache_tells_calibration_sets_with_one_name_apart(tmp_path, net1):
     """The issue's collision: ``--calib-data data.tar.gz`` from two folders reused the first artifact."""
     from cifarbench.checkpoint import file_sha256
-    from cifarbench.export import cached_artifact
+    from cifarbench.artifacts import cached_artifact
     from cifarbench.runtime.ort import OrtRuntime
 
     black = _archive(tmp_path / "black" / "data.tar.gz", black=True)
@@ -366,7 +366,7 @@ def test_artifact_key_holds_weights_options_recipe_and_every_version():
     import onnxruntime
 
     from cifarbench import __version__
-    from cifarbench.export import artifact_key, artifact_recipe
+    from cifarbench.artifacts import artifact_key, artifact_recipe
 
     recipe = artifact_recipe("w" * 64, "onnx-int8", {"calib": 8, "seed": 0, "calib_sha256": "c" * 64})
     tools = recipe["toolchain"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cifarbench.errors import UserError
-from cifarbench.export import cached_artifact
+from cifarbench.artifacts import cached_artifact
 from cifarbench.parity import error_metrics, judge
 from cifarbench.runtime import TorchRuntime, open_runtime, resolve_backend
 from cifarbench.runtime.ort import OrtRuntime
@@ -94,8 +94,8 @@ def test_open_onnx_artifacts():
     assert open_runtime(fp32, device="cpu").name == "onnxruntime"
     assert open_runtime(int8, device="cpu").name == "onnx-int8"
     assert open_runtime(int8, "onnx-int8", device="cpu").precision == "int8"
-    with pytest.raises(UserError, match="fp32 ONNX model"):
-        open_runtime(fp32, "onnx-int8", device="cpu")
+    # an fp32 file on the int8 backend is quantized (calibrated through its contract), not refused
+    assert open_runtime(fp32, "onnx-int8", device="cpu", **CALIB).precision == "int8"
     with pytest.raises(UserError, match="runs with --backend onnxruntime"):
         open_runtime(fp32, "torch", device="cpu")
 
@@ -111,7 +111,8 @@ def test_ort_runtime_from_proto_bytes_and_path():
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
     rt = OrtRuntime(proto)
-    assert rt.source == "in-memory" and rt.net == "net1" and rt.proto is proto
+    assert rt.onnx_path() is None and rt.net == "net1" and rt.onnx_graph() is proto
+    assert OrtRuntime(path).onnx_path() == path and rt.torch_module() is None
     assert set(rt.outputs(x)) == {"logits"}
 
 

@@ -1,10 +1,14 @@
-"""Export a model to ONNX, INT8 ONNX, AOTInductor or TensorRT: ``export(model, to=..., out=...)``.
+"""Export any model source to ONNX, INT8 ONNX, AOTInductor or TensorRT: ``export(model, to=..., out=...)``.
 
-``cached_artifact`` does the same into a cache folder, under a key of everything that determines the artifact's
-bytes (:func:`artifact_recipe`): the weights' digest, the target and its options, the calibration images' own
-bytes for INT8, the exporter's recipe version and the versions of cifarbench, torch, onnx (and opset), onnxscript
-and onnxruntime. So ``--backend onnxruntime`` on a zoo name exports once and every later run reuses it, while
-other weights, other calibration images (even under the same file name) or an upgraded library get a new one.
+``model`` is anything :func:`cifarbench.source.resolve_source` takes (a :class:`~cifarbench.source.ModelSource`
+passes through). From a torch source (zoo net, checkpoint, module, state_dict + arch, TorchScript, ExportedProgram)
+every target is made from its module; from an ONNX source, ``onnx`` copies the graph with cifarbench's metadata,
+``onnx-int8`` quantizes the file itself and ``tensorrt`` builds an engine from it (AOTInductor needs a torch
+module). Artifacts take the model's own input and carry its contract (classes, mean/std, input size) in their
+metadata; INT8 calibration images are [0, 1] pixels normalized through that contract.
+
+This layer only writes files. Caching artifacts under a content key and choosing a backend live one layer up, in
+:mod:`cifarbench.artifacts`; export never imports :mod:`cifarbench.runtime` (nor the other way round).
 """
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
-import torch
 
 from ..errors import UserError
 
@@ -23,82 +25,19 @@ DEFAULT_CALIB = 512
 #: bumped when the quantization recipe changes, so cached INT8 models from an older recipe are not reused
 INT8_RECIPE = "v2"
 #: the exporter's own recipe per target (bump one when its code changes what it writes)
-RECIPES = {"onnx": "v1", "onnx-int8": INT8_RECIPE, "aoti": "v1", "tensorrt": "v1"}
-#: distributions whose versions go into every cache key
-TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
+RECIPES = {"onnx": "v2", "onnx-int8": INT8_RECIPE, "aoti": "v2", "tensorrt": "v2"}
 
 
 def default_calib_data() -> str:
-    """Calibration images come from this source unless the caller names one (``--data``)."""
+    """Calibration images come from this source unless the caller names one (``--calib-data``/``--data``)."""
     return os.environ.get("CIFARBENCH_CALIB_DATA", "cifar10")
 
 
-def cache_root() -> Path:
-    from .. import data  # read at call time: tests point data.CACHE_DIR at a temp folder
-
-    return Path(data.CACHE_DIR) / "artifacts"
-
-
-def toolchain_versions() -> dict[str, str]:
-    """The installed versions of :data:`TOOLCHAIN` (``absent`` for one not installed) and the ONNX opset."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from .onnx import OPSET
-
-    out = {}
-    for name in TOOLCHAIN:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "absent"
-    out["torch_runtime"] = torch.__version__  # a local build (+cu128, +git...) keeps the same dist version
-    out["opset"] = str(OPSET)
-    return out
-
-
-def images_sha256(images: torch.Tensor) -> str:
+def images_sha256(images) -> str:
     """sha256 of a batch of images' shape and values: the identity of a calibration set, by content."""
     h = hashlib.sha256(json.dumps([list(images.shape), str(images.dtype)]).encode())
     h.update(images.detach().to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def artifact_recipe(weights_sha256: str, to: str, options: dict) -> dict:
-    """Everything that determines a cached artifact's bytes; :func:`artifact_key` is its digest."""
-    return {"weights_sha256": weights_sha256, "target": to, "recipe": RECIPES[to],
-            "options": dict(sorted(options.items())), "toolchain": toolchain_versions()}
-
-
-def artifact_key(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-
-
-def cached_artifact(model, to: str, **options) -> Path:
-    """The artifact for ``model`` from the cache, exporting it the first time (see the module docstring)."""
-    from .onnx import model_digest
-
-    check_target(to)
-    if to == "tensorrt":
-        return _cached_engine(model, **options)
-    weights = model_digest(model)
-    key_opts: dict = {}
-    images = None
-    if to == "aoti":
-        key_opts = {"device": torch.device(options.get("device", "cpu")).type,
-                    "precision": options.get("precision", "fp32")}
-    elif to == "onnx-int8":
-        from .int8 import calibration_images
-
-        # the images themselves, not the --calib-data string: two data.tar.gz in two folders are two sets
-        images = calibration_images(options.get("calib_data") or default_calib_data(),
-                                    options.get("calib", DEFAULT_CALIB), options.get("seed", 0),
-                                    options.get("data_dir"))
-        key_opts = {"calib": len(images), "seed": options.get("seed", 0), "calib_sha256": images_sha256(images)}
-    key = artifact_key(artifact_recipe(weights, to, key_opts))
-    path = cache_root() / weights[:16] / f"{model.name}.{to}.{key[:24]}{SUFFIXES[to]}"
-    if not path.is_file():
-        export(model, to=to, out=path, calib_images=images, **options)
-    return path
 
 
 def check_target(to: str) -> None:
@@ -106,69 +45,92 @@ def check_target(to: str) -> None:
         raise UserError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
 
 
+def calibration_set(source, calib: int = DEFAULT_CALIB, calib_data: str | None = None, seed: int = 0,
+                    data_dir=None):
+    """``calib`` [0, 1] training images of the source's size from ``calib_data`` (a seeded subset)."""
+    from .int8 import calibration_images
+
+    images = calibration_images(calib_data or default_calib_data(), calib, seed, data_dir)
+    if tuple(images.shape[1:]) != source.input_shape:
+        raise UserError(f"calibration images are {list(images.shape[1:])} but {source.name} takes "
+                        f"{list(source.input_shape)}; give --calib-data with {source.input_size}x{source.input_size} "
+                        f"images")
+    return images
+
+
 def export(model, to: str = "onnx", out: str | Path | None = None, precision: str = "fp32",
-           device: str | torch.device = "cpu", calib: int = DEFAULT_CALIB, calib_data: str | None = None,
+           device="cpu", calib: int = DEFAULT_CALIB, calib_data: str | None = None,
            data_dir=None, seed: int = 0, max_batch: int | None = None, opt_batch: int | None = None,
-           calib_images: torch.Tensor | None = None) -> Path:
-    """Write ``model`` (a module, zoo name or checkpoint) as a ``to`` artifact at ``out`` and return the path.
+           calib_images=None, onnx_path: str | Path | None = None, **contract) -> Path:
+    """Write ``model`` as a ``to`` artifact at ``out`` and return the path.
 
     ``precision``: fp32, or fp16/int8 for TensorRT, fp16/bf16 for AOTInductor on CUDA. ``calib`` training images
-    from ``calib_data`` calibrate the INT8 targets (or ``calib_images``, already drawn by the caller).
+    from ``calib_data`` calibrate the INT8 targets (or ``calib_images``: [0, 1] pixels already drawn by the
+    caller; the contract's normalization is applied here). ``onnx_path``: an fp32 ONNX export of the same source
+    to build a TensorRT engine or INT8 model from (the artifacts cache passes its own). ``contract``: ``arch``,
+    ``arch_kw``, ``mean``, ``std``, ``classes``, ``input_size`` for :func:`~cifarbench.source.resolve_source`.
     """
-    from ..runtime import resolve_module
+    from .onnx import as_source
 
     check_target(to)
-    model = resolve_module(model)
-    out = Path(out) if out else Path(f"{model.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
+    source = as_source(model, **contract)
+    out = Path(out) if out else Path(f"{_safe(source.name)}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
     if to == "onnx":
         from .onnx import export_onnx
 
-        return export_onnx(model, out)
+        return export_onnx(source, out)
+    if to in ("onnx-int8", "tensorrt") and (to == "onnx-int8" or precision == "int8") and calib_images is None:
+        calib_images = calibration_set(source, calib, calib_data, seed, data_dir)
     if to == "onnx-int8":
-        from .int8 import calibration_images, export_int8
+        from .int8 import export_int8
 
-        images = calib_images if calib_images is not None else \
-            calibration_images(calib_data or default_calib_data(), calib, seed, data_dir)
-        return export_int8(cached_artifact(model, "onnx"), out, images)
+        return export_int8(_onnx_of(source, onnx_path), out, source.normalize(calib_images), source)
     if to == "aoti":
         from .aoti import export_aoti
 
-        return export_aoti(model, out, device=device, precision=precision)
+        return export_aoti(source, out, device=device, precision=precision)
     from .tensorrt import build_engine, make_profile
 
-    images = calib_images
-    if precision == "int8" and images is None:
-        from .int8 import calibration_images
+    profile = make_profile(**({"max_batch": max_batch} if max_batch else {}), opt_batch=opt_batch,
+                           input_size=source.input_size)
+    if source.fixed_batch:
+        profile = make_profile(max_batch=source.fixed_batch, opt_batch=source.fixed_batch,
+                               min_batch=source.fixed_batch, input_size=source.input_size)
+    from .onnx import model_metadata
 
-        images = calibration_images(calib_data or default_calib_data(), calib, seed, data_dir)
-    profile = make_profile(**({"max_batch": max_batch} if max_batch else {}), opt_batch=opt_batch)
-    return build_engine(cached_artifact(model, "onnx"), out, precision=precision, profile=profile,
-                        calib_images=images, cache_dir=cache_root() / "tensorrt")
+    images = source.normalize(calib_images) if calib_images is not None else None
+    return build_engine(_onnx_of(source, onnx_path), out, precision=precision, profile=profile,
+                        calib_images=images, cache_dir=out.parent, meta=model_metadata(source, precision))
 
 
-def _cached_engine(model, precision: str = "fp32", max_batch: int | None = None, opt_batch: int | None = None,
-                   **options) -> Path:
-    """Engines are cached by (ONNX sha256, TensorRT version, GPU name, precision, profile, and for INT8 the
-    calibration images' sha256), plus the toolchain of :func:`toolchain_versions`."""
-    from ..checkpoint import file_sha256
-    from .tensorrt import _require_tensorrt, engine_cache_key, make_profile
+def _onnx_of(source, onnx_path):
+    """The fp32 graph to quantize or compile: ``onnx_path`` if given, an ONNX source's own file, else a fresh
+    export (in memory)."""
+    if onnx_path is not None:
+        return Path(onnx_path)
+    if source.kind == "onnx":
+        return source.onnx_path
+    from .onnx import to_onnx_proto
 
-    trt = _require_tensorrt()
-    onnx_path = cached_artifact(model, "onnx")
-    profile = make_profile(**({"max_batch": max_batch} if max_batch else {}), opt_batch=opt_batch)
-    images = None
-    if precision == "int8":
-        from .int8 import calibration_images
+    return to_onnx_proto(source)
 
-        images = calibration_images(options.get("calib_data") or default_calib_data(),
-                                    options.get("calib", DEFAULT_CALIB), options.get("seed", 0),
-                                    options.get("data_dir"))
-    key = engine_cache_key(file_sha256(onnx_path), trt.__version__, torch.cuda.get_device_name(), precision, profile,
-                           calib_sha256=images_sha256(images) if images is not None else None,
-                           toolchain=toolchain_versions())
-    path = cache_root() / "tensorrt" / f"{model.name}-{key}.engine"
-    if not path.is_file():
-        options.pop("device", None)
-        export(model, to="tensorrt", out=path, precision=precision, max_batch=max_batch, opt_batch=opt_batch,
-               calib_images=images, **options)
-    return path
+
+def _safe(name: str) -> str:
+    """A file-name-safe form of a model's name."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+# Compatibility: ``cifarbench.export.cached_artifact`` (and the cache-key helpers) moved up to
+# :mod:`cifarbench.artifacts`, the layer that caches artifacts. Callers not yet moved still find them here; the
+# import happens on first use only, so importing export never imports artifacts (or runtime).
+_MOVED = ("cached_artifact", "artifact_recipe", "artifact_key", "toolchain_versions", "cache_root", "TOOLCHAIN")
+
+
+def __getattr__(name):
+    if name in _MOVED:
+        from .. import artifacts
+
+        return getattr(artifacts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

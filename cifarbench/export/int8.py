@@ -38,8 +38,8 @@ def calibration_images(data: str, n: int, seed: int = 0, data_dir=None) -> torch
 class ImageCalibrationReader:
     """``onnxruntime.quantization.CalibrationDataReader`` over a float image tensor, ``batch`` images at a time."""
 
-    def __init__(self, images: torch.Tensor, input_name: str, batch: int = CALIB_BATCH):
-        self.images, self.input_name, self.batch = images, input_name, batch
+    def __init__(self, images: torch.Tensor, input_name: str, batch: int = CALIB_BATCH, fixed: bool = False):
+        self.images, self.input_name, self.batch, self.fixed = images, input_name, batch, fixed
         self.rewind()
 
     def get_next(self):
@@ -47,6 +47,8 @@ class ImageCalibrationReader:
             return None
         chunk = self.images[self.position:self.position + self.batch]
         self.position += self.batch
+        if self.fixed and len(chunk) < self.batch:  # a fixed-batch graph takes exactly that many: repeat the last
+            chunk = torch.cat([chunk, chunk[-1:].expand(self.batch - len(chunk), -1, -1, -1)])
         return {self.input_name: chunk.numpy().astype(np.float32, copy=False)}
 
     def rewind(self) -> None:
@@ -68,13 +70,14 @@ def _temporaries_in(folder: Path):
 
 def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_head: bool = True,
              per_channel: bool = True, calibrate_method: str = "minmax") -> "onnx.ModelProto":  # noqa: F821
-    """A QDQ int8 copy of the fp32 ONNX ``proto``, calibrated on ``images``, with cifarbench metadata."""
+    """A QDQ int8 copy of the fp32 ONNX ``proto``, calibrated on ``images`` (the graph's own input: normalized
+    already where the model expects it), with cifarbench metadata. Any input name and a fixed batch work."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from . import images_sha256
-    from .onnx import INPUT_NAME, graph_precision, read_metadata, set_metadata
+    from .onnx import graph_io, graph_precision, read_metadata, set_metadata
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -84,6 +87,7 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
     precision = graph_precision(proto)  # the graph, not its metadata, says whether it is quantized already
     if precision != "fp32":
         raise UserError(f"can only quantize an fp32 ONNX model, this one is {precision}")
+    contract = graph_io(proto, "the ONNX model")
     # quant_pre_process and quantize_static work on files: a pid-named scratch folder, removed on every exit the
     # process sees, and swept by the next run after a kill -9
     with scratch_dir(tempfile.gettempdir(), "cifarbench-int8-") as tmp, _temporaries_in(tmp):
@@ -96,7 +100,8 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
             ([n.name for n in nodes if n.op_type in ("Gemm", "MatMul")] if keep_head else [])
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators narrate on stdout
             quantize_static(
-                str(pre), str(dst), ImageCalibrationReader(images, INPUT_NAME), quant_format=QuantFormat.QDQ,
+                str(pre), str(dst), ImageCalibrationReader(images, contract["input"], contract["batch"] or CALIB_BATCH,
+                                                  fixed=contract["batch"] is not None), quant_format=QuantFormat.QDQ,
                 per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=methods[calibrate_method], nodes_to_exclude=exclude,
                 extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
@@ -108,13 +113,17 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
     return quantized
 
 
-def export_int8(model_or_onnx, out: str | Path, images: torch.Tensor, **options) -> Path:
-    """Quantize a torch model (exported to ONNX first) or an fp32 ONNX source to ``out``."""
+def export_int8(model_or_onnx, out: str | Path, images: torch.Tensor, source=None, **options) -> Path:
+    """Quantize a torch model (exported to ONNX first), an fp32 ONNX file or proto to ``out``. ``images``: the
+    graph's own input. ``source``: the model source whose contract (classes, mean/std, size) goes into the
+    metadata (a user's ONNX file may carry none)."""
     import onnx
 
-    from .onnx import load_onnx, to_onnx_proto
+    from .onnx import load_onnx, model_metadata, to_onnx_proto
 
     proto = to_onnx_proto(model_or_onnx) if isinstance(model_or_onnx, torch.nn.Module) else load_onnx(model_or_onnx)
+    if source is not None:
+        proto = _with_meta(proto, model_metadata(source))
     quantized = quantize(proto, images, **options)
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -122,20 +131,23 @@ def export_int8(model_or_onnx, out: str | Path, images: torch.Tensor, **options)
     return out
 
 
-def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None, limit: int | None = None,
-                         batch: int = 500) -> dict:
-    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images."""
-    from ..data import load_split
-    from ..export import cached_artifact
-    from ..runtime.ort import OrtRuntime
+def _with_meta(proto, meta: dict):
+    """A copy of ``proto`` with ``meta`` added to its cifarbench metadata (existing keys win: they describe it)."""
+    import onnx
 
-    test = load_split(data, "test", data_dir)
-    if limit:
-        test = test.subset(slice(0, limit))
-    preds = {}
-    for key, rt in (("fp32", OrtRuntime(cached_artifact(model, "onnx"))), ("int8", OrtRuntime(int8_path))):
-        preds[key] = torch.cat([rt.logits(test.subset(slice(i, i + batch)).float_images()).argmax(1)
-                                for i in range(0, len(test), batch)])
-    acc = {k: (p == test.labels).double().mean().item() for k, p in preds.items()}
-    return {"images": len(test), "fp32": acc["fp32"], "int8": acc["int8"], "drop": acc["fp32"] - acc["int8"],
-            "top1_agreement": (preds["fp32"] == preds["int8"]).double().mean().item()}
+    from .onnx import read_metadata, set_metadata
+
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    set_metadata(out, {**meta, **read_metadata(proto)})
+    return out
+
+
+# Compatibility: ``int8_accuracy_report`` runs runtimes, so it moved up to :mod:`cifarbench.artifacts` (export never
+# imports runtime); the name still resolves here, on first use only.
+def __getattr__(name):
+    if name == "int8_accuracy_report":
+        from ..artifacts import int8_accuracy_report
+
+        return int8_accuracy_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

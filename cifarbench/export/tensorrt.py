@@ -15,16 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..formats import MAGIC, check_compatible, pack_engine, require_tensorrt, unpack_engine  # noqa: F401
 from ..io import atomic_path
 
-MAGIC = b"CIFBTRT1"
 DEFAULT_MAX_BATCH = 1024
 DEFAULT_OPT_BATCH = 256
 WORKSPACE_BYTES = 2 << 30
@@ -32,17 +31,20 @@ WORKSPACE_BYTES = 2 << 30
 
 @dataclass(frozen=True)
 class Profile:
-    """The optimization profile over the batch dimension of ``[N, 3, 32, 32]``."""
+    """The optimization profile over the batch dimension of ``[N, 3, S, S]`` (S: the model's input size)."""
 
     min_batch: int
     opt_batch: int
     max_batch: int
+    input_size: int = 32
 
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-        return tuple((b, 3, 32, 32) for b in (self.min_batch, self.opt_batch, self.max_batch))
+        s = self.input_size
+        return tuple((b, 3, s, s) for b in (self.min_batch, self.opt_batch, self.max_batch))
 
 
-def make_profile(max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int | None = None, min_batch: int = 1) -> Profile:
+def make_profile(max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int | None = None, min_batch: int = 1,
+                 input_size: int = 32) -> Profile:
     """min <= opt <= max, each >= 1; ``opt`` defaults to the largest power of two <= min(max, 256)."""
     if min_batch < 1 or max_batch < min_batch:
         raise UserError(f"bad batch profile: min {min_batch}, max {max_batch} (need 1 <= min <= max)")
@@ -51,7 +53,7 @@ def make_profile(max_batch: int = DEFAULT_MAX_BATCH, opt_batch: int | None = Non
         opt_batch = max(opt_batch, min_batch)
     if not min_batch <= opt_batch <= max_batch:
         raise UserError(f"bad batch profile: opt {opt_batch} outside [{min_batch}, {max_batch}]")
-    return Profile(min_batch, opt_batch, max_batch)
+    return Profile(min_batch, opt_batch, max_batch, input_size)
 
 
 def gpu_slug(name: str) -> str:
@@ -74,37 +76,6 @@ def engine_cache_key(onnx_sha256: str, trt_version: str, gpu_name: str, precisio
 
 def timing_cache_name(trt_version: str, gpu_name: str) -> str:
     return f"timing-trt{trt_version}-{gpu_slug(gpu_name)}.cache"
-
-
-def pack_engine(header: dict, engine: bytes) -> bytes:
-    """``MAGIC | u32 header length | header JSON | serialized engine``."""
-    blob = json.dumps(header, sort_keys=True).encode()
-    return MAGIC + struct.pack("<I", len(blob)) + blob + engine
-
-
-def unpack_engine(data: bytes, what: str = "engine") -> tuple[dict, bytes]:
-    if not data.startswith(MAGIC) or len(data) < len(MAGIC) + 4:
-        raise UserError(f"{what} is not a cifarbench TensorRT engine (build it with `cifarbench export --to tensorrt`)")
-    (size,) = struct.unpack_from("<I", data, len(MAGIC))
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(data[start:start + size])
-    except ValueError:
-        raise UserError(f"corrupt TensorRT engine {what}: unreadable header") from None
-    engine = data[start + size:]
-    if not engine or not isinstance(header, dict):
-        raise UserError(f"corrupt TensorRT engine {what}: truncated")
-    return header, engine
-
-
-def check_compatible(header: dict, trt_version: str, gpu_name: str, what: str = "engine") -> None:
-    """Engines do not move between GPU models or TensorRT versions: say which one this was built for."""
-    if header.get("trt_version") != trt_version:
-        raise UserError(f"{what} was built with TensorRT {header.get('trt_version')}, this is TensorRT "
-                        f"{trt_version}; rebuild it with `cifarbench export --to tensorrt`")
-    if header.get("gpu") != gpu_name:
-        raise UserError(f"{what} was built for {header.get('gpu')}, this GPU is {gpu_name}; "
-                        f"rebuild it with `cifarbench export --to tensorrt`")
 
 
 def parser_error_line(errors: list[str], what: str) -> str:
@@ -137,15 +108,7 @@ class CalibrationFeed:
         return self.current
 
 
-def _require_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError("TensorRT is not installed here (pip install tensorrt on a machine with an NVIDIA GPU); "
-                        "use --backend onnxruntime or aoti") from None
-    if not torch.cuda.is_available():
-        raise UserError("TensorRT needs an NVIDIA GPU and none is visible here; use --backend onnxruntime or aoti")
-    return trt
+_require_tensorrt = require_tensorrt  # the old private name
 
 
 def _calibrator(trt, feed: CalibrationFeed, cache: Path):
@@ -171,16 +134,26 @@ def _calibrator(trt, feed: CalibrationFeed, cache: Path):
 
 
 def build_engine(onnx_path: str | Path, out: str | Path, precision: str = "fp32", profile: Profile | None = None,
-                 calib_images: torch.Tensor | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Build a TensorRT engine from an fp32 ONNX file and write it (with its header) to ``out``."""
+                 calib_images: torch.Tensor | None = None, cache_dir: str | Path | None = None,
+                 meta: dict | None = None) -> Path:
+    """Build a TensorRT engine from an fp32 ONNX file (or an in-memory proto) and write it, with its header, to
+    ``out``. ``meta``: the model's metadata for the header (default: the ONNX file's own); ``calib_images``: the
+    graph's own input (already normalized where the model expects it)."""
     from ..checkpoint import file_sha256
+    from ..io import scratch_dir
     from .onnx import load_onnx, read_metadata
 
+    if not isinstance(onnx_path, (str, Path)):  # a proto: the parser and the header's sha256 want a file
+        import onnx
+
+        with scratch_dir(Path(out).parent, ".cifarbench-trt-") as tmp:
+            onnx.save(onnx_path, str(tmp / "model.onnx"))
+            return build_engine(tmp / "model.onnx", out, precision, profile, calib_images, cache_dir, meta)
     if precision not in ("fp32", "fp16", "int8"):
         raise UserError(f"TensorRT precision must be fp32, fp16 or int8, got {precision}")
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     onnx_path, out = Path(onnx_path), Path(out)
-    meta = read_metadata(load_onnx(onnx_path))
+    meta = {**read_metadata(load_onnx(onnx_path)), **(meta or {})}
     profile = profile or make_profile()
     gpu = torch.cuda.get_device_name()
     cache_dir = Path(cache_dir) if cache_dir else out.parent

@@ -1,15 +1,19 @@
-"""Runtimes behind one interface: ``open_runtime(model, backend=...)`` -> :class:`Runtime` with ``.logits(batch)``.
+"""Runtimes behind one interface (:class:`Runtime`: ``.logits(batch)`` on [0, 1] pixels, ``.source``, capabilities).
 
-Backends: ``torch`` (eager, channels_last), ``torch-compile`` (Inductor; CUDA graphs on GPU), ``aoti``
-(AOTInductor ``.pt2``), ``onnxruntime`` (fp32 ONNX on the CPU, CUDA or TensorRT execution providers),
-``onnx-int8`` (statically quantized ONNX on ONNX Runtime) and ``tensorrt`` (native engines). ``auto`` is the
-fastest fp32 backend available here: ``tensorrt`` on a GPU with TensorRT, else ``onnxruntime`` where its
-provider supports the device (always on CPU), else ``torch``. Exported artifacts for a model are made once and
-cached (:func:`cifarbench.export.cached_artifact`); an artifact path opens with its matching backend.
+This package only opens modules and files: ``torch`` (eager, channels_last), ``torch-compile`` (Inductor; CUDA
+graphs on GPU), ``aoti`` (AOTInductor ``.pt2``), ``onnxruntime`` (ONNX on the CPU, CUDA or TensorRT execution
+providers), ``onnx-int8`` (a quantized ONNX graph on ONNX Runtime) and ``tensorrt`` (native engines). It never
+imports :mod:`cifarbench.export`; making and caching artifacts, and choosing a backend for a model, is
+:mod:`cifarbench.artifacts` (``open_runtime`` here delegates to it at call time).
+
+``auto`` (:func:`resolve_backend`) is the fastest fp32 backend available here: ``tensorrt`` on a GPU with
+TensorRT, else ``onnxruntime`` where its provider supports the device (always on CPU), else ``torch``. It never
+picks ``aoti`` on the CPU: measured on net4, 625 images, the AOTInductor package was not faster than eager torch on
+the 2-core Xeon and EPYC machines this project runs on, while ONNX Runtime was (numbers in the artifacts module
+and benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
@@ -59,14 +63,19 @@ def parse_device(text, require_present: bool = True) -> torch.device:
 
 
 def resolve_module(model) -> torch.nn.Module:
-    """A torch module from a module, a zoo name or a checkpoint path."""
-    from ..zoo import load_model
+    """An eval torch module taking [0, 1] pixels from a module, a :class:`~cifarbench.source.ModelSource` or
+    anything :func:`~cifarbench.source.resolve_source` takes (``source.torch_module()``); a source without one (an
+    ONNX file, an AOTInductor package) is one :class:`UserError`."""
+    from ..source import resolve_source
 
+    if isinstance(model, Runtime):
+        module = model.torch_module()
+        if module is None:
+            raise UserError(f"the {model.name} runtime of {model.net} has no torch module; use --backend torch")
+        return module
     if isinstance(model, torch.nn.Module):
         return model.eval()
-    if isinstance(model, (str, Path)) and Path(model).suffix in ARTIFACTS:
-        raise UserError(f"{model} is an exported artifact; this needs a zoo name or a checkpoint")
-    return load_model(model)
+    return resolve_source(model).torch_module()
 
 
 def _tensorrt_available() -> bool:
@@ -100,61 +109,13 @@ def resolve_backend(backend: str | None, device: torch.device, artifact: str | N
 
 def open_runtime(model, backend: str | None = "auto", device: str | torch.device | None = None,
                  precision: str = "fp32", **options) -> Runtime:
-    """``model``: a torch module, zoo name, checkpoint or exported artifact. ``backend``: see ``--backend``.
+    """See :func:`cifarbench.artifacts.open_runtime`, which this calls.
 
-    ``precision``: fp32; fp16/bf16 for torch backends on CUDA; fp16/int8 for TensorRT. ``options``: ``calib``
-    and ``calib_data`` (INT8 calibration), ``mode`` (torch.compile), ``threads`` (ONNX Runtime), ``max_batch``
-    and ``opt_batch`` (TensorRT profile).
-    """
-    if isinstance(model, Runtime):
-        return model
-    device = parse_device(device, require_present=False) if device is not None else default_device()
-    if isinstance(model, (str, Path)) and Path(model).suffix in ARTIFACTS:
-        return _open_artifact(Path(model), resolve_backend(backend, device, Path(model).suffix), device, options)
-    backend = resolve_backend(backend, device)
-    module = resolve_module(model)
-    if backend == "torch":
-        return TorchRuntime(module, device=device, precision=precision)
-    if backend == "torch-compile":
-        from .torch_compile import CompiledRuntime
+    The backend choice needs artifacts (a torch model runs on ONNX Runtime through its cached ONNX export), and
+    making artifacts is the artifacts layer's job, one layer above this package: so the name stays here for the
+    callers that import it from :mod:`cifarbench.runtime`, and the import of :mod:`cifarbench.artifacts` happens
+    at call time. Importing this package never imports artifacts or export; new code imports
+    ``cifarbench.artifacts.open_runtime`` (or ``cifarbench.open_runtime``)."""
+    from ..artifacts import open_runtime as _open_runtime
 
-        return CompiledRuntime(module, device=device, precision=precision, mode=options.get("mode"))
-    from ..export import cached_artifact
-
-    calib = {k: options[k] for k in ("calib", "calib_data", "seed", "data_dir") if k in options}
-    if backend == "aoti":
-        from .aoti import AotiRuntime
-
-        return AotiRuntime(cached_artifact(module, "aoti", device=device, precision=precision), device)
-    if backend in ("onnxruntime", "onnx-int8"):
-        from .ort import OrtRuntime
-
-        if precision not in ("fp32", "int8"):
-            raise UserError(f"{backend} runs fp32 or int8 models, not {precision}")
-        to = "onnx-int8" if backend == "onnx-int8" or precision == "int8" else "onnx"
-        return OrtRuntime(cached_artifact(module, to, **(calib if to == "onnx-int8" else {})), device,
-                          threads=options.get("threads"))
-    from .tensorrt import TensorRTRuntime
-
-    profile = {k: options[k] for k in ("max_batch", "opt_batch") if k in options}
-    return TensorRTRuntime(cached_artifact(module, "tensorrt", precision=precision, **profile, **calib), device)
-
-
-def _open_artifact(path: Path, backend: str, device: torch.device, options: dict) -> Runtime:
-    if backend == "aoti":
-        from .aoti import AotiRuntime
-
-        return AotiRuntime(path, device)
-    if backend == "tensorrt" and path.suffix != ".onnx":
-        from .tensorrt import TensorRTRuntime
-
-        return TensorRTRuntime(path, device)
-    from .ort import OrtRuntime
-
-    if backend == "tensorrt":  # an ONNX file through TensorRT: ONNX Runtime's TensorRT execution provider
-        return OrtRuntime(path, device, tensorrt_ep=True)
-    rt = OrtRuntime(path, device, threads=options.get("threads"))
-    if backend == "onnx-int8" and rt.precision != "int8":
-        raise UserError(f"{path} is an {rt.precision} ONNX model; quantize it with "
-                        f"`cifarbench export MODEL --to onnx-int8` or use --backend onnxruntime")
-    return rt
+    return _open_runtime(model, backend, device, precision, **options)

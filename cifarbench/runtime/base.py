@@ -1,8 +1,16 @@
 """The one interface every analysis runs through.
 
-A :class:`Runtime` takes a float32 [N, 3, 32, 32] batch in [0, 1] (a torch tensor on any device; it is moved as
-needed) and returns float32 logits [N, 10] as a torch tensor on ``runtime.device``. Backends register a factory in
-:data:`BACKENDS`; :func:`cifarbench.runtime.open_runtime` picks one.
+A :class:`Runtime` takes a float [N, 3, S, S] batch of pixels in [0, 1] (S: ``runtime.input_size``, the model's
+own; a torch tensor on any device, moved as needed) and returns float32 logits [N, C] (C: ``num_classes``) on
+``runtime.device``. The source's input contract is applied here, once, for every backend: its normalization
+(:meth:`ModelSource.normalize <cifarbench.source.ModelSource.normalize>`, for backends that run the model's own
+graph; torch backends run ``source.torch_module()``, which normalizes inside) and its fixed batch (a graph that
+takes exactly B images gets exactly B per call: the last chunk is padded with copies and the padded rows
+dropped).
+
+Capabilities, asked instead of testing a runtime's type: :meth:`Runtime.torch_module` (an eval ``nn.Module`` on
+[0, 1] pixels, or None), :meth:`Runtime.onnx_path` (the ONNX file it runs, or None) and
+:meth:`Runtime.onnx_graph` (the ``onnx.ModelProto`` it runs, or None; it takes the model's own input).
 """
 from __future__ import annotations
 
@@ -19,15 +27,48 @@ class Runtime(ABC):
     device: torch.device = torch.device("cpu")
     #: largest batch one call may take (an engine profile's max); larger batches are split by :meth:`logits`
     max_batch: int | None = None
-    #: zoo name of the net behind this runtime (``net1``..``net4``)
-    net: str = ""
-    #: side S of the square images it takes ([N, 3, S, S]) and the number of classes it scores
-    input_size: int = 32
-    num_classes: int = 10
+    #: the only batch size the model takes (a fixed-batch graph), else None
+    fixed_batch: int | None = None
+    #: the :class:`~cifarbench.source.ModelSource` this runtime runs: its input contract and provenance
+    source = None
+    #: True where the backend runs the model's own graph, so :meth:`logits` applies ``source.normalize``
+    applies_normalization: bool = True
+
+    @property
+    def input_size(self) -> int:
+        """S of the square [N, 3, S, S] images it takes."""
+        return self.source.input_size
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.source.classes
+
+    @property
+    def net(self) -> str:
+        """The model's name (a zoo net's ``net1``..``net4``)."""
+        return self.source.name
+
+    def torch_module(self):
+        """An eval-mode ``nn.Module`` taking [0, 1] pixels (normalization inside), or None."""
+        return None
+
+    def onnx_path(self):
+        """The :class:`~pathlib.Path` of the ONNX file this runtime runs, or None."""
+        return None
+
+    def onnx_graph(self):
+        """The ``onnx.ModelProto`` this runtime runs (its input is the model's own: normalized where the source
+        has ``mean``/``std``), or None."""
+        return None
 
     @abstractmethod
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        """Logits for a batch no larger than ``max_batch``, already on the right device and contiguous."""
+        """Logits for a prepared batch (normalized where needed, exactly ``fixed_batch`` images where set, at most
+        ``max_batch``), already on the right device and contiguous."""
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         from ..errors import UserError
@@ -36,17 +77,28 @@ class Runtime(ABC):
             raise UserError(f"expected a torch.Tensor batch, got {type(batch).__name__}")
         size = self.input_size
         if batch.ndim != 4 or tuple(batch.shape[1:]) != (3, size, size):
-            raise UserError(f"expected a [N, 3, {size}, {size}] batch, got {tuple(batch.shape)}")
+            raise UserError(f"expected a [N, 3, {size}, {size}] batch ({self.net} takes {size}x{size} images), "
+                            f"got {tuple(batch.shape)}")
         if not batch.is_floating_point():
             raise UserError(f"expected float images in [0, 1], got {batch.dtype} (convert with "
                             f"Dataset.float_images() or .float() / 255)")
         if len(batch) == 0:
             return torch.empty(0, self.num_classes, device=self.device)
-        batch = batch.to(self.device, torch.float32).contiguous()
-        step = self.max_batch or len(batch)
-        if len(batch) <= step:
+        batch = batch.to(self.device, torch.float32)
+        if self.applies_normalization:
+            batch = self.source.normalize(batch)
+        batch = batch.contiguous()
+        step = self.fixed_batch or self.max_batch or len(batch)
+        if len(batch) == step:
             return self._run(batch)
-        return torch.cat([self._run(batch[i:i + step]) for i in range(0, len(batch), step)])
+        return torch.cat([self._chunk(batch[i:i + step]) for i in range(0, len(batch), step)])
+
+    def _chunk(self, chunk: torch.Tensor) -> torch.Tensor:
+        n = self.fixed_batch
+        if n and len(chunk) < n:  # pad with copies of the last image; its rows are dropped again
+            padded = torch.cat([chunk, chunk[-1:].expand(n - len(chunk), -1, -1, -1)]).contiguous()
+            return self._run(padded)[:len(chunk)]
+        return self._run(chunk)
 
     def probs(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(batch), dim=1)

@@ -58,46 +58,72 @@ def session_options(threads: int | None = None, profile: bool = False):
 
 
 class OrtRuntime(Runtime):
+    """``graph``: an ONNX path, bytes, an ``onnx.ModelProto`` or an ONNX :class:`~cifarbench.source.ModelSource`.
+    ``source``: the contract to run it under (a torch source whose export this is, or the source of the graph an
+    edited copy was made from); default: the graph's own (its cifarbench metadata, else plain [0, 1] pixels)."""
+
     name = "onnxruntime"
 
-    def __init__(self, source, device: str | torch.device = "cpu", threads: int | None = None,
-                 tensorrt_ep: bool = False):
+    def __init__(self, graph, device: str | torch.device = "cpu", threads: int | None = None,
+                 tensorrt_ep: bool = False, source=None):
         import onnxruntime as ort
 
         from ..errors import warn
-        from ..export.onnx import graph_io, graph_precision, load_onnx, read_metadata
+        from ..formats import graph_io, graph_precision, load_onnx, read_metadata
+        from ..source import ModelSource
 
+        if isinstance(graph, ModelSource):
+            source, graph = graph, graph.onnx_path
+            if graph is None:
+                raise UserError(f"{source.name} is not an ONNX model; open it with open_runtime")
         self.device = torch.device(device)
-        proto = load_onnx(source)
-        self.source = str(source) if isinstance(source, (str, Path)) else "in-memory"
-        # shapes first, before a session or any work: a 64x64 or 100-class model fails here, in one line
-        contract = graph_io(proto, self.source if self.source != "in-memory" else "the ONNX model")
+        self.threads, self.tensorrt_ep = threads, tensorrt_ep
+        self.path = Path(graph) if isinstance(graph, (str, Path)) else None
+        what = str(self.path) if self.path else "the ONNX model"
+        proto = load_onnx(graph)
+        # shapes first, before a session or any work: a graph that is not [N, 3, S, S] -> [N, C] fails here
+        contract = graph_io(proto, what)
         self.proto = proto  # the graph itself: variant and probe builders edit a copy of it
         self.metadata = read_metadata(proto)
-        self.net = self.metadata.get("net", "")
+        self.source = source if source is not None else _graph_source(proto, self.path, contract, self.metadata)
+        if (contract["input_size"], contract["num_classes"]) != (self.source.input_size, self.source.num_classes):
+            raise UserError(f"{what} takes {contract['input_size']}x{contract['input_size']} images and outputs "
+                            f"{contract['num_classes']} classes, but {self.source.name} takes "
+                            f"{self.source.input_size}x{self.source.input_size} and outputs "
+                            f"{self.source.num_classes}")
         # the graph says what it computes; metadata is only a claim (a hand-edited fp32 file may say int8)
         self.precision = graph_precision(proto)
         claimed = self.metadata.get("precision")
-        if claimed and claimed != self.precision and (self.source, claimed) not in _WARNED:
-            _WARNED.add((self.source, claimed))  # once per file, not once per variant of a sweep
-            warn(f"{self.source}: its metadata says {claimed} but its graph is {self.precision}; "
+        if claimed and claimed != self.precision and (what, claimed) not in _WARNED:
+            _WARNED.add((what, claimed))  # once per file, not once per variant of a sweep
+            warn(f"{what}: its metadata says {claimed} but its graph is {self.precision}; "
                  f"treating it as {self.precision}")
         if self.precision == "int8":
             self.name = "onnx-int8"
         self.input_name = contract["input"]
-        self.input_size, self.num_classes = contract["input_size"], contract["num_classes"]
         # a graph exported with a fixed batch N runs N images a call: larger batches are split, smaller padded
-        self._fixed_batch = self.max_batch = contract["batch"]
+        self.fixed_batch = self.max_batch = contract["batch"]
         self.output_names = [o.name for o in proto.graph.output]
         providers = choose_providers(self.device, available_providers(), tensorrt_ep)
         try:
             self.session = ort.InferenceSession(proto.SerializeToString(), session_options(threads),
                                                 providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types for a bad model
-            raise UserError(f"onnxruntime cannot load {self.source}: {str(exc).splitlines()[0][:200]}") from None
+            raise UserError(f"onnxruntime cannot load {what}: {str(exc).splitlines()[0][:200]}") from None
         self.providers = self.session.get_providers()
         if self.device.type == "cuda":
             self._binding = self.session.io_binding()
+
+    def onnx_path(self):
+        return self.path
+
+    def onnx_graph(self):
+        return self.proto
+
+    def variant(self, graph) -> "OrtRuntime":
+        """A runtime for an edited copy of this runtime's graph (a zeroed filter, probe outputs), under the same
+        contract (normalization, classes), device and threads."""
+        return OrtRuntime(graph, self.device, threads=self.threads, tensorrt_ep=self.tensorrt_ep, source=self.source)
 
     def outputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every graph output (probe graphs have several) for a checked, contiguous batch on ``self.device``."""
@@ -107,10 +133,7 @@ class OrtRuntime(Runtime):
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, results)}
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
-        n = len(batch)
-        if self._fixed_batch and n < self._fixed_batch:  # pad with copies, keep the first n rows
-            batch = torch.cat([batch, batch[-1:].expand(self._fixed_batch - n, -1, -1, -1)]).contiguous()
-        return self.outputs(batch)[self.output_names[0]].float()[:n]
+        return self.outputs(batch)[self.output_names[0]].float()
 
     def _run_bound(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """IOBinding: ORT reads the input from, and writes every output into, CUDA memory owned by torch."""
@@ -128,6 +151,19 @@ class OrtRuntime(Runtime):
         torch.cuda.current_stream(self.device).synchronize()  # the input was written on torch's stream
         self.session.run_with_iobinding(binding)
         return outs
+
+
+def _graph_source(proto, path, contract: dict, metadata: dict):
+    """The contract of a graph opened without a source: its cifarbench metadata, else plain [0, 1] pixels."""
+    import hashlib
+
+    from ..source import file_digest, source_from_contract
+
+    digest = file_digest(path) if path else hashlib.sha256(proto.SerializeToString()).hexdigest()
+    name = metadata.get("net") or (path.stem if path else "onnx-graph")
+    return source_from_contract("onnx", name, input_size=contract["input_size"],
+                                num_classes=contract["num_classes"], metadata=metadata, path=path, onnx_path=path,
+                                fixed_batch=contract["batch"], digest=digest)
 
 
 def _numpy_types():

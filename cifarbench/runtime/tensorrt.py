@@ -10,26 +10,36 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..export.tensorrt import _require_tensorrt, check_compatible, unpack_engine
+from ..formats import check_compatible, require_tensorrt, unpack_engine
 from .base import Runtime
 
 
 class TensorRTRuntime(Runtime):
     name = "tensorrt"
 
-    def __init__(self, path: str | Path, device: str | torch.device | None = None):
+    def __init__(self, path: str | Path, device: str | torch.device | None = None, source=None):
+        from ..source import file_digest, source_from_contract
+
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no such TensorRT engine: {path}")
         header, blob = unpack_engine(path.read_bytes(), str(path))
-        trt = _require_tensorrt()
+        meta = header.get("meta", {})
+        profile = header.get("profile", {})
+        size = int(meta.get("input_size") or profile.get("input_size") or 32)
+        fixed = profile["max_batch"] if profile.get("min_batch") == profile.get("max_batch") else None
+        self.source = source if source is not None else source_from_contract(
+            "tensorrt", meta.get("net") or path.stem, input_size=size, num_classes=int(meta.get("num_classes", 10)),
+            metadata=meta, path=path, fixed_batch=fixed, digest=file_digest(path),
+            provenance={"path": str(path), "format": "TensorRT engine", "runs_code": True,
+                        "executes": "a TensorRT engine (native kernels) on the GPU"})
+        trt = require_tensorrt()
         self.device = torch.device(device or "cuda")
         if self.device.type != "cuda":
             raise UserError(f"TensorRT engines run on CUDA devices only, not {self.device}")
         check_compatible(header, trt.__version__, torch.cuda.get_device_name(self.device), str(path))
         self.header = header
-        self.metadata = header.get("meta", {})
-        self.net = self.metadata.get("net", "")
+        self.metadata = meta
         self.precision = header["precision"]
         self.max_batch = header["profile"]["max_batch"]
         self._min_batch = header["profile"]["min_batch"]

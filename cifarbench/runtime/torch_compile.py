@@ -14,8 +14,8 @@ class CompiledRuntime(TorchRuntime):
     name = "torch-compile"
 
     def __init__(self, model, device: str | torch.device = "cpu", mode: str | None = None,
-                 precision: str = "fp32", channels_last: bool = True):
-        super().__init__(model, device, channels_last=channels_last, precision=precision)
+                 precision: str = "fp32", channels_last: bool = True, source=None):
+        super().__init__(model, device, channels_last=channels_last, precision=precision, source=source)
         mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
         if mode not in MODES:
             raise UserError(f"unknown torch.compile mode {mode!r}; known: {', '.join(MODES)}")

@@ -1,4 +1,9 @@
-"""Torch eager runtime: the reference every other backend is checked against."""
+"""Torch eager runtime: the reference every other backend is checked against.
+
+Runs ``source.torch_module()``: the model's module, behind the source's normalization when it has ``mean``/``std``,
+so it takes [0, 1] pixels like every runtime. Built from a :class:`~cifarbench.source.ModelSource` or anything
+:func:`~cifarbench.source.resolve_source` takes (a module, a zoo name, a checkpoint, a TorchScript file, ...).
+"""
 from __future__ import annotations
 
 import copy
@@ -6,7 +11,6 @@ import copy
 import torch
 
 from ..errors import UserError
-from ..nets import CifarNet
 from .base import Runtime
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -21,21 +25,40 @@ def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
     return DTYPES[precision]
 
 
+def as_source(model, source=None):
+    """The :class:`ModelSource` of ``model`` (itself if it is one; ``source`` when the caller resolved it)."""
+    from ..source import ModelSource, resolve_source
+
+    if isinstance(model, ModelSource):
+        return model
+    if source is not None:
+        return source
+    if isinstance(model, torch.nn.Module) and model.training:
+        model = copy.deepcopy(model)  # resolving sets eval mode: never change the caller's module behind its back
+    return resolve_source(model)
+
+
 class TorchRuntime(Runtime):
     name = "torch"
+    applies_normalization = False  # torch_module() normalizes inside
 
-    def __init__(self, model: CifarNet, device: str | torch.device = "cpu", channels_last: bool = True,
-                 precision: str = "fp32"):
+    def __init__(self, model, device: str | torch.device = "cpu", channels_last: bool = True,
+                 precision: str = "fp32", source=None):
         self.device = torch.device(device)
         self.precision = precision
         self._dtype = precision_dtype(precision, self.device)
-        if self._dtype != torch.float32 or getattr(model, "training", False):
-            model = copy.deepcopy(model)  # never change the caller's module behind its back
-        self.model = model.eval().to(self.device, self._dtype)
+        self.source = as_source(model, source)
+        module = self.source.torch_module()
+        if self._dtype != torch.float32 or getattr(module, "training", False):
+            module = copy.deepcopy(module)  # never change the caller's module behind its back
+        self.model = module.eval().to(self.device, self._dtype)
+        self.fixed_batch = self.source.fixed_batch
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.net = model.name
+
+    def torch_module(self):
+        return self.model
 
     def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self._dtype)

@@ -30,6 +30,7 @@ float summation order. The clean logits of the IR are checked against the module
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +212,10 @@ def build_plan(graph: Graph, k: int, stride: int, p0: int, p1: int, images: int,
     return Plan(tuple(steps), tuple(tail_rows), tuple(heads), images, npos, flops)
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
 class GraphOcclusion:
     """Exact occlusion for any module the IR of :mod:`cifarbench.kernels.graph` represents.
 
@@ -228,10 +233,13 @@ class GraphOcclusion:
                  size: int | tuple[int, int] = 32, step_elements: int | None = None):
         from .graph import trace
 
-        params = list(module.parameters())
-        self.device = torch.device(device) if device is not None else (params[0].device if params else
-                                                                        torch.device("cpu"))
-        self.module = module.eval().to(self.device)
+        tensors = list(itertools.chain(module.parameters(), module.buffers()))
+        here = tensors[0].device if tensors else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else here
+        # eval semantics are what the IR computes (BN running statistics, dropout off): the module is set to eval,
+        # as the occlusion engines always did; a module on another device is copied there, never moved
+        module.eval()
+        self.module = module if _same_device(here, self.device) else copy.deepcopy(module).to(self.device)
         self.traced = trace(self.module)
         self.chunk, self.buckets = chunk, buckets
         self.step_elements = step_elements or STEP_ELEMENTS.get(self.device.type, STEP_ELEMENTS["cuda"])

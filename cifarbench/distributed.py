@@ -244,7 +244,7 @@ def materialize(package: ModelPackage, folder: Path):
     if package.zoo is not None:
         spec = package.zoo
     elif package.module is not None:
-        spec = package.module
+        spec = package.module if not _is_ref(package.module) else _fetch((package.module,))[0]
     elif package.local is not None:
         spec = package.local
     else:
@@ -268,8 +268,12 @@ def materialize(package: ModelPackage, folder: Path):
     return resolve_source(spec, **options)
 
 
+def _is_ref(obj) -> bool:
+    return type(obj).__name__ == "ObjectRef"  # without importing Ray where it is not used
+
+
 def _fetch(blobs):
-    if blobs and not isinstance(blobs[0], (bytes, bytearray, memoryview)):
+    if blobs and _is_ref(blobs[0]):
         import ray
 
         return ray.get(list(blobs))
@@ -457,6 +461,19 @@ def analysis_args(kind: str, data, analysis: dict) -> dict:
     return args
 
 
+def _check_device(device: str | None, executor: str, gpus_per_task: float) -> None:
+    """A device the shards cannot have fails here, not as a torch error inside every task."""
+    if device is None or not device.startswith("cuda"):
+        return
+    if executor == "local":
+        from .runtime import parse_device
+
+        parse_device(device)  # a UserError where this machine has no such GPU
+    elif not gpus_per_task > 0:
+        raise UserError(f"--device {device} on Ray needs --gpus-per-task > 0 (a task sees only the GPUs it asks "
+                        f"for)")
+
+
 def _device(device) -> str | None:
     if device is None:
         return None
@@ -527,6 +544,7 @@ def run_sharded(kind: str, model, data, *, executor: str = "local", address: str
     if resume and out is None:
         raise UserError("--resume needs --out (the folder that holds the finished shards)")
     args = analysis_args(kind, data, analysis)
+    _check_device(args["device"], executor, gpus_per_task)
     if names is not None and len(names) != len(data):
         raise UserError(f"{len(names)} names for {len(data)} images")
     if len(data) == 0:
@@ -579,7 +597,9 @@ def _run_ray(kind, package, todo, data, args, address, ray_cpus, cpus, gpus, fin
     # cpus/gpus 0 here: ray_session's own check names sweep's --cpus-per-trial; check_placement names ours
     with ray_session(address, ray_cpus, 0, 0) as ray:
         check_placement(ray, cpus, gpus)
-        shipped = replace(package, blobs=tuple(ray.put(b) for b in package.blobs))  # once, shared by all tasks
+        # into the object store once, shared by every task (an argument would be serialized per task)
+        shipped = replace(package, blobs=tuple(ray.put(b) for b in package.blobs),
+                          module=None if package.module is None else ray.put(package.module))
         task = ray.remote(_ray_shard).options(num_cpus=cpus, num_gpus=gpus, max_retries=3)
         window = QUEUED_PER_SLOT * _task_slots(ray, cpus, gpus)
         queue = list(reversed(todo))

@@ -287,3 +287,26 @@ def test_bad_settings_are_user_errors(data, kwargs, match):
     args = {"selection": SEL, "backend": "torch", "device": "cpu", **kwargs}
     with pytest.raises(UserError, match=match):
         run_sharded("mining", "net1", data, **args)
+
+
+def test_a_mistake_found_on_a_worker_is_one_line(ray_cluster, data):
+    """The backend is opened on the worker; its UserError comes back as the same one line, not a Ray traceback."""
+    with pytest.raises(UserError) as exc:
+        run_sharded("mining", "net1", data, executor="ray", selection=SEL, backend="tensorrt", device="cpu")
+    assert "TensorRT is not installed" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_an_in_memory_module_travels_to_ray(ray_cluster, data):
+    net = load_model("net1")
+    run = run_sharded("mining", net, data.subset(slice(0, 20)), executor="ray", selection=SEL, top=3,
+                      backend="torch", device="cpu", batch_size=10, shard_size=10)
+    want = mine(TorchRuntime(net, "cpu"), net, data.subset(slice(0, 20)), SEL, 3, batch_size=10)
+    np.testing.assert_array_equal(run.result.top_index, want.top_index)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_a_gpu_device_the_shards_cannot_have_is_refused(data):
+    with pytest.raises(UserError, match="no CUDA GPU here"):
+        run_sharded("mining", "net1", data, selection=SEL, device="cuda")
+    with pytest.raises(UserError, match="needs --gpus-per-task > 0"):
+        run_sharded("mining", "net1", data, executor="ray", selection=SEL, device="cuda")

@@ -212,6 +212,24 @@ def build_plan(graph: Graph, k: int, stride: int, p0: int, p1: int, images: int,
     return Plan(tuple(steps), tuple(tail_rows), tuple(heads), images, npos, flops)
 
 
+def plan_flops(graph: Graph, k: int, stride: int = 1, buckets: int = 3) -> int:
+    """Conv FLOPs per image of the incremental plan over all positions (no engine, nothing moved or copied:
+    ``plan_flops(build_graph(module, size), k, stride)``)."""
+    n = ((graph.size[0] - k) // stride + 1) * ((graph.size[1] - k) // stride + 1)
+    return build_plan(graph, k, stride, 0, n, 1, buckets).flops
+
+
+def dense_flops(graph: Graph) -> int:
+    """Conv FLOPs of one whole-image forward pass of the graph's spatial part."""
+    total = 0
+    for node in graph.nodes:
+        if node.kind == "conv":
+            c_in = graph.nodes[node.inputs[0]].shape[0]
+            total += 2 * c_in // node.groups * node.shape[0] * node.axes[0].k * node.axes[1].k * \
+                node.shape[1] * node.shape[2]
+    return total
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index or 0) == (b.index or 0)
 
@@ -303,20 +321,11 @@ class GraphOcclusion:
 
     def flops(self, k: int, stride: int = 1, size: int = 32) -> int:
         """Conv FLOPs per image of the incremental plan (all positions)."""
-        g = self.graph(size)
-        n = ((g.size[0] - k) // stride + 1) * ((g.size[1] - k) // stride + 1)
-        return build_plan(g, k, stride, 0, n, 1, self.buckets).flops
+        return plan_flops(self.graph(size), k, stride, self.buckets)
 
     def dense_flops(self, size: int = 32) -> int:
         """Conv FLOPs of one whole-image forward pass (the spatial part)."""
-        g = self.graph(size)
-        total = 0
-        for node in g.nodes:
-            if node.kind == "conv":
-                c_in = g.nodes[node.inputs[0]].shape[0]
-                total += 2 * c_in // node.groups * node.shape[0] * node.axes[0].k * node.axes[1].k * \
-                    node.shape[1] * node.shape[2]
-        return total
+        return dense_flops(self.graph(size))
 
     def _step_cost(self, g: Graph, k: int, stride: int) -> int:
         """Elements one (image, position) pair needs in buffers and gathers, on average over positions."""

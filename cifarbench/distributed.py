@@ -40,6 +40,8 @@ import atexit
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -284,6 +286,18 @@ def _fetch(blobs):
 _OPENED: dict = {}
 
 
+def _model_folder() -> Path:
+    """A fresh folder for a shipped model's files, removed at exit; folders of worker processes that died without
+    exiting (Ray kills them on cancel or OOM) are removed by the next one."""
+    from .io import sweep_stale
+
+    parent = tempfile.gettempdir()
+    sweep_stale(parent, re.compile(r"^cifarbench-model-(\d+)\.[A-Za-z0-9_]{8}$"))
+    folder = Path(tempfile.mkdtemp(prefix=f"cifarbench-model-{os.getpid()}.", dir=parent))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
+
+
 def _opened(package: ModelPackage, kind: str, args: dict, threads: int | None, cache: dict) -> dict:
     """The model opened once per process (or per local run, ``cache``) for ``kind`` and the runtime settings."""
     key = (package.ident, "occlusion" if kind == "occlusion" else "net", args["backend"], args["device"], threads)
@@ -292,8 +306,7 @@ def _opened(package: ModelPackage, kind: str, args: dict, threads: int | None, c
     for old in list(cache.values()):
         shutil.rmtree(old["folder"], ignore_errors=True)
     cache.clear()
-    folder = Path(tempfile.mkdtemp(prefix="cifarbench-model-"))
-    atexit.register(shutil.rmtree, folder, True)
+    folder = _model_folder()
     spec = materialize(package, folder)
     runtime_options = {"threads": threads} if threads else {}
     if args.get("calib_data"):

@@ -310,3 +310,17 @@ def test_a_gpu_device_the_shards_cannot_have_is_refused(data):
         run_sharded("mining", "net1", data, selection=SEL, device="cuda")
     with pytest.raises(UserError, match="needs --gpus-per-task > 0"):
         run_sharded("mining", "net1", data, executor="ray", selection=SEL, device="cuda")
+
+
+def test_model_folders_of_dead_workers_are_swept(tmp_path, monkeypatch):
+    """A worker killed by Ray (cancel, OOM) leaves its model copy; the next worker that opens a model removes it."""
+    import tempfile
+
+    from cifarbench.distributed import _model_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = tmp_path / "cifarbench-model-999999.abcdefgh"  # no process has pid 999999 (above the default pid_max)
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"x")
+    mine_now = _model_folder()
+    assert not dead.exists() and mine_now.is_dir() and mine_now.parent == tmp_path

@@ -10,6 +10,7 @@ every engine's map must equal the dense one within 1e-5.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -119,3 +120,53 @@ def test_graph_incremental(benchmark, record, net4, device):
     res = benchmark.pedantic(lambda: _maps_of(engine.logits(image[None], base, K, STRIDE), target),
                              rounds=3, warmup_rounds=1)
     _finish(benchmark, record, "graph_incremental", model, res)
+
+
+# ---------------------------------------------------------------- 224 x 224 nets (opt-in: minutes per round)
+
+BIG = os.environ.get("CIFARBENCH_BENCH_BIG") == "1"
+_big_medians: dict[str, float] = {}
+
+
+def _big_model(name: str):
+    torch.manual_seed(0)
+    if name == "vgg16":
+        import torchvision
+
+        return torchvision.models.vgg16(weights=None).eval()
+    timm = pytest.importorskip("timm")
+    return timm.create_model("resnet18", pretrained=False).eval()
+
+
+@pytest.mark.skipif(not BIG, reason="set CIFARBENCH_BENCH_BIG=1 (VGG-16 / resnet18 at 224x224, minutes per run)")
+@pytest.mark.benchmark(group="graph-occlusion-224-k32-s16")
+@pytest.mark.parametrize("net,who", [(n, w) for n in ("vgg16", "resnet18") for w in ("captum", "graph")])
+def test_big_224(benchmark, record, device, net, who):
+    """Issue 14's 224x224 targets: random weights, K=32, stride 16, one image, exact fp32; Captum with all 169
+    perturbations in one eval (one round each: a VGG-16 Captum round is ~1 min on 2 cores)."""
+    model = _big_model(net).to(device)
+    image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        target = int(model(image).argmax())
+    if who == "captum":
+        from captum.attr import Occlusion
+
+        occ = Occlusion(torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval())
+
+        def run():
+            with torch.no_grad():
+                return occ.attribute(image, sliding_window_shapes=(3, 32, 32), strides=(3, 16, 16), baselines=0.5,
+                                     target=target, perturbations_per_eval=169)
+    else:
+        from cifarbench.kernels.incremental_graph import GraphOcclusion
+
+        engine = GraphOcclusion(model, device, size=224)
+
+        def run():
+            return engine.logits(image, torch.full((1, 3), 0.5), 32, 16)
+    benchmark.pedantic(run, rounds=1, warmup_rounds=1 if who == "graph" else 0)
+    _big_medians[(net, who)] = benchmark.stats.stats.median
+    extra = {"net": net, "engine": who, "median_s": round(_big_medians[(net, who)], 3)}
+    if who == "graph" and (net, "captum") in _big_medians:
+        extra["speedup_vs_captum"] = round(_big_medians[(net, "captum")] / _big_medians[(net, who)], 2)
+    record(images=169, **extra)

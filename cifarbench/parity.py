@@ -1,4 +1,5 @@
-"""Parity: every backend against torch fp32 eager on the same images, with per-precision tolerances.
+"""Parity: every backend against a reference (torch fp32 eager for a torch source, ONNX Runtime fp32 for an ONNX
+source) on the same images, with per-precision tolerances.
 
 fp32 backends must match the reference logits to ~1e-4 (scaled by the logits' magnitude: a trained net's logits
 reach ~20, where fp32 reassociation alone moves them by a few 1e-6 relative). Reduced precisions cannot match
@@ -104,24 +105,58 @@ def default_backends(device: torch.device) -> list[BackendSpec]:
 
 
 def verify(model, specs: list[BackendSpec], images: torch.Tensor, device: torch.device, batch: int = 256,
-           step=None, **options) -> dict:
-    """Run every backend on ``images`` and compare with torch fp32 eager (contiguous, on the CPU).
+           step=None, reference: BackendSpec | None = None, atol: float | None = None, rtol: float | None = None,
+           min_top1: float | None = None, **options) -> dict:
+    """Run every backend on ``images`` ([0, 1] pixels of the model's size) and compare with a reference.
 
-    ``step(label)``, if given, is called before each backend (the CLI advances its progress bar with it)."""
-    from .runtime import TorchRuntime, open_runtime, resolve_module
+    ``model``: a :class:`~cifarbench.source.ModelSource` or anything resolve_source takes (``arch``, ``mean``,
+    ``std``, ``classes``, ``input_size`` in ``options`` go to it), resolved once. ``reference``: default torch fp32
+    eager on the CPU (contiguous) for a torch source, ONNX Runtime fp32 on the CPU of the same file for an ONNX
+    source. ``atol``/``rtol``: element-wise bounds ``|out - ref| <= atol + rtol * |ref|`` replacing the fp32
+    default (the style of Polygraphy's ``--atol/--rtol``); ``min_top1``: a top-1 agreement bound for every
+    precision. ``step(label)``, if given, is called before each backend (the CLI advances its progress bar)."""
+    from .artifacts import CONTRACT, open_runtime
+    from .runtime import TorchRuntime
+    from .source import resolve_source
 
-    module = resolve_module(model)
-    reference = _logits(TorchRuntime(module, "cpu", channels_last=False), images, batch)
+    contract = {k: options.pop(k) for k in CONTRACT if k in options}
+    source = resolve_source(model, **{k: v for k, v in contract.items() if v is not None})
+    if reference is None:
+        reference = BackendSpec("torch" if source.module is not None else "onnxruntime", "fp32")
+    if reference == BackendSpec("torch", "fp32"):
+        ref_rt = TorchRuntime(source, "cpu", channels_last=False)
+        label = "torch fp32 eager (cpu)"
+    else:
+        ref_rt = open_runtime(source, reference.backend, device="cpu" if reference.backend != "tensorrt" else device,
+                              precision=reference.precision, **options)
+        label = f"{ref_rt.name} {ref_rt.precision} ({ref_rt.device})"
+    ref = _logits(ref_rt, images, batch)
     results = []
     for spec in specs:
         if step:
             step(spec.label)
-        rt = open_runtime(module, spec.backend, device=device, precision=spec.precision, **options)
-        metrics = error_metrics(reference, _logits(rt, images, batch))
+        rt = open_runtime(source, spec.backend, device=device, precision=spec.precision, **options)
+        out = _logits(rt, images, batch)
+        metrics = error_metrics(ref, out)
         passed, failures = judge(metrics, rt.precision)
+        tolerance = dict(TOLERANCES[rt.precision])
+        if atol is not None or rtol is not None:
+            a, r = atol or 0.0, rtol or 0.0
+            excess = ((out.double() - ref.double()).abs() - (a + r * ref.double().abs())).max().item()
+            metrics["tolerance_excess"] = max(excess, 0.0)
+            tolerance = {"atol": a, "rtol": r}
+            failures = [f for f in failures if not f.startswith("logits_max_abs_scaled")]
+            if excess > 0:
+                failures.append(f"|out - ref| exceeds atol {a:g} + rtol {r:g} * |ref| by {excess:.3g}")
+        if min_top1 is not None:
+            tolerance["top1_agreement"] = min_top1
+            failures = [f for f in failures if not f.startswith("top1_agreement")]
+            if metrics["top1_agreement"] < min_top1:
+                failures.append(f"top1_agreement {metrics['top1_agreement']:.3g} < {min_top1:g}")
+        passed = not failures
         results.append({"backend": rt.name, "precision": rt.precision, "device": str(rt.device),
-                        "passed": passed, "failures": failures, "tolerance": TOLERANCES[rt.precision], **metrics})
-    return {"net": module.name, "images": len(images), "reference": "torch fp32 eager (cpu)",
+                        "passed": passed, "failures": failures, "tolerance": tolerance, **metrics})
+    return {"net": source.name, "images": len(images), "reference": label,
             "results": results, "passed": all(r["passed"] for r in results)}
 
 

@@ -25,6 +25,7 @@ squeeze-excitation product of a spatial map and a pooled value, ...) raises :cla
 from __future__ import annotations
 
 import copy
+import itertools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable
@@ -225,7 +226,7 @@ class _Builder:
         self.nodes: list[Node] = []
         self.index: dict[fx.Node, int] = {}  # fx node -> spatial node index
         self.tail: set[fx.Node] = set()
-        self.shapes: dict[fx.Node, object] = {}
+        self.consts: dict[fx.Node, object] = {}  # nodes that read no image-derived value, evaluated once
 
     # ---------------------------------------------------------------- shapes
 
@@ -241,7 +242,7 @@ class _Builder:
                                  f"({type(exc).__name__}: {exc})") from None
 
     def _device(self):
-        for t in itertools_chain(self.gm.parameters(), self.gm.buffers()):
+        for t in itertools.chain(self.gm.parameters(), self.gm.buffers()):
             return t.device
         return torch.device("cpu")
 
@@ -259,6 +260,8 @@ class _Builder:
     def _const(self, a):
         """The value of a constant argument (number, get_attr tensor), or raise if it is not a constant."""
         if isinstance(a, fx.Node):
+            if a in self.consts:
+                return self.consts[a]
             if a.op == "get_attr":
                 obj = self.gm
                 for part in a.target.split("."):
@@ -275,7 +278,27 @@ class _Builder:
             raise UnsupportedOp(opname, n.name, "combines the map with a constant that varies by position")
 
     def _spatial_args(self, n: fx.Node) -> list[fx.Node]:
-        return [a for a in n.all_input_nodes if a.op != "get_attr"]
+        return [a for a in n.all_input_nodes if not self._is_const(a)]
+
+    def _is_const(self, a) -> bool:
+        return isinstance(a, fx.Node) and (a.op == "get_attr" or a in self.consts)
+
+    def _fold(self, n: fx.Node) -> None:
+        """A node that reads only constants (``self.scale.view(1, -1, 1, 1)``) is evaluated once: a constant."""
+        args = tuple(self._const(a) for a in n.args)
+        kwargs = {k: self._const(v) for k, v in n.kwargs.items()}
+        with torch.no_grad():
+            try:
+                self.consts[n] = self._evaluate(n, args, kwargs)
+            except Exception as exc:
+                raise UnsupportedOp(self._opname(n), n.name, f"could not be evaluated as a constant ({exc})") from None
+
+    def _evaluate(self, n: fx.Node, args, kwargs):
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        return self.modules[n.target](*args, **kwargs)
 
     def _add(self, n: fx.Node, node: Node) -> None:
         shape = self._meta_shape(n)
@@ -292,16 +315,16 @@ class _Builder:
             kwargs["inplace"] = False
         consts = {}
         for i, a in enumerate(args):
-            if isinstance(a, fx.Node) and a.op == "get_attr":
+            if self._is_const(a):
                 consts[i] = self._const(a)
                 self._per_channel(consts[i], n, opname)
         for key, a in kwargs.items():
             if isinstance(a, fx.Node):
-                if a.op != "get_attr":
+                if not self._is_const(a):
                     raise UnsupportedOp(opname, n.name, "takes a tensor keyword argument")
                 kwargs[key] = self._const(a)
                 self._per_channel(kwargs[key], n, opname)
-        positions = [i for i, a in enumerate(args) if isinstance(a, fx.Node) and a.op != "get_attr"]
+        positions = [i for i, a in enumerate(args) if isinstance(a, fx.Node) and not self._is_const(a)]
         for i, a in enumerate(args):
             if isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a):
                 raise UnsupportedOp(opname, n.name, "takes a list of tensors")
@@ -379,7 +402,7 @@ class _Builder:
             self.tail.add(n)
             return
         if not any(a in self.index for a in ins):
-            self.tail.add(n)  # a constant computation: evaluated in the tail (it reads no spatial node)
+            self._fold(n)  # reads no image-derived value: a constant
             return
         opname = self._opname(n)
         shape = self._meta_shape(n)
@@ -606,8 +629,8 @@ class _Builder:
             env[by_index[v]] = g.placeholder(f"frontier_{v}")
         def lookup(a: fx.Node) -> fx.Node:
             if a not in env:
-                if a.op == "get_attr":
-                    env[a] = g.node_copy(a)
+                if self._is_const(a):
+                    env[a] = g.node_copy(a, lookup)
                 else:
                     raise AssertionError(f"tail reads {a.name}, which is not in the frontier")
             return env[a]
@@ -651,8 +674,3 @@ def _bn_affine(m: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     b = m.bias.detach() if m.bias is not None else torch.zeros_like(m.running_mean)
     scale = w / torch.sqrt(m.running_var + m.eps)
     return scale, b - m.running_mean * scale
-
-
-def itertools_chain(*its):
-    for it in its:
-        yield from it

@@ -85,6 +85,7 @@ class Geometry(nn.Module):
         self.c3 = nn.Conv2d(8, 12, (3, 1), padding=(1, 0))
         self.avg = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False, ceil_mode=True)
         self.fc = nn.Linear(12, 10)
+        self.gain = nn.Parameter(torch.rand(12) + 0.5)
 
     def forward(self, x):
         x = (x - self.mean) / self.std
@@ -92,7 +93,7 @@ class Geometry(nn.Module):
         x = F.gelu(self.c2(x))
         x = nn.functional.hardswish(self.bn(self.dw(x)))
         x = self.pool(x)
-        x = F.max_pool2d(torch.sigmoid(self.c3(x)), 2, 1, dilation=2)
+        x = F.max_pool2d(torch.sigmoid(self.c3(x)) * self.gain.view(1, -1, 1, 1), 2, 1, dilation=2)
         x = self.avg(x)
         x = x + x + 0.1  # one map in both slots of an add: a pointwise op
         return self.fc(x.mean((2, 3)))

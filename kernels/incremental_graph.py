@@ -402,8 +402,13 @@ class GraphOcclusion:
                 rows = self._run_plan(g, plan, clean, base, self._scratch[worker], token)
                 out[:, p0:p1] = rows.view(n_img, p1 - p0, -1)
 
+        workers = self.workers if self.device.type == "cpu" else 1
+        if workers > 1:  # as many chunks on every worker, each no larger than the memory bound
+            chunks = -(-total // per)
+            chunks = -(-chunks // workers) * workers
+            per = -(-total // chunks)
         starts = range(0, total, per)
-        workers = min(self.workers, len(starts)) if self.device.type == "cpu" else 1
+        workers = min(workers, len(starts))
         while len(self._scratch) < workers:
             self._scratch.append({})
         if workers > 1 and len(starts) <= PLAN_CACHE:

@@ -277,6 +277,8 @@ class GraphOcclusion:
         x = torch.rand(2, g.nodes[0].shape[0], *g.size, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device)
         ref = self.module(x)
+        if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
+            raise UnsupportedOp("model output", "-", "is not one [N, classes] tensor of logits")
         got = g.run(x.contiguous(memory_format=torch.channels_last))[1]
         if ref.shape != got.shape or float((ref - got).abs().max()) > 1e-3 * (1 + float(ref.abs().max())):
             raise UnsupportedOp("traced graph", "-", "does not reproduce the model's output (data-dependent "

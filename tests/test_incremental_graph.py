@@ -367,6 +367,11 @@ def test_untraceable_model_is_refused():
         GraphOcclusion(torch.jit.script(Rolls().eval()), "cpu")
 
 
+def test_model_without_class_logits_is_refused():
+    with pytest.raises(UnsupportedOp, match="logits"):
+        GraphOcclusion(nn.Conv2d(3, 4, 3).eval(), "cpu")
+
+
 class Sneaky(nn.Module):
     """Python state in ``forward``: from call ``switch`` on it computes something else than tracing saw."""
 

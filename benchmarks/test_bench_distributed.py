@@ -6,13 +6,13 @@ kind runs on net1 (the cheapest zoo net: the worst case for overhead) over ``SHA
 - ``direct``: the analysis function itself over the whole slice, in this process, 2 torch threads;
 - ``local``: :func:`run_sharded` with the local executor (shard hashing, model open, shard files);
 - ``ray``: :func:`run_sharded` on a local Ray whose tasks take both CPUs (``--cpus-per-task 2``, so shards run
-  one at a time with the same 2 threads as ``direct``), after a warm-up run that started the worker.
+  one at a time with the same 2 threads as ``direct``), after a warm-up run that started the worker;
 
-Each the best of ``ROUNDS`` interleaved runs.
-
-``overhead_per_shard = (T_executor - T_direct) / shards`` and ``work_per_shard = T_direct / shards``; the target is
-overhead < 10 % of the work at the default shard size. Timings on a shared machine mean little when it is busy,
-so the suite skips unless the 1-minute load average is under 3 (``CIFARBENCH_BENCH_FORCE=1`` runs it anyway).
+each the best of ``ROUNDS`` interleaved runs. Overhead is measured within each sharded run: its wall time minus
+the time its shards spent inside the analysis functions (``ShardedRun.analysis_s``), against that analysis time
+(the model's open and the shard files included); the target is overhead < 10 % at the default shard size.
+``direct`` is printed beside them for scale. Timings on a shared machine mean little when it is busy, so the
+suite skips unless the 1-minute load average is under 3 (``CIFARBENCH_BENCH_FORCE=1`` runs it anyway).
 """
 from __future__ import annotations
 
@@ -88,30 +88,31 @@ def test_shard_overhead_is_under_10_percent_of_a_shard(kind, data, ray_cluster, 
     # warm-up: the Ray worker starts and opens the model, as it would once per run on a cluster
     run_sharded(kind, "net1", data.subset(slice(0, 8)), executor="ray", cpus_per_task=2, **common)
 
-    times = {"direct": [], "local": [], "ray": []}
-    run = None
+    times: dict[str, list] = {"direct": [], "local": [], "ray": []}
     for r in range(ROUNDS):  # interleaved, best of ROUNDS: other processes on a shared machine slow any one run
         start = time.perf_counter()
         _direct(kind, piece, settings)
         times["direct"].append(time.perf_counter() - start)
-        start = time.perf_counter()
-        run_sharded(kind, "net1", piece, out=tmp_path / f"local{r}", **common)
-        times["local"].append(time.perf_counter() - start)
-        start = time.perf_counter()
+        run = run_sharded(kind, "net1", piece, out=tmp_path / f"local{r}", **common)
+        times["local"].append((run.seconds, run.analysis_s))
         run = run_sharded(kind, "net1", piece, executor="ray", cpus_per_task=2, out=tmp_path / f"ray{r}", **common)
-        times["ray"].append(time.perf_counter() - start)
-    direct, local, ray_s = (min(times[k]) for k in ("direct", "local", "ray"))
-    benchmark.pedantic(lambda: None, rounds=1)  # the timings above are the record; extra_info carries them
+        times["ray"].append((run.seconds, run.analysis_s))
+    benchmark.pedantic(lambda: None, rounds=1)  # the timings below are the record, in extra_info
+    direct = min(times["direct"])
+    # overhead from one run's own wall time and analysis time (one shard at a time): the machine's load slows
+    # both alike, where a difference of two runs would be mostly noise
+    overhead = {k: min((wall - work) / work for wall, work in times[k]) for k in ("local", "ray")}
+    work = {k: min(work for _, work in times[k]) for k in ("local", "ray")}
     shards = run.shards
-    work = direct / shards
     info = {"kind": kind, "images": len(piece), "shards": shards, "shard_images": size, "direct_s": direct,
-            "local_s": local, "ray_s": ray_s, "work_per_shard_s": work,
-            "local_overhead_per_shard_s": (local - direct) / shards,
-            "ray_overhead_per_shard_s": (ray_s - direct) / shards,
-            "ray_overhead_fraction": (ray_s - direct) / direct, "load_avg": os.getloadavg()[0]}
+            "local_s": min(w for w, _ in times["local"]), "ray_s": min(w for w, _ in times["ray"]),
+            "work_per_shard_s": work["ray"] / shards,
+            "local_overhead_fraction": overhead["local"], "ray_overhead_fraction": overhead["ray"],
+            "ray_overhead_per_shard_s": overhead["ray"] * work["ray"] / shards, "load_avg": os.getloadavg()[0]}
     benchmark.extra_info.update(info)
-    print(f"\n{kind}: {shards} x {size} images; direct {direct:.2f} s, local {local:.2f} s, ray {ray_s:.2f} s; "
-          f"per shard: work {work:.3f} s, overhead local {info['local_overhead_per_shard_s']:+.3f} s, "
-          f"ray {info['ray_overhead_per_shard_s']:+.3f} s ({100 * info['ray_overhead_fraction']:+.1f} %)")
-    assert info["ray_overhead_fraction"] < TARGET
-    assert (local - direct) / direct < TARGET
+    print(f"\n{kind}: {shards} x {size} images; direct {direct:.2f} s, local {info['local_s']:.2f} s, "
+          f"ray {info['ray_s']:.2f} s; per shard: work {info['work_per_shard_s']:.3f} s, ray overhead "
+          f"{info['ray_overhead_per_shard_s']:.3f} s ({100 * overhead['ray']:.1f} %), local "
+          f"{100 * overhead['local']:.1f} %")
+    assert overhead["ray"] < TARGET
+    assert overhead["local"] < TARGET

@@ -319,7 +319,7 @@ def test_model_folders_of_dead_workers_are_swept(tmp_path, monkeypatch):
     from cifarbench.distributed import _model_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    dead = tmp_path / "cifarbench-model-999999.abcdefgh"  # no process has pid 999999 (above the default pid_max)
+    dead = tmp_path / "cifarbench-model-4194305.abcdefgh"  # above Linux's largest pid_max (2^22): no such process
     dead.mkdir()
     (dead / "model.safetensors").write_bytes(b"x")
     mine_now = _model_folder()

@@ -388,6 +388,9 @@ def _load(spec, arch: str | None, kw: dict) -> _Loaded:
         return _from_safetensors(path, arch, kw)
     if zipfile.is_zipfile(path):
         return _from_zip(path, arch, kw)
+    if suffix == ".pt2":  # both .pt2 formats (torch.export, AOTInductor) are zip archives
+        raise UserError(f"corrupt or unreadable .pt2 file {path}: not a zip archive (a torch.export program or an "
+                        f"AOTInductor package is one); re-export it")
     # not a zip: torch.save's legacy (pre-1.6) format, or not a model at all
     return _from_state_dict_file(path, arch, kw, legacy=True)
 

@@ -2,7 +2,17 @@
 __version__ = "0.1.0"
 
 from .errors import UserError  # noqa: E402
-from .zoo import create_model, list_models, load_model  # noqa: E402
+
+_ZOO = ("create_model", "list_models", "load_model")
+
+
+def __getattr__(name):
+    """The zoo's functions, imported on first use: the zoo imports torch, and ``import cifarbench`` stays light."""
+    if name in _ZOO:
+        from . import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def occlusion_map(model, image, k, **kwargs):

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from pathlib import Path
-
 import torch
 
 from ..errors import UserError
@@ -25,16 +23,15 @@ _exported: dict[str, object] = {}
 
 
 def runtime_proto(runtime, model):
-    """The fp32 ONNX graph behind an ONNX Runtime runtime: its own (``.proto``, or the file it was opened from),
-    else ``model`` exported once per model digest."""
-    from .onnx import load_onnx, model_digest, to_onnx_proto
+    """The fp32 ONNX graph behind a runtime: the one it runs (its ``onnx_graph()`` capability), else ``model``
+    exported once per content digest. Reads capabilities only: export never imports runtime."""
+    from .onnx import model_digest, to_onnx_proto
 
-    proto = getattr(runtime, "proto", None)
-    if proto is not None:
-        return proto
-    source = getattr(runtime, "source", None)
-    if source and source != "in-memory" and Path(source).is_file():
-        return load_onnx(source)
+    graph = runtime.onnx_graph() if hasattr(runtime, "onnx_graph") else None
+    if graph is None:
+        graph = getattr(runtime, "proto", None)
+    if graph is not None:
+        return graph
     key = model_digest(model)
     if key not in _exported:
         _exported[key] = to_onnx_proto(model)

@@ -302,7 +302,8 @@ def _model_folder() -> Path:
 
 def _opened(package: ModelPackage, kind: str, args: dict, threads: int | None, cache: dict) -> dict:
     """The model opened once per process (or per local run, ``cache``) for ``kind`` and the runtime settings."""
-    key = (package.ident, "occlusion" if kind == "occlusion" else "net", args["backend"], args["device"], threads)
+    key = (package.ident, "occlusion" if kind == "occlusion" else "net", args["backend"], args["device"], threads,
+           args.get("calib_data"))
     if key in cache:
         return cache[key]
     for old in list(cache.values()):

@@ -324,3 +324,41 @@ def test_model_folders_of_dead_workers_are_swept(tmp_path, monkeypatch):
     (dead / "model.safetensors").write_bytes(b"x")
     mine_now = _model_folder()
     assert not dead.exists() and mine_now.is_dir() and mine_now.parent == tmp_path
+
+
+KILLED_DRIVER = """
+import sys, time
+from cifarbench.data import load_split
+from cifarbench.distributed import run_sharded
+# a pause after each finished shard, so the kill lands while later shards are still to come
+run_sharded("mining", "net1", load_split("synthetic:300", "test"), selection=(("conv1", 0), ("conv2", 3)), top=5,
+            backend="torch", device="cpu", batch_size=10, shard_size=10, out=sys.argv[1],
+            progress=lambda p: (print(p.done, flush=True), time.sleep(0.3)))
+"""
+
+
+def test_a_driver_killed_with_sigkill_loses_only_shards_in_flight(data, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_DRIVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if int(line) >= 2:  # two shards finished and saved
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("mining-*.npz")}
+    assert 2 <= len(kept) < 6
+    run = run_sharded("mining", "net1", data, selection=SEL, top=5, backend="torch", device="cpu", batch_size=10,
+                      shard_size=10, out=tmp_path, resume=True)
+    assert (run.skipped, run.executed) == (len(kept), 6 - len(kept))
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert not [p for p in (tmp_path / "shards").iterdir() if p.suffix != ".npz"]  # no temporary left behind
+    net = load_model("net1")
+    want = mine(TorchRuntime(net, "cpu"), net, data, SEL, 5, batch_size=10)
+    np.testing.assert_array_equal(run.result.top_index, want.top_index)
+    np.testing.assert_array_equal(run.result.top_response, want.top_response)

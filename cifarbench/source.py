@@ -379,7 +379,8 @@ def _load(spec, arch: str | None, kw: dict) -> _Loaded:
                             f"folder")
         path = path / "best.safetensors"
     if not path.is_file():
-        raise UserError(f"no such net or checkpoint: {text} (not a model file here; known nets: {', '.join(list_models())})")
+        raise UserError(f"no such net or checkpoint: {text} (not a model file here; known nets: "
+                        f"{', '.join(list_models())})")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         _no_arch(arch, "an ONNX file")

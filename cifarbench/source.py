@@ -949,5 +949,5 @@ def source_from_contract(kind: str, name: str, *, input_size: int, num_classes: 
     return _finish(loaded, None, None, None, None)
 
 
-__all__ = ["KINDS", "ModelSource", "resolve_source", "source_from_contract", "build_arch", "parse_arch_kw", "parse_classes",
-           "parse_contract", "file_digest", "module_digest", "default_classes"]
+__all__ = ["KINDS", "ModelSource", "resolve_source", "source_from_contract", "build_arch", "parse_arch_kw",
+           "parse_classes", "parse_contract", "file_digest", "module_digest", "default_classes"]

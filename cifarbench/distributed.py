@@ -3,16 +3,17 @@
 :func:`run_sharded` splits an analysis into shards, runs each through the analysis module's own function (this
 module computes nothing itself) and merges the partial results exactly:
 
-==========  ===========================  ===============================================================
+==========  ===========================  ========================================================================
 kind        shard                        merge
-==========  ===========================  ===============================================================
+==========  ===========================  ========================================================================
 occlusion   a range of images            maps by image index (:func:`analysis.occlusion.occlusion_maps`)
-ablation    filters x a range of images  per class correct counts and image counts summed, then ranked by
-                                         :func:`analysis.ablation.sweep_result` (a ``--sweep``)
+ablation    filters x a range of images  a ``--sweep``: per class correct counts and image counts summed, then
+                                         ranked by :func:`analysis.ablation.sweep_result`; a selection zeroed
+                                         together (images only): confusion cells summed, flips gathered
 mining      a range of images            per filter top-K lists by :func:`analysis.mining.mine`, merged with
                                          its tie rule (a stable sort: the lower image index wins); a filter
                                          is dead when it is dead in every shard
-==========  ===========================  ===============================================================
+==========  ===========================  ========================================================================
 
 Image ranges are whole batches of the analysis (its ``batch_size``), so every image goes through the runtime in
 the same batch as in the unsharded run and the numbers are the same bit for bit where the backend is
@@ -395,7 +396,15 @@ def _mining_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
 def _ablation_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
     import numpy as np
 
-    from .analysis.ablation import sweep
+    from .analysis.ablation import ablate, sweep
+
+    if not args["sweep"]:  # the selection zeroed together: both confusion matrices, flips among the first N
+        head = max(0, min(args["flipped"], shard.stop) - shard.start)
+        r = ablate(opened["runtime"], opened["net"], data, _selection(args), args["zero_bias"], head,
+                   args["batch_size"])
+        flips = [dict(f, index=f["index"] + shard.start) for f in r["flipped"]]
+        return {"conf_before": np.array(r["confusion"]["before"], np.int64),
+                "conf_after": np.array(r["confusion"]["after"], np.int64), "flipped": np.array(json.dumps(flips))}
 
     filters = tuple(tuple(f) for f in shard.filters)
     r = sweep(opened["runtime"], opened["net"], data, filters, args["zero_bias"], args["batch_size"])
@@ -470,6 +479,9 @@ def analysis_args(kind: str, data, analysis: dict) -> dict:
                 raise UserError(f"--top must be at least 1, got {args['top']}")
         else:
             args["zero_bias"] = bool(a.pop("zero_bias", False))
+            args["sweep"] = bool(a.pop("sweep", True))
+            if not args["sweep"]:
+                args["flipped"] = int(a.pop("flipped", 256))
     if a:
         raise TypeError(f"unknown {kind} settings: {', '.join(sorted(a))}")
     if args.get("batch_size", 1) < 1 or args.get("batch", 1) < 1:
@@ -512,7 +524,7 @@ def plan_shards(kind: str, data, args: dict, model_digest: str, shard_size: int 
         size = batch  # a shard smaller than a batch must split batches evenly, else batches differ
     n = len(data)
     groups = [()]
-    if kind == "ablation":
+    if kind == "ablation" and args["sweep"]:
         per = DEFAULT_FILTERS_PER_SHARD if filters_per_shard is None else int(filters_per_shard)
         if per < 1:
             raise UserError(f"filters per shard must be at least 1, got {per}")
@@ -548,7 +560,8 @@ def run_sharded(kind: str, model, data, *, executor: str = "local", address: str
       ``baseline``, ``target`` (one class or one per image), ``mode``, ``batch``, ``calib_data``); ``names``
       label the results as ``occlusion_maps(names=...)`` does;
     - ``ablation``: the ranked sweep of :func:`analysis.ablation.sweep` (``selection``, ``zero_bias``,
-      ``batch_size``);
+      ``batch_size``), or with ``sweep=False`` the selection zeroed together, as :func:`analysis.ablation.ablate`
+      returns it (``flipped``: look for flips among the first N images);
     - ``mining``: the :class:`analysis.mining.MiningResult` of :func:`analysis.mining.mine` (``selection``,
       ``top``, ``batch_size``);
 
@@ -745,7 +758,17 @@ def _merge_mining(ordered, args: dict, data):
 def _merge_ablation(ordered, args: dict, data) -> dict:
     import numpy as np
 
-    from .analysis.ablation import sweep_result
+    from .analysis.ablation import selection_json, sweep_result
+
+    if not args["sweep"]:  # confusion cells summed; the summaries are recomputed from the sums by metrics'
+        from .analysis.metrics import difference, summary
+
+        conf_b = sum(p["conf_before"] for _, p in ordered)
+        conf_a = sum(p["conf_after"] for _, p in ordered)
+        sb, sa = summary(conf_b, data.classes), summary(conf_a, data.classes)
+        return {"filters": selection_json(_selection(args)), "before": sb, "after": sa,
+                "difference": difference(sb, sa), "confusion": {"before": conf_b.tolist(), "after": conf_a.tolist()},
+                "flipped": [f for _, p in ordered for f in json.loads(str(p["flipped"]))]}
 
     nc = len(data.classes)
     support, base = np.zeros(nc, np.int64), np.zeros(nc, np.int64)

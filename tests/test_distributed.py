@@ -95,6 +95,25 @@ def test_ablation_sweep_shards_equal_the_unsharded_sweep(executor, data, request
     assert run.result == want  # counts identical, so every accuracy and rank is the same float
 
 
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_ablation_of_a_selection_sums_confusion_cells(executor, data, request):
+    """Filters zeroed together: confusion matrices summed cell by cell over image shards, flips among the first
+    30 images gathered across the shard boundary at 20."""
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    from cifarbench.analysis.ablation import ablate
+
+    forty = data.subset(slice(0, 40))
+    sel = (("conv1", 0), ("conv1", 1), ("conv1", 2), ("conv2", 3))
+    run = run_sharded("ablation", "net1", forty, executor=executor, selection=sel, sweep=False, flipped=30,
+                      backend="torch", device="cpu", batch_size=10, shard_size=20)
+    assert run.shards == 2
+    net = load_model("net1")
+    want = ablate(TorchRuntime(net, "cpu"), net, forty, sel, flipped=30, batch_size=10)
+    assert run.result == want
+    assert np.array(want["confusion"]["after"]).sum() == 40
+
+
 def test_ablation_counts_are_the_definition(data):
     """Independent of the sweep code: zero the filter in a copy and count right answers per class by hand."""
     forty = data.subset(slice(0, 40))

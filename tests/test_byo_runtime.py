@@ -8,6 +8,8 @@ import contextlib
 import io
 
 import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit calls itself deprecated
 import torch
 
 from byo_models import IMAGENET_MEAN, IMAGENET_STD, build
@@ -152,3 +154,28 @@ def test_backends_that_cannot_run_a_source_are_refused_in_one_line(tmp_path, mod
     path = onnx_file(models["resnet20"], tmp_path / "r.onnx", fixed=FIXED)
     with pytest.raises(UserError, match="runs with --backend onnxruntime or onnx-int8 or tensorrt"):
         open_runtime(path, "torch", device="cpu")
+
+
+def test_an_exported_program_with_a_fixed_batch_gets_exactly_that_batch_on_torch(models, images, tmp_path):
+    model = models["resnet20"]
+    path = tmp_path / "r.pt2"
+    torch.export.save(torch.export.export(model, (images[:FIXED],)), str(path))  # static batch of FIXED
+    rt = open_runtime(path, device="cpu")  # auto: an ExportedProgram runs on torch
+    assert rt.name == "torch" and rt.fixed_batch == FIXED
+    seen = []
+    run = rt._run
+    rt._run = lambda b: seen.append(len(b)) or run(b)
+    torch.testing.assert_close(rt.logits(images), reference(model, "resnet20", images), rtol=1e-5, atol=1e-5)
+    assert seen == [FIXED, FIXED]  # 7 images: 4, then 3 padded to 4
+
+
+def test_a_torchscript_source_exports_to_onnx_with_its_contract(models, images, tmp_path):
+    from cifarbench.export import export
+
+    model = models["imagenet_cnn"]
+    script = tmp_path / "m.ts"
+    torch.jit.save(torch.jit.trace(model, images[:2]), str(script))
+    path = export(script, "onnx", tmp_path / "m.onnx", **contract("imagenet_cnn"))
+    rt = open_runtime(path, device="cpu")
+    assert rt.source.mean == IMAGENET_MEAN
+    torch.testing.assert_close(rt.logits(images), reference(model, "imagenet_cnn", images), rtol=1e-5, atol=1e-5)

@@ -109,7 +109,10 @@ def to_onnx_proto(model) -> "onnx.ModelProto":  # noqa: F821
             if isinstance(module, torch.jit.ScriptModule):  # the dynamo exporter cannot trace TorchScript
                 import tempfile
 
-                with tempfile.TemporaryDirectory() as tmp:
+                import warnings
+
+                with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the legacy exporter warns that it is legacy, at length
                     torch.onnx.export(module, (example,), f"{tmp}/m.onnx", dynamo=False, opset_version=OPSET,
                                       input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                       dynamic_axes=None if fixed else {INPUT_NAME: {0: "batch"},

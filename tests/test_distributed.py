@@ -381,3 +381,21 @@ def test_a_driver_killed_with_sigkill_loses_only_shards_in_flight(data, tmp_path
     want = mine(TorchRuntime(net, "cpu"), net, data, SEL, 5, batch_size=10)
     np.testing.assert_array_equal(run.result.top_index, want.top_index)
     np.testing.assert_array_equal(run.result.top_response, want.top_response)
+
+
+def test_shard_files_are_guarded_outputs(data, tmp_path):
+    """Inside the command's output_folder (shards/ among its subdirs) a rerun replaces its own shard files, and a
+    file of the user's under a shard's name is never replaced."""
+    from cifarbench.io import output_folder
+
+    args = dict(selection=SEL, top=3, backend="torch", device="cpu", batch_size=10, shard_size=10, out=tmp_path)
+    with output_folder(tmp_path, subdirs=("shards",)):
+        first = run_sharded("mining", "net1", data.subset(slice(0, 20)), **args)
+        run_sharded("mining", "net1", data.subset(slice(0, 20)), **args)  # without resume: computed and replaced
+    victim = first.files[0]
+    with open(victim, "wb") as f:
+        f.write(b"the user's own file")
+    with output_folder(tmp_path, subdirs=("shards",)):
+        with pytest.raises(UserError, match="not a cifarbench output"):
+            run_sharded("mining", "net1", data.subset(slice(0, 20)), **args)
+    assert open(victim, "rb").read() == b"the user's own file"

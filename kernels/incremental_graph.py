@@ -290,6 +290,9 @@ class GraphOcclusion:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if size not in self._graphs:
             g = build_graph(self.traced, size)
+            for node in g.nodes:  # channels-last weights, as the NHWC windows: oneDNN then reorders nothing per call
+                if node.kind == "conv":
+                    node.weight = node.weight.contiguous(memory_format=torch.channels_last)
             self._graphs[size] = g
             self._scales[size] = self._avgpool_scales(g)
         return self._graphs[size]

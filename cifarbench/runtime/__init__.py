@@ -7,12 +7,13 @@ imports :mod:`cifarbench.export`; making and caching artifacts, and choosing a b
 :mod:`cifarbench.artifacts` (``open_runtime`` here delegates to it at call time).
 
 ``auto`` (:func:`resolve_backend`) is the fastest fp32 backend available here: ``tensorrt`` on a GPU with
-TensorRT, else ``onnxruntime`` where its provider supports the device (always on CPU), else ``torch``. It never
-picks ``aoti`` on the CPU: net4, 625 images, 2 cores, best of 3 (2026-12-01, shared "Intel Xeon Processor" VM,
-load 3-5, so +-30 %): eager torch 8.7 s (channels_last 7.0 s), AOTInductor as built before (no freezing, NCHW)
-9.4 s, AOTInductor frozen (BN folded) + channels_last 7.7 s, ONNX Runtime 7.3 s; the issue's EPYC (Zen 4) run:
-eager 4.68 s, AOTInductor 4.62 s, ONNX Runtime 2.70 s. Use ``--backend aoti`` for a Python-free deployable
-artifact, not for speed on the CPU.
+TensorRT, else ``onnxruntime`` where its provider supports the device (always on CPU), else ``torch``. It does
+not pick ``aoti`` on the CPU, because ONNX Runtime is faster there. net4, 625 images, 2 threads, the three
+runtimes in turn, 3 rounds (2026-12-01, shared 2-core "Intel Xeon Processor" VM, load 2.4-2.7): eager torch
+6.8/7.2/7.8 s, AOTInductor as ``export --to aoti`` builds it (freezing: BN folded; channels_last) 5.8/5.4/7.1 s,
+ONNX Runtime 5.3/5.5/4.4 s. The AOTInductor recipe used before (no freezing, NCHW) was no faster than eager
+(9.4 vs 8.7 s best of 3 in an earlier, noisier run; the issue's EPYC Zen 4 run: 4.62 vs 4.68 s, ONNX Runtime
+2.70 s). Use ``--backend aoti`` for a Python-free deployable artifact rather than for speed on the CPU.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .export import DEFAULT_CALIB, RECIPES, SUFFIXES, check_target, default_calib_data, images_sha256
+from .export import DEFAULT_CALIB, RECIPES, SUFFIXES, check_target, images_sha256
 
 #: distributions whose versions go into every cache key
 TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
@@ -84,8 +84,7 @@ def cached_artifact(model, to: str, **options) -> Path:
     ``data_dir`` (INT8), ``max_batch``/``opt_batch`` (tensorrt)."""
     import torch
 
-    from .export import export
-    from .export.int8 import calibration_images
+    from .export import calibration_set, export
 
     check_target(to)
     source = _source(model, options)
@@ -96,9 +95,8 @@ def cached_artifact(model, to: str, **options) -> Path:
     int8 = to == "onnx-int8" or (to == "tensorrt" and precision == "int8")
     if int8:
         # the images themselves, not the --calib-data string: two data.tar.gz in two folders are two sets
-        images = calibration_images(options.get("calib_data") or default_calib_data(),
-                                    options.get("calib", DEFAULT_CALIB), options.get("seed", 0),
-                                    options.get("data_dir"))
+        images = calibration_set(source, options.get("calib", DEFAULT_CALIB), options.get("calib_data"),
+                                 options.get("seed", 0), options.get("data_dir"))
         key_opts.update(calib=len(images), seed=options.get("seed", 0), calib_sha256=images_sha256(images))
     if to in ("aoti", "tensorrt"):
         key_opts.update(device=torch.device(options.get("device", "cpu")).type, precision=precision)

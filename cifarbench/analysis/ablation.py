@@ -46,15 +46,36 @@ def torch_module_of(runtime):
     """The runtime's torch module (an eval module taking [0, 1] pixels), or None: its ``torch_module()``
     capability."""
     ask = getattr(runtime, "torch_module", None)
-    if ask is not None:
-        return ask()
-    return getattr(runtime, "model", None)  # runtimes from before the capability API: TorchRuntime.model
+    return ask() if ask is not None else None
 
 
 def onnx_path_of(runtime):
     """The ONNX file the runtime runs, or None: its ``onnx_path()`` capability."""
     ask = getattr(runtime, "onnx_path", None)
     return ask() if ask is not None else None
+
+
+def onnx_graph_of(runtime):
+    """The ``onnx.ModelProto`` the runtime runs, or None: its ``onnx_graph()`` capability."""
+    ask = getattr(runtime, "onnx_graph", None)
+    return ask() if ask is not None else None
+
+
+def graph_table(graph, table):
+    """``table`` with its layers located in ONNX ``graph``: ``table`` itself when every target is a Conv node of
+    the graph (a table read from that graph); else, for a zoo net named by a torch table (``convN``, the nets are a
+    plain chain of convs), the graph's own table under the same names. Anything else is refused: a torch module
+    path does not name a node of an arbitrary graph."""
+    from ..filters import onnx_layer_table
+
+    nodes = {(n.name or n.output[0]) for n in graph.graph.node if n.op_type == "Conv"}
+    if all(table[layer].target in nodes for layer in table):
+        return table
+    own = onnx_layer_table(graph, table.input_size, table.model, zoo=True)
+    if list(own) == list(table) and all(own[n].filters == table[n].filters for n in own):
+        return own
+    raise UserError(f"the layers of {table.model} ({table.listing(4)}) are not the Conv nodes of the runtime's "
+                    f"ONNX graph; name them as `cifarbench layers` lists them for that file")
 
 
 def _find(root, path: str):
@@ -107,25 +128,17 @@ def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):
     return out
 
 
-class _Variant:
-    """A runtime of a filter-zeroed variant, holding the folder of its ONNX file while it lives."""
-
-    def __init__(self, runtime, keep=None):
-        self.runtime, self._keep = runtime, keep
-        self.name = getattr(runtime, "name", "")
-
-    def logits(self, batch):
-        return self.runtime.logits(batch)
-
-
 def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = False):
     """The same backend running the filter-zeroed variant. A runtime with a torch module: a zeroed deep copy of
     it (opened with the same backend, device and precision: a compiled backend compiles the variant). Without
-    one, a runtime with an ONNX file: the graph with the Conv weight slices zeroed, run through the same backend
-    with the source's input contract (normalization, classes, fixed batch)."""
+    one, a runtime with an ONNX graph (its ``onnx_graph()`` capability): the graph with the Conv weight slices
+    zeroed, run by ``runtime.variant(graph)`` under the same contract (normalization, classes, fixed batch).
+    ``table`` names the layers (a LayerTable, a source or a torch module; a zoo net's module also supplies the
+    BatchNorm that ``zero_bias`` needs where the exporter folded it into the conv)."""
     from ..filters import layer_table
     from ..runtime import open_runtime
 
+    net = table if isinstance(table, CifarNet) else None
     table = layer_table(table)
     source = getattr(runtime, "source", None)
     backend = getattr(runtime, "backend", None) or runtime.name
@@ -135,25 +148,17 @@ def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = Fals
         module = source.torch_module()   # a compiled runtime of a torch model: compile the zeroed module
     if module is not None:
         return open_runtime(zeroed_model(module, selection, zero_bias, table), backend=backend, **opts)
-    path = onnx_path_of(runtime)
-    if path is None:
+    graph = onnx_graph_of(runtime)
+    if graph is None or not hasattr(runtime, "variant"):
         raise UserError(f"filter-zeroed variants need a torch module or an ONNX graph; backend {runtime.name!r} "
                         f"has neither; use --backend torch or onnxruntime")
-    import tempfile
-    from pathlib import Path
+    if net is not None and zero_bias:
+        # a zoo net's folded BN: the zeroed filter's pre-ReLU value is bn(0), computed from the net (see
+        # export.variants); the graph's Conv nodes are the net's convs in order
+        from ..export.variants import onnx_variant
 
-    import onnx
-
-    from ..source import resolve_source
-
-    variant = zeroed_onnx(onnx.load(str(path)), table, selection, zero_bias)
-    keep = tempfile.TemporaryDirectory(prefix="cifarbench-variant-")
-    file = Path(keep.name) / "variant.onnx"
-    onnx.save(variant, str(file))
-    contract = {}
-    if source is not None:
-        contract = {"mean": source.mean, "std": source.std, "classes": list(source.classes)}
-    return _Variant(open_runtime(resolve_source(file, **contract), backend=backend, **opts), keep)
+        return runtime.variant(onnx_variant(graph, net, selection, zero_bias))
+    return runtime.variant(zeroed_onnx(graph, graph_table(graph, table), selection, zero_bias))
 
 
 def predictions(runtime, data: Dataset, batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> np.ndarray:

@@ -73,20 +73,15 @@ def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
     return probe
 
 
-def onnx_probe(source, table, path=None, layers=None) -> Probe:
-    """The source's ONNX graph with, per conv layer, its probe tensor (the Conv's output, or the output of the
+def probe_proto(graph, table, layers=None):
+    """A copy of ONNX ``graph`` with, per conv layer, its probe tensor (the Conv's output, or the output of the
     BatchNormalization that is its only consumer) reduced inside the graph to three [N, C] outputs (sum, first
-    argmax, max): no feature map leaves ONNX Runtime. Batches get the source's input contract (normalization;
-    a fixed batch is fed exactly, the last one padded with zeros and cut)."""
-    import tempfile
-    from pathlib import Path
-
+    argmax, max): no feature map leaves ONNX Runtime. Returns (proto, {layer: (sum, argmax, max) output names})."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    path = path or source.onnx_path
-    proto = onnx.load(str(path))
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph)
     g = proto.graph
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
     layers = list(layers or table)
@@ -114,33 +109,39 @@ def onnx_probe(source, table, path=None, layers=None) -> Probe:
                          helper.make_tensor_value_info(am, TensorProto.INT64, None),
                          helper.make_tensor_value_info(mx, TensorProto.FLOAT, None)])
         names[layer] = (s, am, mx)
-    with tempfile.TemporaryDirectory(prefix="cifarbench-probe-") as tmp:
-        file = Path(tmp) / "probe.onnx"
-        onnx.save(proto, str(file))   # ONNX Runtime reads the file (and any data) while building the session
-        session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
-    feed = session.get_inputs()[0].name
-    wanted = [n for trio in names.values() for n in trio]
-    fixed = getattr(source, "fixed_batch", None)
+    return proto, names
 
-    def run(x: torch.Tensor):
-        n = len(x)
-        if fixed and n != fixed:
-            parts = []
-            for i in range(0, n, fixed):
-                chunk = x[i:i + fixed]
-                pad = fixed - len(chunk)
-                if pad:
-                    chunk = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])])
-                parts.append([o[:len(chunk) - pad] for o in session.run(wanted, {feed: chunk.numpy()})])
-            return [np.concatenate([p[k] for p in parts]) for k in range(len(wanted))]
-        return session.run(wanted, {feed: x.numpy()})
+
+def onnx_probe(runtime, table, layers=None) -> Probe:
+    """A probe running ``runtime``'s ONNX graph (its ``onnx_graph()`` capability) with :func:`probe_proto`'s
+    reductions as extra outputs, opened by ``runtime.variant`` (same device, threads and contract). Batches get
+    the source's input contract (normalization; a fixed batch is fed exactly, the last one padded and cut)."""
+    from .ablation import graph_table, onnx_graph_of
+
+    graph = onnx_graph_of(runtime)
+    table = graph_table(graph, table)
+    proto, names = probe_proto(graph, table, layers)
+    probed = runtime.variant(proto)
+    source = runtime.source
+    fixed = probed.fixed_batch or probed.max_batch
+
+    def run(x: torch.Tensor) -> dict:
+        if not fixed or len(x) == fixed:
+            return probed.outputs(x)
+        parts = []
+        for i in range(0, len(x), fixed):
+            chunk = x[i:i + fixed]
+            pad = fixed - len(chunk) if probed.fixed_batch else 0
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])])
+            parts.append({k: v[:len(chunk) - pad] for k, v in probed.outputs(chunk.contiguous()).items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def probe(batch: torch.Tensor):
-        x = source.normalize(batch.float().cpu()).contiguous()
-        outs = dict(zip(wanted, run(x)))
+        x = source.normalize(batch.float().to(probed.device)).contiguous()
+        outs = run(x)
         # the Flatten'd TopK outputs are [N, C]: max values and flat positions y * W + x, ties to the lower index
-        return {layer: tuple(torch.from_numpy(np.ascontiguousarray(outs[n])) for n in trio)
-                for layer, trio in names.items()}
+        return {layer: tuple(outs[n] for n in trio) for layer, trio in names.items()}
 
     return probe
 
@@ -148,11 +149,11 @@ def onnx_probe(source, table, path=None, layers=None) -> Probe:
 def probe_for(runtime, model) -> Probe:
     """The probe for ``runtime``, asked for its capabilities: its torch module (probed on a deep copy, so hooks stay
     off the user's model), else its source's torch module (a compiled runtime of a torch model: the responses are
-    the model's, computed in torch fp32), else its ONNX graph."""
+    the model's, computed in torch fp32), else its ONNX graph (``onnx_graph()`` + ``variant()``)."""
     import copy
 
     from ..filters import layer_table
-    from .ablation import onnx_path_of, torch_module_of
+    from .ablation import onnx_graph_of, torch_module_of
 
     table = layer_table(model)
     source = getattr(runtime, "source", None)
@@ -161,9 +162,8 @@ def probe_for(runtime, model) -> Probe:
         module = source.torch_module()
     if module is not None:
         return torch_probe(copy.deepcopy(module), getattr(runtime, "channels_last", False), table)
-    path = onnx_path_of(runtime)
-    if path is not None and source is not None:
-        return onnx_probe(source, table, path)
+    if onnx_graph_of(runtime) is not None and hasattr(runtime, "variant"):
+        return onnx_probe(runtime, table)
     raise UserError(f"filter mining needs a torch module or an ONNX graph; backend {runtime.name!r} has neither; "
                     f"use --backend torch or onnxruntime")
 

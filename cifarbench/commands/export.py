@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
                   "precision": "int8" if to == "onnx-int8" else precision, "bytes": path.stat().st_size,
                   "sha256": file_sha256(path), "seconds": round(time.perf_counter() - start, 2)}
         if to == "onnx-int8" and eval_images > 0:
-            from ..export.int8 import int8_accuracy_report
+            from ..artifacts import int8_accuracy_report
 
             result["accuracy"] = int8_accuracy_report(source, path, data, data_dir, eval_images)
         if json:

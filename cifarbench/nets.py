@@ -1,6 +1,6 @@
 """The four nets of the report, built from the specs in ``models/*.json``.
 
-Every net takes a float [0, 1] NCHW batch and owns its normalization ((x - 0.5) / 0.5), so exported artifacts and
+Every net takes a float [0, 1] NCHW batch and owns its normalization ((x - MEAN) / STD, MEAN = STD = 0.5), so exported artifacts and
 runtimes all share one input contract. Conv layers are named ``conv1..convN``; each is a :class:`ConvBlock`
 (conv, BN or identity, ReLU) so analyses can reach the pre-ReLU output of any filter.
 """
@@ -77,6 +77,16 @@ def plan_parameters(spec: dict, hparams: dict) -> int:
     return n + (cout * size * size + 1) * 120 + (120 + 1) * 84 + (84 + 1) * NUM_CLASSES
 
 
+#: the zoo nets' input normalization ((x - MEAN) / STD per channel, on [0, 1] pixels): the one place it is written
+MEAN = (0.5, 0.5, 0.5)
+STD = (0.5, 0.5, 0.5)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] pixels -> the zoo nets' input, (x - MEAN) / STD (all channels share 0.5, so scalars suffice)."""
+    return (x - MEAN[0]) / STD[0]
+
+
 class CifarNet(nn.Module):
     """One of the report's nets. ``hparams`` holds the resolved hyper-parameters; ``spec`` the zoo spec."""
 
@@ -111,7 +121,11 @@ class CifarNet(nn.Module):
         return self.spec["name"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layers((x - 0.5) / 0.5))
+        return self.head(self.layers(self.normalize(x)))
+
+    @staticmethod
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x)
 
     def conv_blocks(self) -> OrderedDict[str, ConvBlock]:
         return OrderedDict((n, m) for n, m in self.layers.named_children() if isinstance(m, ConvBlock))

@@ -65,7 +65,8 @@ def bench_runtime(rt, batches: list[int], warmup: int = 2, iters: int = 10, min_
     g = torch.Generator().manual_seed(seed)
     rows = []
     for batch in batches:
-        x = torch.rand(batch, 3, 32, 32, generator=g).to(rt.device)
+        size = rt.input_size   # the model's own side (64 for a 64x64 classifier), never assumed 32
+        x = torch.rand(batch, 3, size, size, generator=g).to(rt.device)
         times = time_calls(lambda: rt.logits(x), rt.device, warmup, iters, min_seconds)
         rows.append({"backend": rt.name, "precision": rt.precision, "device": str(rt.device),
                      **summarize(times, batch, flops_per_image)})

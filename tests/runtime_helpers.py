@@ -10,6 +10,7 @@ from functools import cache
 
 import torch
 
+from cifarbench.nets import normalize
 from conftest import random_model
 
 
@@ -26,9 +27,9 @@ def fitted_model(name: str, seed: int = 0, n: int = 300):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.reset_running_stats()
                 m.momentum = None
-        model.layers.train()((train.float_images() - 0.5) / 0.5)
+        model.layers.train()(normalize(train.float_images()))
         model.layers.eval()
-        feats = model.head[:-1](model.layers((train.float_images() - 0.5) / 0.5))
+        feats = model.head[:-1](model.layers(normalize(train.float_images())))
         mu, sd = feats.mean(0), feats.std(0) + 1e-6
         z = torch.cat([(feats - mu) / sd, torch.ones(len(feats), 1)], 1)
         target = torch.nn.functional.one_hot(train.labels, 10).float() * 10 - 1

@@ -10,6 +10,7 @@ from cifarbench.analysis.ablation import (ablate, predictions, sweep, sweep_by_v
 from cifarbench.analysis.metrics import accuracy, confusion_matrix, per_class_accuracy
 from cifarbench.data import load_split
 from cifarbench.filters import all_filters, resolve_selection
+from cifarbench.nets import normalize
 from cifarbench.runtime import TorchRuntime
 from cifarbench.zoo import create_model
 from conftest import random_model
@@ -25,7 +26,7 @@ def fitted_model(name: str, seed: int = 0, **overrides):
     noisy = torch.rand(len(y), generator=g) < 0.5
     y[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=g)
     with torch.no_grad():
-        feats = model.head[:-1](model.layers((train.float_images() - 0.5) / 0.5))
+        feats = model.head[:-1](model.layers(normalize(train.float_images())))
         f1 = torch.cat([feats, torch.ones(len(feats), 1)], 1).double()
         onehot = torch.nn.functional.one_hot(y, 10).double()
         w = torch.linalg.solve(f1.T @ f1 + 1e-3 * torch.eye(f1.shape[1], dtype=torch.double), f1.T @ onehot)

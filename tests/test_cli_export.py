@@ -6,6 +6,7 @@ import json
 import pytest
 
 from cifarbench.checkpoint import save_checkpoint
+from cifarbench.nets import normalize
 from cli_helpers import assert_user_error, run_cli
 from conftest import random_model
 from runtime_helpers import fitted_model
@@ -64,7 +65,7 @@ def test_verify_fails_with_exit_1(capsys, tmp_path_factory):
 
     with torch.no_grad():
         x = load_split("synthetic", "test").float_images()[:256]
-        feats = model.head[:-1](model.layers((x - 0.5) / 0.5))
+        feats = model.head[:-1](model.layers(normalize(x)))
         last = model.head[-1]
         last.weight.mul_(3.0 / ((feats - feats.mean(0)) @ last.weight.T).std(0)[:, None])
         last.bias.copy_(-(feats @ last.weight.T).mean(0))

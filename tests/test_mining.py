@@ -10,7 +10,7 @@ import torch
 from cifarbench.analysis.mining import StreamingTopK, mine, torch_probe
 from cifarbench.data import load_split
 from cifarbench.filters import all_filters, resolve_selection
-from cifarbench.nets import ConvBlock, receptive_patch
+from cifarbench.nets import MEAN, STD, ConvBlock, receptive_patch
 from cifarbench.runtime import TorchRuntime
 from cifarbench.zoo import create_model
 from conftest import random_model
@@ -45,7 +45,7 @@ def full_maps(model, data):
     net = create_model(model.name, **model.hparams)
     net.load_state_dict(model.state_dict())
     net = net.double().eval()
-    maps, h = {}, (data.images.double() / 255 - 0.5) / 0.5
+    maps, h = {}, (data.images.double() / 255 - MEAN[0]) / STD[0]
     with torch.no_grad():
         for name, layer in net.layers.named_children():
             if isinstance(layer, ConvBlock):

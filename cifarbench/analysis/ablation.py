@@ -299,7 +299,7 @@ def sweep(runtime, model, data: Dataset, selection: Selection, zero_bias: bool =
             if getattr(runtime, "channels_last", False):
                 x = x.contiguous(memory_format=torch.channels_last)
             # the zoo net's own input normalization, as in CifarNet.forward (the body is run layer by layer here)
-            h, base_done = (net.normalize(x) if hasattr(net, "normalize") else (x - 0.5) / 0.5), False
+            h, base_done = net.normalize(x), False
             for k, mod in enumerate(mods[:last + 1]):
                 h = mod(h)
                 split = next((s for s in splits.values() if s.index == k), None)

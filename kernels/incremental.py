@@ -258,6 +258,35 @@ def nhwc_head(linears: list[tuple[torch.Tensor, torch.Tensor]], last: LayerSpec)
     return [(w1.contiguous(), b1)] + list(rest)
 
 
+def normalization(model) -> tuple:
+    """The ``(mean, std)`` a :class:`~cifarbench.nets.CifarNet` applies to [0, 1] pixels: read off the net where it
+    says, else from :mod:`cifarbench.nets` (their one home; ``0.5`` is what every zoo net has used). The engine
+    checks at construction that it reproduces the net's logits with them."""
+    from .. import nets
+
+    mean = getattr(model, "mean", None)
+    std = getattr(model, "std", None)
+    if mean is None or std is None or callable(mean) or callable(std):
+        mean, std = getattr(nets, "MEAN", 0.5), getattr(nets, "STD", 0.5)
+    return mean, std
+
+
+def chain_fits(model) -> bool:
+    """Whether :class:`IncrementalOcclusion` can run ``model``: a plain chain of conv blocks and 2x2 max pools with
+    a linear head (the zoo nets). Others go to the graph engine (:mod:`cifarbench.kernels.incremental_graph`)."""
+    try:
+        layer_specs(model)
+        model.conv_blocks()
+        return any(isinstance(m, nn.Linear) for m in model.head)
+    except (AttributeError, TypeError):
+        return False
+
+
+def _check_size(size) -> None:
+    if tuple(np.broadcast_to(np.asarray(size), (2,))) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"the chain engine runs {IMAGE_SIZE}x{IMAGE_SIZE} inputs, not {size}")
+
+
 class IncrementalOcclusion:
     """Exact occlusion maps for one :class:`~cifarbench.nets.CifarNet`, recomputing only changed windows.
 
@@ -280,11 +309,27 @@ class IncrementalOcclusion:
                                        [ly for ly in specs if ly.kind == "conv"])]
         linears = [(m.weight.detach().to(device), m.bias.detach().to(device))
                    for m in model.head if isinstance(m, nn.Linear)]
-        self._setup(specs, convs, nhwc_head(linears, specs[-1]), device, chunk, buckets, workers=workers)
+        mean, std = normalization(model)
+        self._setup(specs, convs, nhwc_head(linears, specs[-1]), device, chunk, buckets, mean, std, workers=workers)
+        self._verify(model)
         if first_layer == "auto" and self.device.type == "cuda" and self.specs[0].kind == "conv":
             from . import triton_occlusion
 
             self.use_triton = triton_occlusion.available()
+
+    @torch.inference_mode()
+    def _verify(self, model) -> None:
+        """Refuse a net this engine would not reproduce (another normalization, a head it does not read): its clean
+        logits on two random images must be the model's own."""
+        x = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0)).to(self.device)
+        ref = model.to(self.device)(x).float()
+        h = self._clean(self._normalize(x))[-1].reshape(2, -1)
+        for i, (w, b) in enumerate(self.head):
+            h = F.linear(h, w, b)
+            if i < len(self.head) - 1:
+                h = F.relu(h)
+        if ref.shape != h.shape or float((ref - h).abs().max()) > 1e-3 * (1 + float(ref.abs().max())):
+            raise TypeError("the chain engine does not reproduce this net's logits")
 
     def _setup(self, specs, convs, head, device, chunk, buckets, mean: float = 0.5, std: float = 0.5,
                workers: int | None = None) -> None:
@@ -292,15 +337,27 @@ class IncrementalOcclusion:
         self.chunk, self.buckets = chunk, buckets
         self.workers = workers or cpu_workers()
         self._scratch: list[dict] = []  # per worker: buffers reused across chunks and calls (see _buffer)
-        self.mean, self.std = mean, std
+        # per-channel (or one scalar) (x - mean) / std of [0, 1] pixels, as [1, C] for broadcasting
+        self.mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device).reshape(1, -1)
+        self.std = torch.as_tensor(std, dtype=torch.float32, device=self.device).reshape(1, -1)
         self.use_triton = False
 
-    def flops(self, k: int, stride: int = 1) -> int:
-        """Conv FLOPs per image of the incremental plan (all positions), for cost comparisons with dense."""
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The net's input for [0, 1] pixels: images [B, C, H, W] or patch colours [B, C]."""
+        if images.dim() == 4:
+            return (images - self.mean[..., None, None]) / self.std[..., None, None]
+        return (images - self.mean) / self.std
+
+    def flops(self, k: int, stride: int = 1, size: int = IMAGE_SIZE) -> int:
+        """Conv FLOPs per image of the incremental plan (all positions), for cost comparisons with dense.
+        ``size``: the input side, which for this engine's nets is always 32 (as in
+        :class:`~cifarbench.kernels.incremental_graph.GraphOcclusion`'s signature)."""
+        _check_size(size)
         n = ((IMAGE_SIZE - k) // stride + 1) ** 2
         return build_plan(self.specs, k, stride, 0, n, 1, self.buckets).flops
 
-    def dense_flops(self) -> int:
+    def dense_flops(self, size: int = IMAGE_SIZE) -> int:
+        _check_size(size)
         """Conv FLOPs of one whole-image forward pass, the dense engine's cost per position."""
         return sum(2 * ly.c_in * ly.c_out * ly.k ** 2 * ly.s_out ** 2 for ly in self.specs if ly.kind == "conv")
 
@@ -324,8 +381,8 @@ class IncrementalOcclusion:
         images = images.to(self.device, torch.float32)
         baselines = baselines.to(self.device, torch.float32)
         n_img = len(images)
-        x = (images - self.mean) / self.std
-        base = (baselines - self.mean) / self.std
+        x = self._normalize(images)
+        base = self._normalize(baselines)
         clean = self._clean(x)
         n = (IMAGE_SIZE - k) // stride + 1
         total = n * n

@@ -1,15 +1,27 @@
 """Occlusion maps (DESIGN.md section 3): slide a K x K patch over the image, record the target probability.
 
-Two engines compute the same map:
+Any classifier cifarbench can open (a :class:`~cifarbench.source.ModelSource`: zoo net, checkpoint, torch module,
+TorchScript, ``.pt2``, state_dict with ``arch``, ONNX) on any square input size S it takes: the map side is
+``(S - K) // stride + 1``. Three engines compute the same map, chosen by what the runtime *can* do (its
+capabilities), never by its name:
 
 * ``dense``: every occluded copy is built on the runtime's device in one tensor op
   (:func:`cifarbench.kernels.triton_occlusion.occluded_batch`) and fed through any :class:`Runtime` in
-  memory-bounded chunks, so compiled backends (ONNX Runtime, INT8, TensorRT) serve occlusion too.
-* ``incremental``: :mod:`cifarbench.kernels.incremental` recomputes only the windows a patch can change; exact.
-  On torch it is exact fp32; given an ``onnx-int8`` runtime it runs the same plan on that runtime's int8
-  convolutions (:mod:`cifarbench.kernels.incremental_int8`) and gives that runtime's dense maps.
+  memory-bounded chunks (a fixed-batch graph gets exactly its batch: the runtime pads), so compiled backends
+  (ONNX Runtime, INT8, TensorRT) serve occlusion too. Works for every runtime.
+* ``incremental`` on a torch module (``runtime.torch_module()``, or the source's for ``backend="auto"``):
+  recomputes only the windows a patch can change; exact fp32. The zoo nets' plain conv/pool chains run on
+  :mod:`cifarbench.kernels.incremental` (its CUDA path fuses the first layer in Triton; on the CPU it measured
+  within noise of the graph engine, net4 K=8: 5.2 s vs 5.5 s on a loaded 2-core machine); any other module runs
+  on the layer-graph engine :mod:`cifarbench.kernels.incremental_graph` (residual adds, depthwise convs, any
+  geometry). A graph it cannot represent raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses
+  in one line naming the op.
+* ``incremental`` on an int8 ONNX graph (``runtime.precision == "int8"`` and ``runtime.onnx_graph()``, on the
+  CPU): the same plan on that graph's int8 convolutions (:mod:`cifarbench.kernels.incremental_int8`), giving that
+  runtime's dense maps.
 
-``mode="auto"`` picks the one expected to be faster (see :func:`choose_mode`).
+``mode="auto"`` picks the one expected to be faster (see :func:`choose_mode`); every result's ``engine`` says
+which engine ran and why (``engine["why"]``).
 """
 from __future__ import annotations
 
@@ -22,11 +34,13 @@ import torch
 
 from ..errors import UserError
 
+#: the side of CIFAR images, the default input size (a model's own comes from its source)
 IMAGE_SIZE = 32
-MAX_K = 32
+MAX_K = 32  # K is bounded by the input side S; this is S for CIFAR-sized models
 MODES = ("auto", "dense", "incremental")
 BASELINES = {"gray": 0.5, "zero": 0.0}
-#: occluded images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32)
+#: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
+#: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
 DENSE_CHUNK = {"cpu": 256, "cuda": 8192}
 #: (image, position) pairs per incremental step; bounds the window buffers (CUDA: 8 images x 2,048 positions,
 #: the step size of the GPU run's 1,000-image measurement)
@@ -39,7 +53,8 @@ _DENSE_SPEED = {"cuda": {"tensorrt": 2.0}}
 
 @dataclass
 class OcclusionResult:
-    """One map: ``map[i, j]`` is the target probability with the patch's top-left corner at (i*stride, j*stride)."""
+    """One map: ``map[i, j]`` is the target probability with the patch's top-left corner at (i*stride, j*stride).
+    ``classes``: the model's class names (None: CIFAR-10's), used for ``target_class``/``predicted_class``."""
 
     map: np.ndarray
     clean_prob: float
@@ -50,6 +65,7 @@ class OcclusionResult:
     baseline: list[float]
     image: str | None = None
     engine: dict = field(default_factory=dict)
+    classes: tuple | None = None
 
     @property
     def map_sum(self) -> float:
@@ -64,12 +80,18 @@ class OcclusionResult:
         return {"row": int(i), "col": int(j), "y": y, "x": x, "box": [y, x, y + self.k, x + self.k],
                 "prob": prob, "drop": self.clean_prob - prob}
 
-    def to_dict(self, with_map: bool = True) -> dict:
-        from ..data import CLASSES
+    def class_name(self, index: int) -> str:
+        names = self.classes
+        if names is None:
+            from ..data import CLASSES
 
+            names = CLASSES
+        return str(names[index]) if 0 <= index < len(names) else str(index)
+
+    def to_dict(self, with_map: bool = True) -> dict:
         out = {"image": self.image, "k": self.k, "stride": self.stride, "target": self.target,
-               "target_class": CLASSES[self.target], "predicted": self.predicted,
-               "predicted_class": CLASSES[self.predicted], "clean_prob": self.clean_prob,
+               "target_class": self.class_name(self.target), "predicted": self.predicted,
+               "predicted_class": self.class_name(self.predicted), "clean_prob": self.clean_prob,
                "baseline": self.baseline, "map_sum": self.map_sum, "most_damaging": self.most_damaging,
                "engine": self.engine}
         if with_map:
@@ -84,18 +106,18 @@ class OcclusionResult:
 # ---------------------------------------------------------------- inputs
 
 
-def check_window(k: int, stride: int) -> int:
-    """Validate K and stride; return the map side ``(32 - K) // stride + 1``."""
-    if not 1 <= int(k) <= MAX_K:
-        raise UserError(f"K must be between 1 and {MAX_K}, got {k}")
+def check_window(k: int, stride: int, size: int = IMAGE_SIZE) -> int:
+    """Validate K and stride for ``size`` x ``size`` images; return the map side ``(size - K) // stride + 1``."""
+    if not 1 <= int(k) <= int(size):
+        raise UserError(f"K must be between 1 and {size} (the model's {size}x{size} input), got {k}")
     if int(stride) < 1:
         raise UserError(f"stride must be at least 1, got {stride}")
-    return (IMAGE_SIZE - int(k)) // int(stride) + 1
+    return (int(size) - int(k)) // int(stride) + 1
 
 
-def load_image(image, resize: bool = False) -> tuple[torch.Tensor, str | None]:
-    """``image`` (a path, or a [3, 32, 32] / [32, 32, 3] array or tensor, uint8 or float in [0, 1]) as a float
-    [3, 32, 32] tensor in [0, 1], and its name (the path) if it has one."""
+def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, str | None]:
+    """``image`` (a path, or a [3, S, S] / [S, S, 3] array or tensor, uint8 or float in [0, 1]) as a float
+    [3, S, S] tensor in [0, 1], and its name (the path) if it has one. ``size``: S, the model's input side."""
     if isinstance(image, (str, Path)):
         from ..images import read_rgb
 
@@ -104,8 +126,8 @@ def load_image(image, resize: bool = False) -> tuple[torch.Tensor, str | None]:
             raise UserError(f"{path}: no such image file")
         # read_rgb checks the header's size before decoding (a 12 KB PNG can claim 10000x10000) and scales
         # 16-bit images instead of clipping them
-        rgb = read_rgb(path, str(path), size=IMAGE_SIZE, resize=resize,
-                       hint=f"the nets take {IMAGE_SIZE}x{IMAGE_SIZE} images; pass --resize to scale it")
+        rgb = read_rgb(path, str(path), size=size, resize=resize,
+                       hint=f"the model takes {size}x{size} images; pass --resize to scale it")
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255), str(path)
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
@@ -113,10 +135,11 @@ def load_image(image, resize: bool = False) -> tuple[torch.Tensor, str | None]:
     if t.ndim != 3 or t.shape[0] != 3:
         raise UserError(f"expected an RGB image [3, H, W], got shape {tuple(t.shape)}")
     t = t.float().div(255) if t.dtype == torch.uint8 else t.float()
-    if tuple(t.shape[1:]) != (IMAGE_SIZE, IMAGE_SIZE):
+    if tuple(t.shape[1:]) != (size, size):
         if not resize:
-            raise UserError(f"image is {t.shape[2]}x{t.shape[1]}; the nets take 32x32 images (use resize)")
-        t = torch.nn.functional.interpolate(t[None], size=IMAGE_SIZE, mode="bilinear", align_corners=False)[0]
+            raise UserError(f"image is {t.shape[2]}x{t.shape[1]}; the model takes {size}x{size} images "
+                            f"(use resize)")
+        t = torch.nn.functional.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
     if t.min() < 0 or t.max() > 1:
         raise UserError("float images must be in [0, 1]")
     return t, None
@@ -138,36 +161,54 @@ def baseline_values(baseline, images: torch.Tensor) -> torch.Tensor:
     return torch.full((len(images), 3), value, device=images.device)
 
 
-def resolve_target(target) -> int | None:
-    """A class index from an index or a class name (``cat``); ``None`` means the clean prediction."""
-    from ..data import CLASSES
-
+def resolve_target(target, classes=None) -> int | None:
+    """A class index from an index or a class name of ``classes`` (the model's names; default CIFAR-10's);
+    ``None`` means the clean prediction. A Python ``int`` without ``classes`` is checked later, against the
+    model's class count."""
     if target is None:
         return None
+    if classes is None and isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        if int(target) < 0:
+            raise UserError(f"unknown class {target!r}; class indices start at 0")
+        return int(target)
+    if classes is None:
+        from ..data import CLASSES
+
+        names = tuple(CLASSES)
+    else:
+        names = tuple(str(c) for c in classes)
     text = str(target).strip()
-    if text.lower() in CLASSES:
-        return CLASSES.index(text.lower())
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(CLASSES):
+    folded = [c.casefold() for c in names]
+    if text.casefold() in folded:
+        return folded.index(text.casefold())
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
         return int(text)
-    raise UserError(f"unknown class {target!r}; use 0-9 or one of {', '.join(CLASSES)}")
+    shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+    raise UserError(f"unknown class {target!r}; use 0-{len(names) - 1} or one of {shown}")
 
 
 # ---------------------------------------------------------------- engines
 
 
 class DenseEngine:
-    """Every occluded image through a :class:`Runtime`, ``chunk`` images per call."""
+    """Every occluded image through a :class:`Runtime`, at most ``chunk`` 32x32-equivalents per call (an S x S
+    image counts (S/32)^2 times, so memory stays bounded at any input size)."""
 
     mode = "dense"
+    kind = "dense"
 
     def __init__(self, runtime, chunk: int | None = None):
         self.runtime = runtime
         self.device = runtime.device
-        self.chunk = chunk or DENSE_CHUNK.get(self.device.type, 256)
+        self.size = int(runtime.input_size)
+        self.classes = tuple(runtime.classes)
+        base = chunk or DENSE_CHUNK.get(self.device.type, 256)
+        self.chunk = max(1, base * IMAGE_SIZE ** 2 // self.size ** 2) if chunk is None else chunk
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "backend": self.runtime.name, "precision": self.runtime.precision,
-                "device": str(self.device)}
+        return {"mode": self.mode, "engine": self.kind, "backend": self.runtime.name,
+                "precision": self.runtime.precision, "device": str(self.device),
+                "fixed_batch": self.runtime.fixed_batch}
 
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runtime.logits(images.to(self.device))
@@ -176,7 +217,7 @@ class DenseEngine:
         from ..kernels.triton_occlusion import occluded_batch
 
         images, baselines = images.to(self.device), baselines.to(self.device)
-        n = (IMAGE_SIZE - k) // stride + 1
+        n = (self.size - k) // stride + 1
         total = n * n
         per_image = max(1, self.chunk // len(images))
         out = []
@@ -188,21 +229,37 @@ class DenseEngine:
 
 
 class IncrementalEngine:
-    """The exact incremental engine of :mod:`cifarbench.kernels.incremental` on a torch :class:`CifarNet`."""
+    """Exact incremental occlusion on a torch module taking [0, 1] pixels: the chain engine of
+    :mod:`cifarbench.kernels.incremental` for the zoo nets' conv/pool chains, else the layer-graph engine of
+    :mod:`cifarbench.kernels.incremental_graph` (raises its ``UnsupportedOp`` for a graph it cannot run)."""
 
     mode = "incremental"
 
-    def __init__(self, module, device, chunk: int | None = None):
-        from ..kernels.incremental import IncrementalOcclusion
+    def __init__(self, module, device, chunk: int | None = None, size: int = IMAGE_SIZE, classes=None):
+        from ..kernels.incremental import IMAGE_SIZE as CHAIN_SIZE, IncrementalOcclusion, chain_fits
 
         self.device = torch.device(device)
-        self.module = module.eval().to(self.device)
-        self.engine = IncrementalOcclusion(self.module, self.device,
-                                           chunk=chunk or INCREMENTAL_CHUNK.get(self.device.type, 160))
+        self.size = int(size)
+        self.classes = tuple(classes) if classes is not None else None
+        chunk = chunk or INCREMENTAL_CHUNK.get(self.device.type, 160)
+        self.module = module.eval()
+        if self.size == CHAIN_SIZE and chain_fits(module):
+            self.module = self.module.to(self.device)
+            self.kind = "incremental-chain"
+            try:
+                self.engine = IncrementalOcclusion(self.module, self.device, chunk=chunk)
+                return
+            except TypeError:  # a chain whose normalization or head the chain engine does not reproduce
+                pass
+        from ..kernels.incremental_graph import GraphOcclusion
+
+        self.kind = "incremental-graph"
+        self.engine = GraphOcclusion(self.module, self.device, chunk=chunk, size=self.size)
+        self.module = self.engine.module
 
     def describe(self) -> dict:
-        return {"mode": self.mode, "backend": "torch", "precision": "fp32", "device": str(self.device),
-                "triton_first_layer": self.engine.use_triton}
+        return {"mode": self.mode, "engine": self.kind, "backend": "torch", "precision": "fp32",
+                "device": str(self.device), "triton_first_layer": bool(self.engine.use_triton)}
 
     @torch.inference_mode()
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -211,128 +268,246 @@ class IncrementalEngine:
     def logits(self, images, baselines, k, stride):
         return self.engine.logits(images, baselines, k, stride)
 
+    def flops(self, k: int, stride: int) -> int:
+        return self.engine.flops(k, stride, size=self.size)
+
+    def dense_flops(self) -> int:
+        return self.engine.dense_flops(size=self.size)
+
 
 class Int8IncrementalEngine(DenseEngine):
-    """The incremental plan on the int8 convolutions of an ``onnx-int8`` runtime on the CPU
+    """The incremental plan on the int8 convolutions of an int8 ONNX runtime on the CPU
     (:mod:`cifarbench.kernels.incremental_int8`): the same maps as the dense engine on that runtime, whose
-    ``describe`` and clean logits it shares."""
+    ``describe`` and clean logits it shares. Raises ``ValueError`` for a graph it cannot read."""
 
     mode = "incremental"
+    kind = "incremental-int8"
 
     def __init__(self, runtime, chunk: int | None = None):
+        from ..kernels.incremental import IMAGE_SIZE as CHAIN_SIZE
         from ..kernels.incremental_int8 import Int8IncrementalOcclusion
 
-        self.runtime, self.device = runtime, runtime.device
-        self.engine = Int8IncrementalOcclusion(runtime.proto, chunk=chunk or INCREMENTAL_CHUNK["cpu"])
+        super().__init__(runtime)
+        if self.size != CHAIN_SIZE:
+            raise ValueError(f"it runs {CHAIN_SIZE}x{CHAIN_SIZE} conv/pool chains, not {self.size}x{self.size} inputs")
+        self.engine = Int8IncrementalOcclusion(runtime.onnx_graph(), chunk=chunk or INCREMENTAL_CHUNK["cpu"])
+
+    def logits(self, images, baselines, k, stride):
+        return self.engine.logits(images, baselines, k, stride)
+
+    def flops(self, k: int, stride: int) -> int:
+        return self.engine.flops(k, stride)
+
+    def dense_flops(self) -> int:
+        return self.engine.dense_flops()
+
+
+class ChosenEngine:
+    """An engine as :func:`make_engine` chose it: the engine itself (every attribute is its) and ``why``, which
+    :meth:`describe` adds to the JSON."""
+
+    def __init__(self, engine, why: str):
+        self.engine, self.why = engine, why
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def describe(self) -> dict:
+        return {**self.engine.describe(), "why": self.why}
+
+    def clean_logits(self, images):
+        return self.engine.clean_logits(images)
 
     def logits(self, images, baselines, k, stride):
         return self.engine.logits(images, baselines, k, stride)
 
 
-def choose_mode(module, backend: str, device: torch.device, k: int, stride: int) -> str:
+def _incremental_pays(engine, k: int, stride: int, dense_speed: float = 1.0, size: int | None = None) -> bool:
+    return _cost_ratio(engine, k, stride, dense_speed, size) < 1.0
+
+
+def _cost_ratio(engine, k: int, stride: int, dense_speed: float = 1.0, size: int | None = None) -> float:
+    """The incremental plan's conv FLOPs, discounted for its gather overhead (x1.15), over the dense backend's
+    (every position a whole forward pass) scaled by that backend's speed relative to eager torch."""
+    size = size or getattr(engine, "size", IMAGE_SIZE)
+    n = ((size - k) // stride + 1) ** 2
+    return engine.flops(k, stride) * 1.15 / (engine.dense_flops() * n / dense_speed)
+
+
+def choose_mode(module, backend: str, device: torch.device, k: int, stride: int, size: int = IMAGE_SIZE) -> str:
     """``incremental`` when its FLOPs, discounted for its gather overhead, undercut the dense backend's FLOPs
-    scaled by that backend's measured speed relative to eager torch; else ``dense``."""
-    from ..kernels.incremental import IncrementalOcclusion
+    scaled by that backend's measured speed relative to eager torch, and the module's graph can run
+    incrementally; else ``dense``."""
+    from ..kernels.graph import UnsupportedOp
 
-    speed = _DENSE_SPEED.get(device.type, {}).get(backend, 1.0)
-    return "incremental" if _incremental_pays(IncrementalOcclusion(module, "cpu"), k, stride, speed) else "dense"
-
-
-def _incremental_pays(engine, k: int, stride: int, dense_speed: float = 1.0) -> bool:
-    n = ((IMAGE_SIZE - k) // stride + 1) ** 2
-    return engine.flops(k, stride) * 1.15 < engine.dense_flops() * n / dense_speed
-
-
-def _int8_engine(runtime, mode: str, k: int, stride: int, chunk: int | None):
-    """For an ``onnx-int8`` runtime on the CPU: the int8 incremental engine when ``mode`` asks for it, or when
-    ``auto`` and it does fewer FLOPs; ``None`` for dense. Graphs it cannot read go dense under ``auto``."""
-    if mode == "dense" or runtime.name != "onnx-int8" or runtime.device.type != "cpu":
-        if mode == "incremental":
-            raise UserError(f"the incremental engine runs on torch or onnx-int8 on the CPU, not {runtime.name} "
-                            f"on {runtime.device}; use --mode dense")
-        return None
+    speed = _DENSE_SPEED.get(torch.device(device).type, {}).get(backend, 1.0)
     try:
-        engine = Int8IncrementalEngine(runtime, chunk)
-    except ValueError as exc:
-        if mode == "incremental":
-            raise UserError(f"the incremental engine cannot read this int8 graph ({exc}); use --mode dense") from None
-        return None
-    return engine if mode == "incremental" or _incremental_pays(engine.engine, k, stride) else None
+        engine = IncrementalEngine(module, "cpu", size=size)
+    except UnsupportedOp:
+        return "dense"
+    return "incremental" if _incremental_pays(engine, k, stride, speed) else "dense"
+
+
+def _is_runtime(model) -> bool:
+    from ..runtime import Runtime
+
+    return isinstance(model, Runtime)
+
+
+def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options: dict):
+    """The incremental engine this model and backend can run (built once per ``cache``), or None and why not."""
+    if "incremental" in cache:
+        return cache["incremental"]
+    from ..kernels.graph import UnsupportedOp
+
+    engine, why = None, ""
+    runtime = cache.get("runtime")
+    module = None
+    if not cache.get("given_runtime") and backend == "auto" and source.module is not None:
+        module = source.torch_module()  # auto: incremental needs no runtime, so none is opened unless dense wins
+    else:
+        runtime = _runtime(cache, source, backend, device, runtime_options)
+        module = runtime.torch_module() if runtime.precision == "fp32" else None
+        if module is None and runtime.precision == "int8" and runtime.onnx_graph() is not None:
+            if runtime.device.type != "cpu":
+                why = f"the int8 incremental engine runs on the CPU, not {runtime.device}"
+            else:
+                try:
+                    engine = Int8IncrementalEngine(runtime, chunk)
+                except ValueError as exc:
+                    why = f"the int8 incremental engine cannot read this graph ({exc})"
+        elif module is None:
+            why = (f"the incremental engine needs a torch module (backend torch) or an int8 ONNX graph; "
+                   f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
+    if module is not None:
+        try:
+            engine = IncrementalEngine(module, runtime.device if runtime is not None else device, chunk,
+                                       source.input_size, source.classes)
+        except UnsupportedOp as exc:
+            why = f"the incremental engine cannot run {source.name}: {exc}"
+    cache["incremental"] = (engine, why)
+    return engine, why
+
+
+def _runtime(cache: dict, source, backend: str, device, runtime_options: dict):
+    if "runtime" not in cache:
+        from ..artifacts import open_runtime
+
+        cache["runtime"] = open_runtime(source, backend, device, **runtime_options)
+    return cache["runtime"]
 
 
 def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode: str = "auto", device=None,
-                chunk: int | None = None, cache: dict | None = None, **runtime_options):
-    """An engine for ``model`` (module, zoo name, checkpoint, artifact or :class:`Runtime`). ``incremental`` runs
-    on torch, or on the int8 convolutions of an ``onnx-int8`` runtime; other backends run ``dense``; ``auto``
-    chooses by cost (:func:`choose_mode`). ``cache`` (a dict kept by the caller) reuses engines across K, so
-    runtimes and artifacts are opened once. ``runtime_options`` go to :func:`open_runtime` (``calib_data``)."""
-    from ..runtime import ARTIFACTS, Runtime, default_device, open_runtime, resolve_backend, resolve_module
+                chunk: int | None = None, cache: dict | None = None, **options):
+    """An engine for ``model``: a :class:`~cifarbench.source.ModelSource`, a :class:`Runtime`, or anything
+    :func:`~cifarbench.source.resolve_source` takes (torch module, zoo name, checkpoint, TorchScript, ``.pt2``,
+    state_dict with ``arch=``, ONNX file). ``mode``: ``dense`` runs on every runtime; ``incremental`` runs on a
+    torch module (``backend`` auto or torch) or an int8 ONNX graph on the CPU, and is one :class:`UserError`
+    naming why elsewhere; ``auto`` takes incremental where it can run and costs fewer FLOPs, else dense, and
+    never fails where dense works. The engine's ``describe()`` says which ran and why.
+
+    ``device``: cpu, cuda or cuda:N (anything else is a UserError). ``cache`` (a dict kept by the caller) reuses
+    the source, runtime and engines across K. ``options``: the source's contract (``arch``, ``arch_kw``, ``mean``,
+    ``std``, ``classes``, ``input_size``) and runtime options for :func:`open_runtime` (``calib_data``,
+    ``threads``, ...)."""
+    from ..artifacts import CONTRACT, choose_backend
+    from ..runtime import default_device, parse_device
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     cache = {} if cache is None else cache
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU here")
-    artifact = isinstance(model, Runtime) or (isinstance(model, (str, Path)) and Path(model).suffix in ARTIFACTS)
-    if not artifact:
-        if "module" not in cache:
-            cache["module"] = resolve_module(model)
-        module = cache["module"]
-        concrete = resolve_backend(backend, device)
-        if concrete == "torch" or backend in (None, "auto"):
-            if mode == "auto":
-                mode = choose_mode(module, concrete, device, k, stride)
-            if mode == "incremental":
-                if "incremental" not in cache:
-                    cache["incremental"] = IncrementalEngine(module, device, chunk)
-                return cache["incremental"]
-        model, backend = module, concrete
+    device = parse_device(device) if device is not None else default_device()
+    contract = {key: options.pop(key) for key in CONTRACT if key in options and options[key] is not None}
+    if "source" not in cache:
+        if _is_runtime(model):
+            cache["runtime"], cache["source"], cache["given_runtime"] = model, model.source, True
+        else:
+            from ..source import ModelSource, resolve_source
+
+            cache["source"] = model if isinstance(model, ModelSource) else resolve_source(model, **contract)
+    source = cache["source"]
+    check_window(k, stride, source.input_size)
+    backend = backend or "auto"
+    key = ("engine", k, stride, mode)
+    if key in cache:
+        return cache[key]
     if "runtime" not in cache:
-        cache["runtime"] = model if isinstance(model, Runtime) else open_runtime(model, backend, device,
-                                                                                 **runtime_options)
-    runtime = cache["runtime"]
-    key = f"{mode}-{k}-{stride}" if mode == "auto" else mode
-    if key not in cache:
-        cache[key] = _int8_engine(runtime, mode, k, stride, chunk) or cache.get("dense") or \
-            cache.setdefault("dense", DenseEngine(runtime, chunk))
-    return cache[key]
+        choose_backend(source, backend, device)  # an unknown or impossible backend fails before any work
+    chosen = None
+    if mode != "dense":
+        engine, why_not = _candidate(cache, source, backend, device, chunk, options)
+        if engine is None and mode == "incremental":
+            raise UserError(f"{why_not or 'the incremental engine cannot run this model'}; use --mode dense")
+        if engine is not None and mode == "incremental":
+            chosen = ChosenEngine(engine, "--mode incremental")
+        elif engine is not None:
+            concrete = cache["runtime"].name if "runtime" in cache else choose_backend(source, backend, device)
+            speed = _DENSE_SPEED.get(device.type, {}).get(concrete, 1.0)
+            ratio = _cost_ratio(engine, k, stride, speed)
+            if ratio < 1.0:
+                chosen = ChosenEngine(engine, f"auto: the incremental plan costs {ratio:.0%} of dense's conv FLOPs "
+                                              f"at K={k}, stride {stride}")
+            else:
+                why_not = f"the incremental plan would cost {ratio:.0%} of dense's conv FLOPs at K={k}, stride {stride}"
+        if chosen is None:
+            why = f"auto: dense, as {why_not}" if why_not else "auto: dense"
+    else:
+        why = "--mode dense"
+    if chosen is None:
+        if "dense" not in cache:
+            cache["dense"] = DenseEngine(_runtime(cache, source, backend, device, options), chunk)
+        chosen = ChosenEngine(cache["dense"], why)
+    cache[key] = chosen
+    return chosen
 
 
 # ---------------------------------------------------------------- API
 
 
 def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, baseline="gray", targets=None,
-                   names=None) -> list[OcclusionResult]:
-    """Maps for a batch ``[B, 3, 32, 32]`` in [0, 1] through one engine (see :func:`make_engine`).
-    ``targets``: one class (index or name) for all, a sequence per image, or ``None`` (clean prediction)."""
-    n = check_window(k, stride)
+                   names=None, classes=None) -> list[OcclusionResult]:
+    """Maps for a batch ``[B, 3, S, S]`` in [0, 1] (S: the model's input side) through one engine (see
+    :func:`make_engine`). ``targets``: one class (index or name) for all, a sequence per image, or ``None`` (clean
+    prediction); names are the model's (``classes``, default the engine's)."""
+    size = int(getattr(engine, "size", IMAGE_SIZE))
+    n = check_window(k, stride, size)
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise UserError(f"expected [B, 3, {size}, {size}] images (the model's input), got {tuple(images.shape)}")
+    classes = classes if classes is not None else getattr(engine, "classes", None)
     images = images.to(engine.device, torch.float32)
     bases = baseline_values(baseline, images)
     clean = torch.softmax(engine.clean_logits(images).float(), 1)
     predicted = clean.argmax(1)
-    if targets is None or isinstance(targets, (str, int)):
-        fixed = resolve_target(targets)
+    if targets is None or isinstance(targets, (str, int, np.integer)):
+        fixed = resolve_target(targets, classes)
         tgt = predicted if fixed is None else torch.full_like(predicted, fixed)
     else:
-        tgt = torch.tensor([resolve_target(t) for t in targets], device=predicted.device)
+        tgt = torch.tensor([resolve_target(t, classes) for t in targets], device=predicted.device)
+    if len(tgt) != len(images):
+        raise UserError(f"{len(tgt)} targets for {len(images)} images")
+    if len(tgt) and int(tgt.max()) >= clean.shape[1]:
+        raise UserError(f"class {int(tgt.max())} is out of range: the model has {clean.shape[1]} classes")
     probs = torch.softmax(engine.logits(images, bases, k, stride).float(), -1)
     maps = probs.gather(2, tgt.view(-1, 1, 1).expand(-1, probs.shape[1], 1))[..., 0].view(-1, n, n)
     maps, clean, tgt, predicted, bases = (t.cpu() for t in (maps, clean, tgt, predicted, bases))
     names = names or [None] * len(images)
+    described = engine.describe()
+    kept = tuple(classes) if classes is not None else None
     return [OcclusionResult(maps[b].numpy().astype(np.float32), float(clean[b, tgt[b]]), int(tgt[b]),
                             int(predicted[b]), int(k), int(stride), [round(float(v), 6) for v in bases[b]],
-                            names[b], engine.describe()) for b in range(len(images))]
+                            names[b], dict(described), kept) for b in range(len(images))]
 
 
 def occlusion_map(model, image, k: int, *, stride: int = 1, baseline="gray", target=None, backend=None,
-                  mode: str = "auto", device=None, resize: bool = False) -> OcclusionResult:
-    """The occlusion map of one image. ``model``: torch module, zoo name, checkpoint or exported artifact;
-    ``image``: a path or a [3, 32, 32] array/tensor in [0, 1]; ``target``: class index or name (default: the
-    clean prediction); ``baseline``: gray, zero, mean or a value in [0, 1]; ``mode``: auto, dense, incremental."""
-    check_window(k, stride)
-    tensor, name = load_image(image, resize)
-    engine = make_engine(model, k, stride, backend, mode, device)
+                  mode: str = "auto", device=None, resize: bool = False, **options) -> OcclusionResult:
+    """The occlusion map of one image. ``model``: anything :func:`make_engine` takes (torch module, zoo name,
+    checkpoint, TorchScript, ``.pt2``, ONNX, a ModelSource or Runtime); ``image``: a path or a [3, S, S]
+    array/tensor in [0, 1] (S: the model's input side); ``target``: class index or name (default: the clean
+    prediction); ``baseline``: gray, zero, mean or a value in [0, 1]; ``mode``: auto, dense, incremental.
+    ``options``: the input contract (``mean``, ``std``, ``classes``, ``input_size``, ``arch``, ``arch_kw``) and
+    runtime options, as for :func:`make_engine`."""
+    engine = make_engine(model, k, stride, backend, mode, device, **options)
+    tensor, name = load_image(image, resize, engine.size)
     return occlusion_maps(engine, tensor[None], k, stride=stride, baseline=baseline, targets=target,
                           names=[name])[0]
 
@@ -344,9 +519,9 @@ def occlude_dataset_throughput(model, data: str = "cifar10", n: int = 1000, k: i
     under 10 s). Returns seconds, maps/s and the engine used; maps are computed, checked finite and discarded."""
     from ..data import load_split
 
-    ds = load_split(data, "test", data_dir)
-    images = ds.float_images()[:n]
     engine = make_engine(model, k, stride, backend, mode, device)
+    ds = load_split(data, "test", data_dir, classes=engine.classes)
+    images = ds.float_images()[:n]
     warm = images[:batch].to(engine.device)
     occlusion_maps(engine, warm, k, stride=stride)
     _sync(engine.device)

@@ -6,10 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import BackendOpt, DataDirOpt, DeviceOpt, JsonOpt, ModelOpt, OutOpt
+from ..options import (ArchKwOpt, ArchOpt, BackendOpt, ClassesOpt, DataDirOpt, DeviceOpt, InputSizeOpt,
+                       JsonOpt, MeanOpt, ModelOpt, OutOpt, StdOpt)
 
 #: images per engine call when sweeping a dataset slice
 DATA_BATCH = 8
+#: at most this many images in grid.png (a 256-image slice would make a poster)
+GRID_MAX = 48
+#: files every run writes into --out besides the per-image ones
+INDEX = "index.html"
 
 
 def parse_indices(text: str, size: int) -> list[int]:
@@ -34,21 +39,28 @@ def parse_indices(text: str, size: int) -> list[int]:
 def register(app: typer.Typer) -> None:
     @app.command("occlude")
     def occlude(
-        images: Annotated[Optional[list[Path]], typer.Argument(help="32x32 RGB image files.", show_default=False)]
-        = None,
+        images: Annotated[Optional[list[Path]], typer.Argument(
+            help="RGB image files of the model's input size (32x32 for CIFAR).", show_default=False)] = None,
         k: Annotated[list[int], typer.Option("--k", "-k", help="Patch size; repeat for several (--k 4 --k 8).")]
         = [8],  # noqa: B006 (typer needs a literal default)
         stride: Annotated[int, typer.Option(help="Step between patch positions, in pixels.")] = 1,
         baseline: Annotated[str, typer.Option(help="Patch colour: gray (0.5), zero, mean (image's channel "
                                                    "means) or a value in [0, 1].")] = "gray",
-        label: Annotated[Optional[str], typer.Option(help="Target class (name or 0-9); default: the clean "
-                                                          "prediction.")] = None,
+        label: Annotated[Optional[str], typer.Option(help="Target class (a name of the model's classes, or its "
+                                                          "index); default: the clean prediction.")] = None,
         model: ModelOpt = "net1",
+        arch: ArchOpt = None,
+        arch_kw: ArchKwOpt = None,
+        mean: MeanOpt = None,
+        std: StdOpt = None,
+        classes: ClassesOpt = None,
+        input_size: InputSizeOpt = None,
         backend: BackendOpt = "auto",
         mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster one here); incremental "
-                                          "runs on torch (exact fp32) or onnx-int8's int8 convs.")] = "auto",
+                                          "runs on any torch model the layer-graph IR represents (exact fp32) "
+                                          "or on onnx-int8's int8 convs.")] = "auto",
         device: DeviceOpt = None,
-        resize: Annotated[bool, typer.Option(help="Scale images that are not 32x32.")] = False,
+        resize: Annotated[bool, typer.Option(help="Scale images that are not the model's input size.")] = False,
         data: Annotated[Optional[str], typer.Option(
             "--data", help="Occlude test images of a dataset instead (cifar10, synthetic or PATH).")] = None,
         indices: Annotated[str, typer.Option(help="With --data: A:B, I or I,J,...")] = "0:256",
@@ -57,15 +69,36 @@ def register(app: typer.Typer) -> None:
             "--calib-data", help="With --backend onnx-int8 on a torch net: INT8 calibration images (as --data; "
                                  "default $CIFARBENCH_CALIB_DATA or cifar10).")] = None,
         out: OutOpt = None,
-        figures: Annotated[bool, typer.Option(help="Write a PNG per image.")] = True,
+        figures: Annotated[bool, typer.Option(help="Write a PNG per image (and grid.png for --data).")] = True,
+        show: Annotated[str, typer.Option(help="What the figures colour: prob (p(target)) or drop (clean p "
+                                               "minus occluded p).")] = "prob",
+        independent_scale: Annotated[bool, typer.Option(
+            "--independent-scale", help="One colour scale per K in a figure (default: one shared scale).")] = False,
+        executor: Annotated[str, typer.Option(
+            "--executor", help="With --data: local (shards here, one after another) or ray (shards as Ray "
+                               "tasks).")] = "local",
+        address: Annotated[Optional[str], typer.Option(
+            "--address", help="Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: start a local Ray.")]
+        = None,
+        cpus_per_task: Annotated[float, typer.Option("--cpus-per-task", help="CPUs per Ray task.")] = 1.0,
+        gpus_per_task: Annotated[float, typer.Option("--gpus-per-task", help="GPUs per Ray task.")] = 0.0,
+        ray_cpus: Annotated[Optional[int], typer.Option(
+            "--ray-cpus", help="CPUs of the local Ray started without --address (default: all).")] = None,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="With --data: reuse the shards already finished in --out/shards.")] = False,
         json: JsonOpt = False,
     ) -> None:
         """Occlusion maps: slide a KxK patch over each image and record the target class probability.
 
         Writes per image and K a map (<stem>_k<K>.npy, .csv) and per image one figure with every K
-        (<stem>_occlusion.png) to --out (default ./occlusion); an image given twice is occluded once, two images
-        with one stem get <stem>, <stem>-2, ... Never replaces a file cifarbench did not write. --json prints
-        {"results": [...]} on stdout, each with the files it wrote.
+        (<stem>_occlusion.png) to --out (default ./occlusion), with index.html (figures, table, provenance); for
+        --data also grid.png and the finished shards (shards/, for --resume). An image given twice is occluded
+        once, two images with one stem get <stem>, <stem>-2, ... Never replaces a file cifarbench did not write.
+        --json prints {"provenance": ..., "results": [...]} on stdout, each result with the files it wrote and
+        its engine (which ran and why).
+
+        Examples: cifarbench occlude --k 8 examples/cat.png;
+        cifarbench occlude --model resnet.pt --arch mymodels:resnet20 --data cifar10 --indices 0:100 --k 8
         """
         from ..errors import UserError
 
@@ -73,13 +106,53 @@ def register(app: typer.Typer) -> None:
             raise UserError("give image files or --data SOURCE")
         if images and data is not None:
             raise UserError("give image files or --data, not both")
-        from ..analysis.occlusion import check_window, resolve_target
+        if show not in ("prob", "drop"):
+            raise UserError(f"--show must be prob or drop, got {show!r}")
+        from ..analysis.occlusion import MODES, baseline_values
 
-        for kk in k:
-            check_window(kk, stride)
-        target = resolve_target(label)
-        _run(images, data, indices, data_dir, sorted(set(k)), stride, baseline, target, model, backend, mode,
-             device, resize, out or Path("occlusion"), figures, json, calib_data)
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if any(int(kk) < 1 for kk in k):
+            raise UserError(f"K must be at least 1, got {min(k)}")
+        if stride < 1:
+            raise UserError(f"stride must be at least 1, got {stride}")
+        import torch
+
+        from ..runtime import BACKENDS
+
+        if backend not in BACKENDS:
+            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        baseline_values(baseline, torch.zeros(1, 3, 1, 1))  # its one check, before the model is opened
+        if data is None and (executor != "local" or resume or address):
+            raise UserError("--executor, --address and --resume shard a --data run; image files run here "
+                            "(give --data DATA --indices A:B)")
+        if data is not None:
+            from ..distributed import check_executor
+
+            check_executor(executor, address, cpus_per_task, gpus_per_task)
+        settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
+                            figures, show, not independent_scale, json,
+                            Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
+                            {"arch": arch, "arch_kw": arch_kw, "mean": mean, "std": std, "classes": classes,
+                             "input_size": input_size})
+        _run(images, data, indices, data_dir, model, out or Path("occlusion"), settings)
+
+
+class Sharding:
+    def __init__(self, executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume):
+        self.executor, self.address, self.resume = executor, address, resume
+        self.cpus_per_task, self.gpus_per_task, self.ray_cpus = cpus_per_task, gpus_per_task, ray_cpus
+
+
+class Settings:
+    """The command's options after parsing (one object instead of twenty arguments)."""
+
+    def __init__(self, ks, stride, baseline, label, backend, mode, device, resize, calib_data, figures, show,
+                 shared_scale, json, sharding, contract):
+        self.ks, self.stride, self.baseline, self.label = ks, stride, baseline, label
+        self.backend, self.mode, self.device, self.resize = backend, mode, device, resize
+        self.calib_data, self.figures, self.show, self.shared_scale = calib_data, figures, show, shared_scale
+        self.json, self.sharding, self.contract = json, sharding, contract
 
 
 def _identity(path: Path):
@@ -139,68 +212,84 @@ def _distinct_images(images: list[Path]) -> list[Path]:
     return kept
 
 
-def _load(images, data, indices, data_dir, resize):
-    """(name, image tensor, label or None) for every distinct image to occlude."""
+def grid_names(ks: list[int]) -> list[str]:
+    return ["grid.png"] if len(ks) == 1 else [f"grid_k{k}.png" for k in ks]
+
+
+def _load(images, data, indices, data_dir, resize, source):
+    """(name, image tensor, label or None) for every distinct image to occlude, and the dataset (or None)."""
     import torch
 
     from ..analysis.occlusion import load_image
 
     if data is None:
-        return [(str(p), load_image(p, resize)[0], None) for p in images]
+        return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], None
     from ..data import load_split
+    from ..options import check_data
 
-    ds = load_split(data, "test", data_dir)
+    ds = load_split(data, "test", data_dir, classes=source.classes)
+    check_data(source, ds)
     idx = list(dict.fromkeys(parse_indices(indices, len(ds))))  # "3,3" is one image, once
     sub = ds.subset(torch.tensor(idx))
     imgs = sub.float_images()
-    return [(f"{Path(data).name.split('.')[0]}-test-{i:05d}", imgs[j], int(sub.labels[j])) for j, i in enumerate(idx)]
+    stem = Path(data).name.split('.')[0].split(":")[0]
+    items = [(f"{stem}-test-{i:05d}", imgs[j], int(sub.labels[j])) for j, i in enumerate(idx)]
+    return items, sub
 
 
-def _run(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device, resize,
-         out, figures, json, calib_data) -> None:
+def _run(images, data, indices, data_dir, model, out, st: Settings) -> None:
     from ..io import output_folder
 
     if images:
         images = _distinct_images(images)
-        bases = output_names(images, out, ks, figures)
+        bases = output_names(images, out, st.ks, st.figures)
+    names = [n for b in bases for n in files_for(b, st.ks, st.figures)] + [INDEX] if images else [INDEX]
     # --out is checked (a writable folder, no file of the user's under an output name) before any image is read
     # or any model built; for --data the names are known only once the dataset is open, and each write checks
-    with output_folder(out, [n for b in bases for n in files_for(b, ks, figures)] if images else ()):
-        _occlude(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device,
-                 resize, out, figures, json, calib_data, bases if images else None)
+    with output_folder(out, names, subdirs=("shards",)):
+        _occlude(images, data, indices, data_dir, model, out, st, bases if images else None)
 
 
-def _occlude(images, data, indices, data_dir, ks, stride, baseline, target, model, backend, mode, device, resize,
-             out, figures, json, calib_data, bases) -> None:
+def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -> None:
+    import time
+
     import numpy as np
-    import torch
 
-    from ..analysis.occlusion import make_engine, occlusion_maps
-    from ..console import console, emit_json, progress
-    from ..data import CLASSES
+    from ..analysis.occlusion import check_window, make_engine, resolve_target
+    from ..console import console, emit_json
     from ..io import atomic_path, check_outputs, write_text
+    from ..options import model_source
+    from ..provenance import caption, provenance
 
-    items = _load(images, data, indices, data_dir, resize)
+    source = model_source(model, **st.contract)  # resolved once: everything below takes the source
+    for kk in st.ks:
+        check_window(kk, st.stride, source.input_size)
+    target = resolve_target(st.label, source.classes)
+    items, dataset = _load(images, data, indices, data_dir, st.resize, source)
     if bases is None:
         bases = [name for name, _, _ in items]  # dataset names are distinct and hold no path
-        check_outputs(out / n for b in bases for n in files_for(b, ks, figures))  # before the maps are computed
-    cache: dict = {}
-    results: dict[str, list] = {b: [] for b in bases}
-    with progress() as bar:
-        task = bar.add_task("occlusion", total=len(items) * len(ks), status="")
-        for kk in ks:
-            engine = make_engine(model, kk, stride, backend, mode, device, cache=cache,
-                                 **({"calib_data": calib_data} if calib_data else {}))
-            bar.update(task, status=f"K={kk} {engine.mode}")
-            for i in range(0, len(items), DATA_BATCH):
-                chunk = items[i:i + DATA_BATCH]
-                batch = torch.stack([img for _, img, _ in chunk])
-                for base, r in zip(bases[i:i + DATA_BATCH], occlusion_maps(
-                        engine, batch, kk, stride=stride, baseline=baseline, targets=target,
-                        names=[n for n, _, _ in chunk])):
-                    results[base].append(r)
-                bar.advance(task, len(chunk))
+        grids = grid_names(st.ks) if st.figures else []
+        check_outputs([out / n for b in bases for n in files_for(b, st.ks, st.figures)] +
+                      [out / g for g in grids])  # before the maps are computed
+    options = {"calib_data": st.calib_data} if st.calib_data else {}
+    started = time.perf_counter()
+    if dataset is not None:
+        results, engine_info = _dataset_maps(source, dataset, items, target, st, out, options)
+    else:
+        results, engine_info = _image_maps(source, items, bases, target, st, options)
+    seconds = time.perf_counter() - started
+    maps_per_s = len(items) * len(st.ks) / seconds if seconds > 0 else None
+    classes = tuple(source.classes)
+    for base in bases:
+        for r in results[base]:
+            r.classes = classes
+    prov = provenance(model=source, data=dataset, backend=engine_info.get("backend"),
+                      precision=engine_info.get("precision"), device=engine_info.get("device"),
+                      extra={"k": st.ks, "stride": st.stride, "mode": st.mode, "engine": engine_info.get("engine"),
+                             "engine_why": engine_info.get("why"), "baseline": st.baseline})
+    cap = caption(prov, f"gray {st.baseline} patches" if st.baseline != "gray" else None)
     files: dict[int, list[str]] = {}
+    figures = []
     for base, (name, img, true_label) in zip(bases, items):
         for r in results[base]:
             stem = out / f"{base}_k{r.k}"
@@ -209,27 +298,133 @@ def _occlude(images, data, indices, data_dir, ks, stride, baseline, target, mode
                     np.save(f, r.map)
             write_text(stem.with_suffix(".csv"), "\n".join(",".join(f"{v:.6g}" for v in row) for row in r.map) + "\n")
             files[id(r)] = [str(stem.with_suffix(".npy")), str(stem.with_suffix(".csv"))]
-        if figures:
+        if st.figures:
             from ..analysis.occlusion_plot import plot_occlusion
 
-            title = Path(name).name + (f" (label {CLASSES[true_label]})" if true_label is not None else "")
             figure = out / f"{base}_occlusion.png"
-            plot_occlusion(img, results[base], figure, title)
+            plot_occlusion(img, results[base], figure, Path(name).name, model=source.name,
+                           true_label=classes[true_label] if true_label is not None else None, classes=classes,
+                           show=st.show, shared_scale=st.shared_scale, caption=cap)
+            figures.append({"path": figure.name, "caption": f"{Path(name).name}: {cap}"})
             for r in results[base]:
                 files[id(r)].append(str(figure))
+    grid_files = []
+    if st.figures and dataset is not None:
+        from ..analysis.occlusion_plot import plot_occlusion_grid
+
+        shown = list(zip(bases, items))[:GRID_MAX]
+        more = f" (the first {GRID_MAX} of {len(items)} images)" if len(items) > GRID_MAX else ""
+        for kk, gname in zip(st.ks, grid_names(st.ks)):
+            tiles = [(img, next(r for r in results[b] if r.k == kk),
+                      classes[lab] if lab is not None else None, name) for b, (name, img, lab) in shown]
+            plot_occlusion_grid(tiles, out / gname, model=source.name, classes=classes, show=st.show,
+                                caption=cap + more)
+            grid_files.append(str(out / gname))
+            figures.insert(len(grid_files) - 1, {"path": gname, "caption": f"K={kk}{more}: {cap}"})
     flat = [(base, r) for base in bases for r in results[base]]
-    if json:
-        emit_json({"results": [{**r.to_dict(), "files": files[id(r)]} for _, r in flat]})
+    doc = {"provenance": prov, "engine": engine_info, "images": len(items), "seconds": seconds,
+           "maps_per_s": maps_per_s,
+           "results": [{**r.to_dict(), "true": classes[t] if t is not None else None, "files": files[id(r)]}
+                       for (base, r), t in zip(flat, [lab for (_, _, lab) in items for _ in st.ks])]}
+    if grid_files:
+        doc["grid"] = grid_files
+    rows = _table_rows(flat, items, st, classes)
+    from ..report_html import write_index
+
+    write_index(out, f"Occlusion maps of {source.name}", prov,
+                [{"title": "Maps", "text": f"engine: {engine_info.get('engine')} ({engine_info.get('why')}); "
+                                           f"{len(items) * len(st.ks)} maps in {seconds:.2f} s",
+                  "figures": figures, "table": {"columns": list(rows[0]), "rows": [list(r.values()) for r in rows]}}],
+                result=doc)
+    if st.json:
+        emit_json(doc)
         return
     from rich.table import Table
 
-    first = flat[0][1]
-    table = Table(title=f"occlusion maps ({first.engine['mode']} on {first.engine['device']}) -> {out}")
-    for col in ("image", "files", "K", "target", "clean p", "map sum", "most damaging (y, x)", "p there"):
+    speed = f", {maps_per_s:.2f} maps/s" if dataset is not None and maps_per_s else ""
+    table = Table(title=f"occlusion maps of {source.name} ({engine_info.get('engine')} on "
+                        f"{engine_info.get('device')}{speed}) -> {out}")
+    for col in rows[0]:
         table.add_column(col)
+    for row in rows:
+        table.add_row(*(v if isinstance(v, str) else f"{v:.3f}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+    console.print(table)
+
+
+def _table_rows(flat, items, st: Settings, classes) -> list[dict]:
+    """The terminal table's rows (also index.html's): the prediction, the target when it is not the prediction
+    (--label), the true label when known."""
+    labels = {}
+    for (name, _, lab) in items:
+        labels[name] = lab
+    known = any(lab is not None for (_, _, lab) in items)
+    rows = []
     for base, r in flat:
         worst = r.most_damaging
-        table.add_row(Path(r.image).stem if r.image else "", f"{base}_k{r.k}.*", str(r.k), CLASSES[r.target],
-                      f"{r.clean_prob:.3f}",
-                      f"{r.map_sum:.2f}", f"({worst['y']}, {worst['x']})", f"{worst['prob']:.3f}")
-    console.print(table)
+        row = {"image": Path(r.image).stem if r.image else base, "files": f"{base}_k{r.k}.*", "K": r.k,
+               "predicted": classes[r.predicted]}
+        if st.label is not None:
+            row["target"] = classes[r.target]
+        if known:
+            lab = labels.get(r.image)
+            row["true"] = classes[lab] if lab is not None else ""
+        row.update({"clean p": r.clean_prob, "map sum": r.map_sum, "most damaging (y, x)": f"({worst['y']}, "
+                    f"{worst['x']})", "p there": worst["prob"]})
+        rows.append(row)
+    return rows
+
+
+def _image_maps(source, items, bases, target, st: Settings, options):
+    """Maps of image files, in this process: per K one engine (reused across K where it can be)."""
+    import torch
+
+    from ..analysis.occlusion import make_engine, occlusion_maps
+    from ..console import progress
+
+    cache: dict = {}
+    results: dict[str, list] = {b: [] for b in bases}
+    info = {}
+    with progress() as bar:
+        task = bar.add_task("occlusion", total=len(items) * len(st.ks), status="")
+        for kk in st.ks:
+            engine = make_engine(source, kk, st.stride, st.backend, st.mode, st.device, cache=cache, **options)
+            info = engine.describe()
+            bar.update(task, status=f"K={kk} {engine.mode}")
+            for i in range(0, len(items), DATA_BATCH):
+                chunk = items[i:i + DATA_BATCH]
+                batch = torch.stack([img for _, img, _ in chunk])
+                for base, r in zip(bases[i:i + DATA_BATCH], occlusion_maps(
+                        engine, batch, kk, stride=st.stride, baseline=st.baseline, targets=target,
+                        names=[n for n, _, _ in chunk])):
+                    results[base].append(r)
+                bar.advance(task, len(chunk))
+    return results, info
+
+
+def _dataset_maps(source, dataset, items, target, st: Settings, out, options):
+    """Maps of a dataset slice in shards (cifarbench.distributed): here or on Ray, resumable from --out/shards."""
+    from ..console import progress
+    from ..distributed import run_sharded
+
+    sh = st.sharding
+    names = [name for name, _, _ in items]
+    contract = {key: v for key, v in st.contract.items() if v is not None}
+    with progress() as bar:
+        task = bar.add_task("occlusion shards", total=None, status="")
+
+        def report(p) -> None:
+            rate = f"{p.images_per_s:.1f} img/s" if p.images_per_s else ""
+            eta = f", ETA {p.eta_s:.0f} s" if p.eta_s is not None else ""
+            bar.update(task, total=p.total, completed=p.done, status=f"{p.images_done}/{p.images_total} images "
+                                                                     f"{rate}{eta}")
+
+        run = run_sharded("occlusion", source, dataset, executor=sh.executor, address=sh.address,
+                          cpus_per_task=sh.cpus_per_task, gpus_per_task=sh.gpus_per_task, ray_cpus=sh.ray_cpus,
+                          out=out, resume=sh.resume, progress=report, model_options=contract, names=names,
+                          ks=st.ks, stride=st.stride, baseline=st.baseline, target=target, mode=st.mode,
+                          backend=st.backend, device=st.device, batch=DATA_BATCH, calib_data=st.calib_data)
+    results = {name: per for name, per in zip(names, run.result)}
+    info = next((r.engine for per in run.result for r in per if r.engine), {})
+    info = {**info, "executor": sh.executor, "shards": run.shards, "shards_resumed": run.skipped}
+    return results, info

@@ -7,7 +7,8 @@ module computes nothing itself) and merges the partial results exactly:
 kind        shard                        merge
 ==========  ===========================  ========================================================================
 occlusion   a range of images            maps by image index (:func:`analysis.occlusion.occlusion_maps`)
-ablation    filters x a range of images  a ``--sweep``: per class correct counts and image counts summed, then
+ablation    filters x a range of images  a ``--sweep``: the confusion cells of the unablated net and of each
+                                         filter (:func:`analysis.ablation.sweep_confusions`) summed, then
                                          ranked by :func:`analysis.ablation.sweep_result`; a selection zeroed
                                          together (images only): confusion cells summed, flips gathered
 mining      a range of images            per filter top-K lists by :func:`analysis.mining.mine`, merged with
@@ -54,6 +55,9 @@ from .errors import UserError, warn
 from .sweep import RAY_INSTALL, _import_ray, check_address, ray_session
 
 KINDS = ("occlusion", "ablation", "mining")
+#: in every shard key: shard files of an older layout (sweep shards held per-class counts before format 2) are
+#: recomputed on --resume, never misread
+SHARD_FORMAT = 2
 EXECUTORS = ("local", "ray")
 SHARD_DIR = "shards"
 #: images per shard by default: the smallest size at which, on net1 (the cheapest net, so the worst case for
@@ -396,7 +400,7 @@ def _mining_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
 def _ablation_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
     import numpy as np
 
-    from .analysis.ablation import ablate, sweep
+    from .analysis.ablation import ablate, sweep_confusions
 
     if not args["sweep"]:  # the selection zeroed together: both confusion matrices, flips among the first N
         head = max(0, min(args["flipped"], shard.stop) - shard.start)
@@ -407,20 +411,9 @@ def _ablation_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
                 "conf_after": np.array(r["confusion"]["after"], np.int64), "flipped": np.array(json.dumps(flips))}
 
     filters = tuple(tuple(f) for f in shard.filters)
-    r = sweep(opened["runtime"], opened["net"], data, filters, args["zero_bias"], args["batch_size"])
-    support = np.bincount(data.labels.numpy(), minlength=len(data.classes)).astype(np.int64)
-    rows = {(row["layer"], row["filter"]): row["per_class"] for row in r["filters"]}
-    return {"support": support, "base_correct": _counts(r["baseline"]["per_class"], support, data.classes),
-            "correct": np.stack([_counts(rows[f], support, data.classes) for f in filters]).astype(np.int64)}
-
-
-def _counts(per_class: dict, support, classes):
-    """Correct images per class back from the sweep's per-class accuracies (correct / support, a float64 of two
-    integers, so ``round(accuracy * support)`` is the integer exactly)."""
-    import numpy as np
-
-    return np.array([0 if per_class[c] is None else int(round(per_class[c] * int(n)))
-                     for c, n in zip(classes, support)], np.int64)
+    base, confs = sweep_confusions(opened["runtime"], opened["net"], data, filters, args["zero_bias"],
+                                   args["batch_size"])
+    return {"conf_base": np.asarray(base, np.int64), "confs": np.stack([np.asarray(c, np.int64) for c in confs])}
 
 
 def _selection(args: dict) -> tuple:
@@ -532,7 +525,7 @@ def plan_shards(kind: str, data, args: dict, model_digest: str, shard_size: int 
         groups = [tuple(sel[i:i + per]) for i in range(0, len(sel), per)]
     images = data.images.numpy() if hasattr(data.images, "numpy") else np.asarray(data.images)
     labels = data.labels.numpy() if hasattr(data.labels, "numpy") else np.asarray(data.labels)
-    settings = json.dumps({"kind": kind, "model": model_digest, "classes": list(data.classes),
+    settings = json.dumps({"kind": kind, "format": SHARD_FORMAT, "model": model_digest, "classes": list(data.classes),
                            **{k: v for k, v in args.items() if k != "selection"}}, sort_keys=True, default=str)
     shards = []
     for start in range(0, n, size):
@@ -771,31 +764,16 @@ def _merge_ablation(ordered, args: dict, data) -> dict:
                 "flipped": [f for _, p in ordered for f in json.loads(str(p["flipped"]))]}
 
     nc = len(data.classes)
-    support, base = np.zeros(nc, np.int64), np.zeros(nc, np.int64)
-    correct: dict[tuple, np.ndarray] = {}
+    base = np.zeros((nc, nc), np.int64)
+    cells: dict[tuple, np.ndarray] = {}
     first_group = ordered[0][0].filters
     for s, p in ordered:
-        if s.filters == first_group:  # the unablated net's counts: once per image range
-            support += p["support"]
-            base += p["base_correct"]
-        for f, row in zip(s.filters, p["correct"]):
-            correct[tuple(f)] = correct.get(tuple(f), np.zeros(nc, np.int64)) + row
+        if s.filters == first_group:  # the unablated net's cells: once per image range
+            base += p["conf_base"]
+        for f, conf in zip(s.filters, p["confs"]):
+            cells[tuple(f)] = cells.get(tuple(f), np.zeros((nc, nc), np.int64)) + conf
     selection = _selection(args)
-    return sweep_result(selection, _summary_matrix(base, support),
-                        [_summary_matrix(correct[f], support) for f in selection], data.classes)
-
-
-def _summary_matrix(correct, support):
-    """A [C, C] count matrix with ``correct`` on its diagonal and row sums ``support`` (each class's misses in one
-    cell): :func:`analysis.metrics.summary`, all that :func:`analysis.ablation.sweep_result` reads of a confusion
-    matrix, gives exactly the true matrix's accuracies from it. Not a confusion matrix: it never leaves here."""
-    import numpy as np
-
-    nc = len(support)
-    m = np.diag(correct).astype(np.int64)
-    for c in range(nc):
-        m[c, (c + 1) % nc] += support[c] - correct[c]
-    return m
+    return sweep_result(selection, base, [cells[f] for f in selection], data.classes)
 
 
 __all__ = ["KINDS", "DEFAULT_SHARD", "RAY_INSTALL", "Shard", "Progress", "ShardedRun", "ModelPackage",

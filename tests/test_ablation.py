@@ -210,3 +210,21 @@ def test_sweep_through_onnx_runs_variants(small_net4, onnx_net4, data):
     sel = resolve_selection(small_net4, ["conv2:0-2", "conv6:0-2"])
     via_onnx = sweep(onnx_net4, small_net4, data, sel)
     assert _per_filter(via_onnx) == _per_filter(sweep(TorchRuntime(small_net4), small_net4, data, sel))
+
+
+def test_sweep_keeps_a_selection_not_grouped_by_layer(small_net4, data):
+    """A selection in the user's order (conv2:0, conv1:0, conv2:1): the fast path computes layer by layer, yet each
+    filter's row and confusion matrix must be that filter's, as a hand-zeroed fresh net gives."""
+    from cifarbench.analysis.ablation import sweep_confusions
+
+    sel = (("conv2", 0), ("conv1", 0), ("conv2", 1))
+    labels = data.labels.numpy()
+    want = {f: confusion_matrix(naive_predictions(fresh_zeroed(small_net4, (f,)), data), labels, 10) for f in sel}
+    assert len({w.tobytes() for w in want.values()}) == 3  # the three ablations differ: a mix-up would show
+    base, confs = sweep_confusions(TorchRuntime(small_net4), small_net4, data, sel, batch_size=40)
+    assert np.array_equal(base, confusion_matrix(naive_predictions(small_net4, data), labels, 10))
+    for f, conf in zip(sel, confs):
+        assert np.array_equal(conf, want[f]), f
+    rows = {(r["layer"], r["filter"]): r for r in sweep(TorchRuntime(small_net4), small_net4, data, sel)["filters"]}
+    for f in sel:
+        assert rows[f]["accuracy"] == pytest.approx(np.trace(want[f]) / len(labels))

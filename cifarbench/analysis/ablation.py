@@ -278,12 +278,24 @@ def sweep(runtime, model, data: Dataset, selection: Selection, zero_bias: bool =
     Torch runtimes use the cached-prefix, stacked-suffix computation described in the module docstring, one pass
     over the data for every layer; other runtimes run each variant through the runtime. The fast path needs the
     runtime's torch module to be a zoo net (its layers are a plain chain of conv blocks and pools)."""
+    base, confs = sweep_confusions(runtime, model, data, selection, zero_bias, batch_size, progress)
+    return sweep_result(selection, base, confs, data.classes)
+
+
+def sweep_confusions(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,
+                     batch_size: int = DEFAULT_BATCH, progress: Progress = None) -> tuple[np.ndarray, list]:
+    """The unablated net's confusion matrix and one per filter of ``selection``, in ``selection``'s order
+    (whatever that order is: the fast path computes layer by layer, and its results are put back by filter).
+    Confusion matrices of disjoint image ranges sum to the whole range's (what sharded sweeps merge)."""
     from ..filters import layer_table
 
     table = layer_table(model)
     net = torch_module_of(runtime)
     if not isinstance(net, CifarNet):
-        return sweep_by_variants(runtime, table, data, selection, zero_bias, batch_size, progress)
+        nc, labels = len(data.classes), data.labels.numpy()
+        base = confusion_matrix(predictions(runtime, data, batch_size, progress), labels, nc)
+        return base, [confusion_matrix(predictions(variant_runtime(runtime, model, (f,), zero_bias), data,
+                                                   batch_size, progress), labels, nc) for f in selection]
     dev = runtime.device
     dtype = next(net.parameters()).dtype
     layers = by_layer(selection)
@@ -319,11 +331,12 @@ def sweep(runtime, model, data: Dataset, selection: Selection, zero_bias: bool =
                 progress(len(x))
     labels = data.labels.numpy()
     base = confusion_matrix(torch.cat(base_preds), labels, nc)
-    confs = []
+    by_filter = {}
     for layer, idx in layers.items():
         p = torch.cat(var_preds[layer]).numpy()                          # [N, V]
-        confs.extend(confusion_matrix(p[:, v], labels, nc) for v in range(len(idx)))
-    return sweep_result(selection, base, confs, data.classes)
+        by_filter.update(((layer, j), confusion_matrix(p[:, v], labels, nc)) for v, j in enumerate(idx))
+    # by_layer grouped the filters by layer; the caller's order is the selection's (conv2:0, conv1:0, conv2:1)
+    return base, [by_filter[(layer, j)] for layer, j in selection]
 
 
 def sweep_by_variants(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,

@@ -380,6 +380,7 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
             why = (f"the incremental engine needs a torch module (backend torch) or an int8 ONNX graph; "
                    f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
     if module is not None:
+        module = _traceable(source, module)
         try:
             engine = IncrementalEngine(module, runtime.device if runtime is not None else device, chunk,
                                        source.input_size, source.classes)
@@ -387,6 +388,27 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
             why = f"the incremental engine cannot run {source.name}: {exc}"
     cache["incremental"] = (engine, why)
     return engine, why
+
+
+def _traceable(source, module):
+    """``module`` (a torch module on [0, 1] pixels) as the graph IR can trace it. A source with ``mean``/``std``
+    gives a wrapper whose forward casts its buffers to ``x.dtype``, which the IR reads as image-dependent (op
+    ``sub``); the same ``(x - mean) / std`` with float32 constants traces as one pointwise node."""
+    if source.mean is None or source.module is None:
+        return module
+    from torch import nn
+
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = source.module
+            self.register_buffer("mean", torch.tensor(source.mean, dtype=torch.float32).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(source.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        def forward(self, x):
+            return self.model((x - self.mean) / self.std)
+
+    return Normalized().eval()
 
 
 def _runtime(cache: dict, source, backend: str, device, runtime_options: dict):

@@ -1,0 +1,238 @@
+"""``occlude`` on models cifarbench did not make (issues 13/14): a CIFAR ResNet-20 and a MobileNetV2-style net as a
+module, a state_dict with --arch, a fixed-batch ONNX file and TorchScript; a 64x64 model; an ImageNet-normalized
+model with --mean/--std. Every map is checked against a naive loop written here (the definition: patch the image,
+run the unmodified model, softmax), never against cifarbench's own output. A stride equal to K keeps the loop short.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from byo_models import IMAGENET_MEAN, IMAGENET_STD, build
+from cli_helpers import assert_user_error, run_cli
+from PIL import Image
+from torch import nn
+
+from cifarbench import UserError
+from cifarbench.analysis.occlusion import occlusion_map
+
+torch.set_num_threads(1)
+RESNET = "tests.byo_models:resnet20"
+CLASSES = ",".join(f"c{i}" for i in range(10))
+
+
+def naive_map(model, image, k, stride, target=None, fill=0.5, mean=None, std=None):
+    """Occlusion by definition, one patched copy at a time through ``model`` (normalized as the model expects)."""
+    def norm(x):
+        if mean is None:
+            return x
+        return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+    size = image.shape[-1]
+    n = (size - k) // stride + 1
+    with torch.no_grad():
+        clean = torch.softmax(model(norm(image)[None]), 1)[0]
+        target = int(clean.argmax()) if target is None else target
+        out = np.zeros((n, n), np.float32)
+        for i in range(n):
+            for j in range(n):
+                x = image.clone()
+                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = fill
+                out[i, j] = torch.softmax(model(norm(x)[None]), 1)[0, target]
+    return out, target
+
+
+def png(path, size=32, seed=0):
+    """A random RGB PNG, and the [3, S, S] float tensor the toolkit reads from it."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path, torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: build(name) for name in ("resnet20", "mobilenetv2_tiny")}
+
+
+@pytest.fixture(scope="module")
+def image():
+    return torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3))
+
+
+# ------------------------------------------------------------------------------------------------ API
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_tiny"])
+def test_modules_run_incremental_and_dense_equal_to_the_naive_loop(models, image, name):
+    model = models[name]
+    ref, target = naive_map(model, image, 8, 8)
+    auto = occlusion_map(model, image, 8, stride=8, backend="torch", device="cpu")
+    assert auto.engine["engine"] == "incremental-graph" and auto.engine["why"].startswith("auto:")
+    dense = occlusion_map(model, image, 8, stride=8, mode="dense", backend="torch", device="cpu")
+    assert dense.engine["engine"] == "dense"
+    for r in (auto, dense):
+        assert r.map.shape == (4, 4) and r.target == target
+        assert np.abs(r.map - ref).max() <= 1e-5
+
+
+def test_a_64x64_model_takes_64x64_images(tmp_path):
+    torch.manual_seed(0)
+    model = build("vgg_small", input_size=64)
+    path, img = png(tmp_path / "big.png", 64)
+    ref, _ = naive_map(model, img, 16, 16)
+    for mode in ("incremental", "dense"):
+        r = occlusion_map(model, path, 16, stride=16, mode=mode, backend="torch", device="cpu", input_size=64)
+        assert r.map.shape == (4, 4)  # (64 - 16) // 16 + 1
+        assert np.abs(r.map - ref).max() <= 1e-5
+    with pytest.raises(UserError, match="between 1 and 64"):
+        occlusion_map(model, path, 65, device="cpu", input_size=64)
+    with pytest.raises(UserError, match="64x64"):  # a 32x32 image for a 64x64 model
+        occlusion_map(model, torch.rand(3, 32, 32), 16, device="cpu", input_size=64)
+
+
+def test_an_imagenet_normalized_model_with_mean_and_std(image):
+    model = build("imagenet_cnn")
+    ref, _ = naive_map(model, image, 8, 8, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    unnormalized, _ = naive_map(model, image, 8, 8)
+    assert np.abs(ref - unnormalized).max() > 1e-3  # the contract matters for this model
+    for mode in ("incremental", "dense"):
+        r = occlusion_map(model, image, 8, stride=8, mode=mode, backend="torch", device="cpu",
+                          mean=",".join(map(str, IMAGENET_MEAN)), std=",".join(map(str, IMAGENET_STD)))
+        assert np.abs(r.map - ref).max() <= 1e-5
+
+
+def test_api_device_names_are_checked(models, image):
+    with pytest.raises(UserError, match="tpu"):
+        occlusion_map(models["resnet20"], image, 8, stride=8, device="tpu")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, models):
+    root = tmp_path_factory.mktemp("byo_occlude")
+    out = {}
+    torch.save(models["resnet20"].state_dict(), root / "resnet20.pt")
+    out["state_dict"] = root / "resnet20.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ts = torch.jit.trace(models["resnet20"], torch.zeros(1, 3, 32, 32))
+        torch.jit.save(ts, str(root / "resnet20-ts.pt"))
+        # the legacy exporter's file has a fixed batch of 1: the dense engine must feed it one image at a time
+        torch.onnx.export(models["mobilenetv2_tiny"], (torch.zeros(1, 3, 32, 32),), str(root / "mobilenet.onnx"),
+                          dynamo=False, input_names=["x"])
+    out["torchscript"] = root / "resnet20-ts.pt"
+    out["onnx"] = root / "mobilenet.onnx"
+    out["image"], out["pixels"] = png(root / "img.png", 32, seed=5)
+    return out
+
+
+def occlude_json(capsys, tmp_path, *args):
+    code, out, err = run_cli(capsys, "occlude", "--k", "8", "--stride", "8", "--no-figures", "--json",
+                             "--out", tmp_path / "o", *args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_state_dict_with_arch_class_names_and_label(files, models, tmp_path, capsys):
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["state_dict"], "--arch", RESNET,
+                       "--classes", CLASSES, "--label", "c3")
+    ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8, target=3)
+    (r,) = doc["results"]
+    assert r["target"] == 3 and r["target_class"] == "c3" and r["predicted_class"].startswith("c")
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+    assert r["engine"]["engine"] == "incremental-graph" and "auto" in r["engine"]["why"]
+    prov = doc["provenance"]
+    assert prov["k"] == [8] and prov["stride"] == 8 and prov["engine"] == "incremental-graph"
+    assert prov["model"]["digest"] and (tmp_path / "o" / "index.html").is_file()
+
+
+def test_fixed_batch_onnx_runs_dense(files, models, tmp_path, capsys):
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["onnx"])
+    ref, _ = naive_map(models["mobilenetv2_tiny"], files["pixels"], 8, 8)
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "dense" and r["engine"]["fixed_batch"] == 1
+    assert r["engine"]["why"].startswith("auto: dense") and r["engine"]["backend"] == "onnxruntime"
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+
+
+def test_torchscript_runs_dense_and_incremental_is_one_line(files, models, tmp_path, capsys):
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["torchscript"])
+    ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8)
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "dense" and "TorchScript" in r["engine"]["why"]
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+    line = assert_user_error(capsys, "occlude", files["image"], "--model", files["torchscript"], "--mode",
+                             "incremental", "--out", tmp_path / "x", match="--mode dense")
+    assert "TorchScript" in line
+
+
+class Rolled(nn.Module):
+    """A spatial op the layer-graph IR cannot represent (a roll of the feature map)."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.roll(torch.relu(self.conv(x)), 1, dims=2).mean((2, 3)))
+
+
+def rolled(num_classes: int = 10) -> Rolled:
+    return Rolled(num_classes)
+
+
+def test_an_op_the_ir_refuses_goes_dense_under_auto_and_is_one_line_under_incremental(files, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = rolled().eval()
+    torch.save(model.state_dict(), tmp_path / "rolled.pt")
+    arch = f"{__file__}:rolled"
+    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "rolled.pt", "--arch", arch,
+                             "--mode", "incremental", "--out", tmp_path / "x", match="--mode dense")
+    assert "roll" in line
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "rolled.pt", "--arch", arch,
+                       "--backend", "torch")
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "dense" and "roll" in r["engine"]["why"]
+    ref, _ = naive_map(model, files["pixels"], 8, 8)
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+
+
+def test_a_64x64_state_dict_on_the_cli(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = build("vgg_small", input_size=64)
+    torch.save(model.state_dict(), tmp_path / "vgg64.pt")
+    path, img = png(tmp_path / "big.png", 64, seed=2)
+    doc = occlude_json(capsys, tmp_path, path, "--model", tmp_path / "vgg64.pt", "--arch",
+                       "tests.byo_models:vgg_small", "--arch-kw", "input_size=64", "--input-size", "64")
+    ref, _ = naive_map(model, img, 8, 8)
+    (r,) = doc["results"]
+    assert np.array(r["map"]).shape == (8, 8)
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray with 2 CPUs for the module; occlude --executor ray uses it as is."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_equals_local(ray_cluster, tmp_path, capsys):
+    args = ("--data", "synthetic:60", "--indices", "0:6", "--k", "16", "--stride", "16", "--model", "net1")
+    local = occlude_json(capsys, tmp_path / "local", *args)
+    ray = occlude_json(capsys, tmp_path / "ray", *args, "--executor", "ray")
+    assert ray["engine"]["executor"] == "ray" and local["engine"]["executor"] == "local"
+    assert [r["image"] for r in ray["results"]] == [r["image"] for r in local["results"]]
+    for a, b in zip(local["results"], ray["results"]):
+        assert np.abs(np.array(a["map"]) - np.array(b["map"])).max() <= 1e-6
+        assert a["target"] == b["target"] and a["true"] == b["true"]
+    assert_user_error(capsys, "occlude", "examples/cat.png", "--executor", "ray", "--out", tmp_path / "x",
+                      match="--data")

@@ -151,10 +151,18 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt
 
 
+#: the command line of the running ``main`` call, as ["cifarbench", ...] (None outside one)
+COMMAND_LINE: list[str] | None = None
+
+
 def main(argv: list[str] | None = None) -> None:
     import signal
     import threading
 
+    global COMMAND_LINE
+    # what provenance records: the arguments this call got (in-process callers pass argv; the console script
+    # has them in sys.argv)
+    COMMAND_LINE = ["cifarbench", *(sys.argv[1:] if argv is None else [str(a) for a in argv])]
     command = typer.main.get_command(app)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there

@@ -101,3 +101,44 @@ def parse_sets(items: list[str] | None) -> dict:
             raise UserError(f"--set {item!r}: expected key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+# ---- where a dataset-scale analysis runs (ablate --sweep, mine): cifarbench.distributed.run_sharded
+_DIST = "Executor (sharded, resumable)"
+ExecutorOpt = Annotated[str, typer.Option(
+    "--executor", help="local (this process) | ray (shards as Ray tasks; pip install 'cifarbench[ray]').",
+    rich_help_panel=_DIST)]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster (HOST:PORT, ray://HOST:PORT or auto); default: start a local Ray.",
+    rich_help_panel=_DIST, show_default=False)]
+CpusPerTaskOpt = Annotated[float, typer.Option("--cpus-per-task", help="CPUs each Ray task asks for.",
+                                               rich_help_panel=_DIST)]
+GpusPerTaskOpt = Annotated[float, typer.Option("--gpus-per-task", help="GPUs each Ray task asks for.",
+                                               rich_help_panel=_DIST)]
+RayCpusOpt = Annotated[Optional[int], typer.Option(
+    "--ray-cpus", help="CPUs of the local Ray started without --address (default: all).", rich_help_panel=_DIST,
+    show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Keep the shards already finished under --out/shards and compute only the rest (runs the "
+                     "analysis in shards, also with --executor local).", rich_help_panel=_DIST)]
+
+
+def sharded(executor: str, resume: bool) -> bool:
+    """Whether a command runs its analysis through cifarbench.distributed.run_sharded: on Ray, or to resume."""
+    return executor != "local" or resume
+
+
+def shard_progress(what: str):
+    """(progress context, callback for run_sharded's Progress): shards done, images/s and ETA on stderr."""
+    from .console import progress
+
+    bar = progress()
+    task = bar.add_task(what, total=None, status="")
+
+    def update(p) -> None:
+        rate = f", {p.images_per_s:.0f} images/s" if p.images_per_s else ""
+        skipped = f" ({p.skipped} resumed)" if p.skipped else ""
+        bar.update(task, completed=p.images_done, total=p.images_total,
+                   status=f"{p.done}/{p.total} shards{skipped}{rate}")
+
+    return bar, update

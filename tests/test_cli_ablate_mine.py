@@ -26,7 +26,7 @@ def test_ablate_json_and_files(ckpt, tmp_path, capsys):
                            "--out", tmp_path, "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(result) == {"filters", "before", "after", "difference", "confusion", "flipped"}
+    assert set(result) == {"filters", "before", "after", "difference", "confusion", "flipped", "provenance"}
     assert result["filters"] == [{"layer": "conv1", "filter": 0}, {"layer": "conv1", "filter": 1},
                                  {"layer": "conv2", "filter": 0}, {"layer": "conv2", "filter": 1}]
     assert 0 <= result["before"]["accuracy"] <= 1 and len(result["confusion"]["after"]) == 10

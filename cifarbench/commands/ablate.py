@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import (AddressOpt, ArchKwOpt, ArchOpt, BackendOpt, ClassesOpt, CpusPerTaskOpt, DataDirOpt, DataOpt,
+                       DeviceOpt, ExecutorOpt, GpusPerTaskOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, OutOpt,
+                       RayCpusOpt, ResumeOpt, StdOpt)
 
 SpecsArg = Annotated[Optional[list[str]], typer.Argument(
     help="More filter specs, so that `--filters conv1:0,1 conv2:0,1` works unquoted.", show_default=False)]
@@ -18,10 +20,12 @@ LimitOpt = Annotated[Optional[int], typer.Option("--limit", help="Use only the f
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per runtime call.")]
 
 
-def open_analysis(source, select, backend: str, device: str | None, data: str, data_dir, limit: int | None):
+def open_analysis(source, select, backend: str, device: str | None, data: str, data_dir, limit: int | None,
+                  open_model: bool = True):
     """(layer table, selection, runtime, test split) for an analysis command on a resolved model source; every
     mistake a UserError. ``select(table)`` resolves the filters (named by the model's own layer names) before the
-    runtime is built, so a bad spec fails fast; the data's labels are matched to the source's class names."""
+    runtime is built, so a bad spec fails fast; the data's labels are matched to the source's class names.
+    ``open_model`` False: no runtime (None; sharded runs open the model where each shard runs)."""
     from ..data import load_split
     from ..errors import UserError
     from ..filters import layer_table
@@ -36,7 +40,8 @@ def open_analysis(source, select, backend: str, device: str | None, data: str, d
     if limit is not None:
         dataset = dataset.subset(slice(0, limit))
     check_data(source, dataset)
-    return table, selection, open_runtime(source, backend=backend, device=device), dataset
+    runtime = open_runtime(source, backend=backend, device=device) if open_model else None
+    return table, selection, runtime, dataset
 
 
 def run_progress(total: int, what: str):
@@ -68,8 +73,9 @@ def _fmt(v) -> str:
 def write_ablation(result: dict, data, out: Path) -> list[Path]:
     import numpy as np
 
-    from ..analysis.figures import confusion_figure, flipped_grid
+    from ..analysis.figures import confusion_figure, filters_text, flipped_grid
     from ..io import write_json, write_text
+    from .publish import figure_caption, write_page
 
     classes = list(data.classes)
     b, a, d = result["before"], result["after"], result["difference"]
@@ -84,15 +90,33 @@ def write_ablation(result: dict, data, out: Path) -> list[Path]:
         path = out / f"confusion_{name}.csv"
         write_text(path, _csv([["true\\predicted", *classes], *([c, *map(int, r)] for c, r in zip(classes, mat))]))
         paths.append(path)
-    paths.append(confusion_figure(before, after, classes, out / "confusion.png"))
+    prov = result.get("provenance") or {}
+    name = (prov.get("model") or {}).get("name") or "model"
+    zeroed = filters_text(result["filters"])
+    caption = figure_caption(prov, f"zeroed {zeroed}")
+    paths.append(confusion_figure(before, after, classes, out / "confusion.png", filters=result["filters"],
+                                  title=f"{name}: confusion matrices before / after zeroing {zeroed}",
+                                  caption=caption))
     images = [data.images[f["index"]].numpy() for f in result["flipped"]]
-    paths.append(flipped_grid(images, result["flipped"], out / "flipped.png"))
+    paths.append(flipped_grid(images, result["flipped"], out / "flipped.png", filters=result["filters"],
+                              title=f"{name}: images right before and wrong after zeroing {zeroed}",
+                              caption=caption))
+    rows = [[c, b["per_class"][c], a["per_class"][c], d["per_class"][c]] for c in classes]
+    rows.append(["overall", b["accuracy"], a["accuracy"], d["accuracy"]])
+    paths.append(write_page(out, f"ablate: {name}, zeroed {zeroed}", prov, [
+        {"title": "Per-class accuracy", "text": "Accuracies are fractions; difference = before − after.",
+         "table": {"columns": ["class", "before", "after", "difference (before − after)"], "rows": rows}},
+        {"title": "Confusion matrices", "figures": [paths[-2]]},
+        {"title": "Flipped images", "text": f"{len(result['flipped'])} images right before and wrong after.",
+         "figures": [paths[-1]] if result["flipped"] else []},
+    ], result))
     return paths
 
 
 def write_sweep(result: dict, out: Path) -> list[Path]:
     from ..analysis.figures import sweep_figure
     from ..io import write_json, write_text
+    from .publish import figure_caption, write_page
 
     rows = [["rank", "layer", "filter", "accuracy", "drop", "largest_gain_class", "largest_gain",
              "largest_loss_class", "largest_loss"]]
@@ -101,7 +125,21 @@ def write_sweep(result: dict, out: Path) -> list[Path]:
              for r in result["filters"]]
     write_text(out / "sweep.csv", _csv(rows))
     write_json(out / "sweep.json", result)
-    return [out / "sweep.csv", out / "sweep.json", sweep_figure(result, out / "sweep.png")]
+    prov = result.get("provenance") or {}
+    name = (prov.get("model") or {}).get("name") or "model"
+    layers = ", ".join(result["layers"])
+    fig = sweep_figure(result, out / "sweep.png", title=f"{name}: each filter of {layers} zeroed on its own",
+                       caption=figure_caption(prov, f"sweep of {layers}"))
+    table = {"columns": ["rank", "layer", "filter", "accuracy", "drop (before − after)", "largest gain class",
+                         "largest gain", "largest loss class", "largest loss"],
+             "rows": [[r["rank"], r["layer"], r["filter"], r["accuracy"], r["drop"], r["largest_gain"]["class"],
+                       r["largest_gain"]["change"], r["largest_loss"]["class"], r["largest_loss"]["change"]]
+                      for r in result["filters"]]}
+    page = write_page(out, f"ablation sweep: {name}, {layers}", prov, [
+        {"title": "Filters ranked by accuracy drop",
+         "text": f"Baseline accuracy {result['baseline']['accuracy']:.4f}; fractions; drop = before − after, "
+                 f"change = after − before.", "figures": [fig], "table": table}], result)
+    return [out / "sweep.csv", out / "sweep.json", fig, page]
 
 
 def show_ablation(result: dict, classes) -> None:
@@ -164,6 +202,12 @@ def register(app: typer.Typer) -> None:
         batch_size: BatchOpt = 250,
         out: OutOpt = None,
         json: JsonOpt = False,
+        executor: ExecutorOpt = "local",
+        address: AddressOpt = None,
+        cpus_per_task: CpusPerTaskOpt = 1.0,
+        gpus_per_task: GpusPerTaskOpt = 0.0,
+        ray_cpus: RayCpusOpt = None,
+        resume: ResumeOpt = False,
     ) -> None:
         """Zero filters and compare per-class accuracy and confusion matrices before and after (the report's
         Table 1), or sweep every filter of a layer and rank the filters by accuracy drop."""
@@ -180,36 +224,91 @@ def register(app: typer.Typer) -> None:
             return all_filters(net, resolve_layers(net, sweep)) if sweep is not None else resolve_selection(net, given)
 
         from ..io import output_folder
+        from ..options import sharded
 
+        dist = None
+        if sharded(executor, resume):
+            from ..distributed import check_executor
+
+            check_executor(executor, address, cpus_per_task, gpus_per_task)  # before any model or data
+            if resume and out is None:
+                raise UserError("--resume needs --out (the folder that holds the finished shards)")
+            dist = {"executor": executor, "address": address, "cpus_per_task": cpus_per_task,
+                    "gpus_per_task": gpus_per_task, "ray_cpus": ray_cpus, "resume": resume, "model": model,
+                    "model_options": {"arch": arch, "arch_kw": arch_kw or None, "mean": mean, "std": std,
+                                      "classes": classes, "input_size": input_size}}
         # --out is checked before the model is opened, so a refusal never comes after the work
-        with output_folder(out, SWEEP_FILES if sweep is not None else ABLATION_FILES):
+        with output_folder(out, SWEEP_FILES if sweep is not None else ABLATION_FILES,
+                           subdirs=("shards",) if dist else ()):
             from ..options import model_source
 
             source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
-            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit)
-            _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json)
+            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit,
+                                                             open_model=dist is None)
+            _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json,
+                    source=source, dist=dist, backend=backend, device=device)
 
 
 ABLATION_FILES = ("per_class.csv", "ablation.json", "confusion_before.csv", "confusion_after.csv",
-                  "confusion_diff.csv", "confusion.png", "flipped.png")
-SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png")
+                  "confusion_diff.csv", "confusion.png", "flipped.png", "index.html")
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png", "index.html")
 
 
-def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json) -> None:
+def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_size, out, json, *, source=None,
+            dist=None, backend="auto", device=None) -> None:
     from ..analysis.ablation import ablate as run_ablate
     from ..analysis.ablation import sweep as run_sweep
     from ..console import console, emit_json
+    from ..filters import format_selection
+    from .publish import command_provenance
 
-    if sweep is not None:
-        console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
-        from ..analysis.ablation import torch_module_of
-        from ..nets import CifarNet
+    what = "sweep" if sweep is not None else "ablate"
+    if dist is not None:
+        from ..distributed import run_sharded
+        from ..options import shard_progress
 
-        # one pass for the zoo nets' stacked sweep on a torch module, else one per variant (analysis.ablation.sweep)
-        passes = 1 if isinstance(torch_module_of(runtime), CifarNet) else 1 + len(selection)
-        bar, step = run_progress(passes * len(dataset), "sweep")
+        bar, update = shard_progress(what)
         with bar:
-            result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)
+            run = run_sharded("ablation", dist["model"], dataset, executor=dist["executor"],
+                              address=dist["address"], cpus_per_task=dist["cpus_per_task"],
+                              gpus_per_task=dist["gpus_per_task"], ray_cpus=dist["ray_cpus"], out=out,
+                              resume=dist["resume"], progress=update, model_options=dist["model_options"],
+                              backend=backend, device=device, selection=selection, zero_bias=zero_bias,
+                              batch_size=batch_size, sweep=sweep is not None,
+                              **({} if sweep is not None else {"flipped": flipped}))
+        result = run.result
+        console.print(f"{run.shards} shards: {run.skipped} resumed, {run.executed} computed "
+                      f"({dist['executor']}) in {run.seconds:.1f} s")
+        from ..artifacts import choose_backend
+        from ..runtime import default_device, parse_device
+
+        dev = parse_device(device) if device else default_device()
+        model_prov, backend_prov = source, choose_backend(source, backend, dev)
+    else:
+        model_prov, backend_prov = runtime, None
+        if sweep is not None:
+            console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
+            from ..analysis.ablation import torch_module_of
+            from ..nets import CifarNet
+
+            # one pass for the zoo nets' stacked sweep on a torch module, else one per variant
+            passes = 1 if isinstance(torch_module_of(runtime), CifarNet) else 1 + len(selection)
+            bar, step = run_progress(passes * len(dataset), "sweep")
+            with bar:
+                result = run_sweep(runtime, net, dataset, selection, zero_bias, batch_size, step)
+        else:
+            bar, step = run_progress(2 * len(dataset), "ablate")
+            with bar:
+                result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
+    extra = {"filters": format_selection(selection), "zero_bias": zero_bias}
+    if sweep is not None:
+        extra.update(sweep=sweep, drop="before − after (accuracy fractions)")
+    else:
+        extra["difference"] = "before − after"
+    if dist is not None:
+        extra["executor"] = dist["executor"]
+    result["provenance"] = command_provenance(model=model_prov, data=dataset, backend=backend_prov, extra=extra)
+    if sweep is not None:
         if out:
             for p in write_sweep(result, out):
                 console.print(f"wrote {p}")
@@ -218,9 +317,6 @@ def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_s
         else:
             show_sweep(result)
         return
-    bar, step = run_progress(2 * len(dataset), "ablate")
-    with bar:
-        result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
     if out:
         for p in write_ablation(result, dataset, out):
             console.print(f"wrote {p}")

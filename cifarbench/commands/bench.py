@@ -39,7 +39,9 @@ def register(app: typer.Typer) -> None:
             "--calib-data", help="INT8 calibration images (as --data; default $CIFARBENCH_CALIB_DATA or cifar10).")]
         = None,
         device: DeviceOpt = None,
-        out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the run as JSON here.")] = None,
+        out: Annotated[Optional[Path], typer.Option(
+            "--out", "-o", help="Write the run as JSON here, and its page beside it (run.json -> run.html).")]
+        = None,
         from_: Annotated[Optional[Path], typer.Option(
             "--from", help="Render a saved run (bench --out, or pytest --benchmark-json) instead of measuring.")]
         = None,
@@ -100,8 +102,17 @@ def register(app: typer.Typer) -> None:
             first = [BackendSpec("torch", "fp32")] if source.module is not None else []  # torch needs a module
             specs = first + ([BackendSpec(auto, "fp32")] if auto != "torch" or not first else [])
         batches = parse_batches(batch)
-        with output_file(out):  # --out is checked before measuring
+        page = page_path(out)
+        with output_file(out), output_file(page):  # --out (and its page) are checked before measuring
             _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json)
+
+
+def page_path(out: Path | None) -> Path | None:
+    """bench's ``--out`` is a JSON file: its page is the same name with ``.html`` (``run.json`` -> ``run.html``)."""
+    if out is None:
+        return None
+    page = out.with_suffix(".html")
+    return page if page != out else out.with_name(out.name + ".report.html")
 
 
 def flops_per_image(source) -> int | None:
@@ -134,8 +145,21 @@ def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data
     doc = {"format": FORMAT, "net": source.name, "source": str(source.path or "in-memory"), "model": source.describe(),
            "flops_per_image": flops, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "machine": machine(), "warmup": warmup, "iters": iters, "results": rows}
+    from .publish import command_provenance, write_page_file
+
+    doc["provenance"] = command_provenance(model=source, data=None, device=dev,
+                                           backend=",".join(s.label for s in specs),
+                                           extra={"batches": batches, "warmup": warmup, "iters": iters,
+                                                  "input": f"uniform random [0, 1] images, "
+                                                           f"{source.input_size}x{source.input_size}"})
     if out is not None:
         write_json(out, doc)
+        columns = ["backend", "precision", "device", "batch", "images_per_s", "p50 ms", "p90 ms", "gflops"]
+        table = {"columns": columns,
+                 "rows": [[r["backend"], r["precision"], r["device"], r["batch"], r["images_per_s"],
+                           r["latency_ms"]["p50"], r["latency_ms"]["p90"], r["gflops"]] for r in rows]}
+        write_page_file(page_path(out), f"bench: {source.name}", doc["provenance"],
+                        [{"title": "Throughput and latency", "table": table}], doc)
     if json:
         emit_json(doc)
     else:

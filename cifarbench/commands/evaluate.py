@@ -23,7 +23,7 @@ def register(app: typer.Typer) -> None:
             _evaluate(source, data, data_dir, backend, device, out, json)
 
 
-FILES = ("confusion.csv", "per_class.csv", "eval.json", "confusion.png")
+FILES = ("confusion.csv", "per_class.csv", "eval.json", "confusion.png", "index.html")
 
 
 def _evaluate(source, data, data_dir, backend, device, out, json) -> None:
@@ -41,8 +41,11 @@ def _evaluate(source, data, data_dir, backend, device, out, json) -> None:
         task = bar.add_task("eval", total=len(test), status=runtime.name)
         preds = predictions(runtime, test, progress=lambda n: bar.advance(task, n))
     conf = confusion_matrix(preds, test.labels, len(test.classes))
+    from .publish import command_provenance
+
     result = {**summary(conf, test.classes), "confusion": conf.tolist(), "classes": list(test.classes),
-              "images": len(test), "backend": runtime.name, "data": test.identity, "model": source.describe()}
+              "images": len(test), "backend": runtime.name, "data": test.identity, "model": source.describe(),
+              "provenance": command_provenance(model=runtime, data=test)}
     if out is not None:
         _write(out, result, test.classes)
     if json:
@@ -78,5 +81,18 @@ def _write(out, result: dict, classes) -> None:
     w.writerows([*result["per_class"].items(), ("overall", result["accuracy"])])
     write_text(out / "per_class.csv", buf.getvalue())
     write_json(out / "eval.json", result)
-    single_confusion_figure(result["confusion"], classes, out / "confusion.png",
-                            title=f"{result['backend']}: accuracy {result['accuracy']:.2%}")
+    from .publish import figure_caption, write_page
+
+    prov = result["provenance"]
+    name = (prov.get("model") or {}).get("name") or "model"
+    title = f"{name} on {result['data']}: accuracy {result['accuracy']:.2%} ({result['backend']})"
+    fig = single_confusion_figure(result["confusion"], classes, out / "confusion.png", title=title,
+                                  caption=figure_caption(prov))
+    rows = [[c, v] for c, v in result["per_class"].items()] + [["overall", result["accuracy"]]]
+    write_page(out, f"eval: {name} on {result['data']}", prov, [
+        {"title": "Accuracy", "text": f"{result['images']} test images; accuracies are fractions.",
+         "table": {"columns": ["class", "accuracy"], "rows": rows}},
+        {"title": "Confusion matrix", "figures": [{"path": fig, "caption": "rows: true class, columns: predicted"}],
+         "table": {"columns": ["true \\ predicted", *classes],
+                   "rows": [[c, *r] for c, r in zip(classes, result["confusion"])]}},
+    ], result)

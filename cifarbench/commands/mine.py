@@ -6,13 +6,19 @@ from typing import Annotated
 
 import typer
 
-from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import (AddressOpt, ArchKwOpt, ArchOpt, BackendOpt, ClassesOpt, CpusPerTaskOpt, DataDirOpt, DataOpt,
+                       DeviceOpt, ExecutorOpt, GpusPerTaskOpt, InputSizeOpt, JsonOpt, MeanOpt, ModelArg, OutOpt,
+                       RayCpusOpt, ResumeOpt, StdOpt)
 from .ablate import BatchOpt, FiltersOpt, LimitOpt, SpecsArg, _csv, open_analysis, run_progress
 
 
 def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
     from ..analysis.figures import mining_figure
     from ..io import write_json, write_text
+    from .publish import figure_caption, write_page
+
+    prov = result.get("provenance") or {}
+    name = (prov.get("model") or {}).get("name") or "model"
 
     classes = list(data.classes)
     top_rows = [["layer", "filter", "rank", "index", "label", "response", "y0", "x0", "y1", "x1"]]
@@ -26,7 +32,12 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
         resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}"])
         shown = dict(f, top=f["top"][:show])
         images = [data.images[t["index"]].numpy() for t in shown["top"]]
-        paths.append(mining_figure(images, shown, out / figure_name(f["layer"], f["filter"])))
+        rf = result["receptive_fields"].get(f["layer"])
+        paths.append(mining_figure(
+            images, shown, out / figure_name(f["layer"], f["filter"]), receptive_field=rf,
+            title=f"{name} {f['layer']}:{f['filter']}: top {len(shown['top'])} of {len(f['top'])} images",
+            caption=figure_caption(prov, "response = spatial sum of the pre-ReLU map; box = receptive field of "
+                                         "its argmax")))
     tables = {
         "top_images.csv": top_rows, "class_histogram.csv": hist_rows, "responses.csv": resp_rows,
         "receptive_fields.csv": [["layer", "receptive_field"], *result["receptive_fields"].items()],
@@ -36,7 +47,20 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
         write_text(out / name, _csv(rows))
         paths.append(out / name)
     write_json(out / "mining.json", result)
-    return [*paths, out / "mining.json"]
+    figures = [p for p in paths if p.suffix == ".png"]
+    page = write_page(out, f"mine: {name}, {len(result['filters'])} filters", prov, [
+        {"title": "Responses", "text": "Response: the spatial sum of a filter's pre-ReLU map over an image.",
+         "table": {"columns": ["layer", "filter", "max class", "mean top response", "max response"],
+                   "rows": [[f["layer"], f["filter"], f["max_class"], f["mean_top_response"], f["max_response"]]
+                            for f in result["filters"]]}},
+        {"title": "Top images per filter", "figures": figures[:200],
+         "text": "" if len(figures) <= 200 else f"the first 200 of {len(figures)} figures; all are in filters/"},
+        {"title": "Receptive fields", "table": {"columns": ["layer", "receptive field"],
+                                                "rows": [[k, v] for k, v in result["receptive_fields"].items()]}},
+        {"title": "Dead filters", "text": f"{len(result['dead_filters'])} filters whose pre-ReLU map is <= 0 "
+                                          f"everywhere on every image."},
+    ], result)
+    return [*paths, out / "mining.json", page]
 
 
 def show_mining(result: dict, classes) -> None:
@@ -83,6 +107,12 @@ def register(app: typer.Typer) -> None:
         batch_size: BatchOpt = 250,
         out: OutOpt = None,
         json: JsonOpt = False,
+        executor: ExecutorOpt = "local",
+        address: AddressOpt = None,
+        cpus_per_task: CpusPerTaskOpt = 1.0,
+        gpus_per_task: GpusPerTaskOpt = 0.0,
+        ray_cpus: RayCpusOpt = None,
+        resume: ResumeOpt = False,
     ) -> None:
         """Mine the test images that excite each filter most (response: spatial sum of the pre-ReLU map), with
         their receptive-field patches, and list the net's filters that never activate."""
@@ -97,6 +127,19 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         given = [*(filters or []), *(specs or [])]
         from ..io import check_outputs, output_folder
+        from ..options import sharded
+
+        dist = None
+        if sharded(executor, resume):
+            from ..distributed import check_executor
+
+            check_executor(executor, address, cpus_per_task, gpus_per_task)  # before any model or data
+            if resume and out is None:
+                raise UserError("--resume needs --out (the folder that holds the finished shards)")
+            dist = {"executor": executor, "address": address, "cpus_per_task": cpus_per_task,
+                    "gpus_per_task": gpus_per_task, "ray_cpus": ray_cpus, "resume": resume, "model": model,
+                    "model_options": {"arch": arch, "arch_kw": arch_kw or None, "mean": mean, "std": std,
+                                      "classes": classes, "input_size": input_size}}
 
         def select(net):
             selection = resolve_selection(net, given, every)
@@ -105,16 +148,18 @@ def register(app: typer.Typer) -> None:
             return selection
 
         # --out is checked before the model is opened, so a refusal never comes after the work
-        with output_folder(out, TABLES, subdirs=("filters",)):
+        with output_folder(out, TABLES, subdirs=("filters", "shards") if dist else ("filters",)):
             from ..options import model_source
 
             source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
-            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit)
-            _mine(runtime, net, dataset, selection, top, show, batch_size, out, json)
+            net, selection, runtime, dataset = open_analysis(source, select, backend, device, data, data_dir, limit,
+                                                             open_model=dist is None)
+            _mine(runtime, net, dataset, selection, top, show, batch_size, out, json, source=source, dist=dist,
+                  backend=backend, device=device)
 
 
 TABLES = ("top_images.csv", "class_histogram.csv", "responses.csv", "receptive_fields.csv", "dead_filters.csv",
-          "mining.json")
+          "mining.json", "index.html")
 
 
 def figure_name(layer: str, j: int) -> str:
@@ -125,13 +170,41 @@ def figure_name(layer: str, j: int) -> str:
     return f"filters/{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}_filter{j}.png"
 
 
-def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json) -> None:
+def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json, *, source=None, dist=None,
+          backend="auto", device=None) -> None:
     from ..analysis.mining import mine as run_mine
     from ..console import console, emit_json
+    from ..filters import format_selection
+    from .publish import command_provenance
 
-    bar, step = run_progress(len(dataset), "mine")
-    with bar:
-        result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
+    if dist is not None:
+        from ..artifacts import choose_backend
+        from ..distributed import run_sharded
+        from ..options import shard_progress
+        from ..runtime import default_device, parse_device
+
+        bar, update = shard_progress("mine")
+        with bar:
+            run = run_sharded("mining", dist["model"], dataset, executor=dist["executor"], address=dist["address"],
+                              cpus_per_task=dist["cpus_per_task"], gpus_per_task=dist["gpus_per_task"],
+                              ray_cpus=dist["ray_cpus"], out=out, resume=dist["resume"], progress=update,
+                              model_options=dist["model_options"], backend=backend, device=device,
+                              selection=selection, top=top, batch_size=batch_size)
+        result = run.result.to_json()
+        console.print(f"{run.shards} shards: {run.skipped} resumed, {run.executed} computed "
+                      f"({dist['executor']}) in {run.seconds:.1f} s")
+        dev = parse_device(device) if device else default_device()
+        model_prov, backend_prov = source, choose_backend(source, backend, dev)
+    else:
+        bar, step = run_progress(len(dataset), "mine")
+        with bar:
+            result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
+        model_prov, backend_prov = runtime, None
+    extra = {"filters": format_selection(selection), "top": top,
+             "response": "spatial sum of the pre-ReLU map; patch: receptive field of its argmax"}
+    if dist is not None:
+        extra["executor"] = dist["executor"]
+    result["provenance"] = command_provenance(model=model_prov, data=dataset, backend=backend_prov, extra=extra)
     if out:
         written = write_mining(result, dataset, out, min(show, top))
         console.print(f"wrote {len(written)} files under {out}")

@@ -100,3 +100,36 @@ def test_int8_backend_runs_the_incremental_engine_on_its_convs(checkpoint, tmp_p
         assert result["engine"]["mode"] == mode and result["engine"]["precision"] == "int8"
         maps[mode] = np.array(result["map"])
     assert np.abs(maps["incremental"] - maps["dense"]).max() <= 1e-3
+
+
+def test_dataset_run_writes_a_page_a_grid_provenance_and_resumes(checkpoint, tmp_path, capsys):
+    import re
+
+    base = ["occlude", "--k", "16", "--stride", "16", "--data", "synthetic", "--indices", "0:3", "--model",
+            str(checkpoint), "--backend", "torch", "--out", str(tmp_path), "--show", "drop", "--independent-scale"]
+    code, out, err = run(base + ["--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    prov = doc["provenance"]
+    assert prov["k"] == [16] and prov["stride"] == 16 and prov["mode"] == "auto"
+    assert prov["engine"] == doc["engine"]["engine"] and prov["model"]["digest"] and prov["data"]["identity"]
+    assert doc["maps_per_s"] > 0 and doc["engine"]["shards_resumed"] == 0
+    assert [r["true"] is not None for r in doc["results"]] == [True] * 3
+    page = (tmp_path / "index.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert "grid.png" in sources and len(sources) == 4  # the grid and one figure per image
+    assert all((tmp_path / s).stat().st_size > 1000 for s in sources)
+    # the page's table shows the JSON's numbers (exact values in data-value)
+    shown = [float(v) for v in re.findall(r'data-value="([^"]+)"', page)]
+    for r in doc["results"]:
+        assert r["clean_prob"] in shown and r["map_sum"] in shown
+    # a rerun with --resume reads every finished shard and gives the same maps
+    code, out, err = run(base + ["--json", "--resume"], capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["engine"]["shards_resumed"] == again["engine"]["shards"] >= 1
+    for a, b in zip(doc["results"], again["results"]):
+        assert a["map"] == b["map"]
+    # the table names the prediction and the true label
+    code, _, err = run(base, capsys)
+    assert code == 0 and "predicted" in err and "true" in err and "maps/s" in err

@@ -377,7 +377,8 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
                 except ValueError as exc:
                     why = f"the int8 incremental engine cannot read this graph ({exc})"
         elif module is None:
-            why = (f"the incremental engine needs a torch module (backend torch) or an int8 ONNX graph; "
+            why = (f"the incremental engine needs a torch module (--backend torch) or an int8 ONNX graph "
+                   f"(--backend onnx-int8); "
                    f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
     if module is not None:
         module = _traceable(source, module)

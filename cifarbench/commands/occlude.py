@@ -217,13 +217,14 @@ def grid_names(ks: list[int]) -> list[str]:
 
 
 def _load(images, data, indices, data_dir, resize, source):
-    """(name, image tensor, label or None) for every distinct image to occlude, and the dataset (or None)."""
+    """(name, image tensor, label or None) for every distinct image to occlude, and (the selected images as a
+    dataset, the whole split) for --data, else (None, None)."""
     import torch
 
     from ..analysis.occlusion import load_image
 
     if data is None:
-        return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], None
+        return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], (None, None)
     from ..data import load_split
     from ..options import check_data
 
@@ -234,7 +235,7 @@ def _load(images, data, indices, data_dir, resize, source):
     imgs = sub.float_images()
     stem = Path(data).name.split('.')[0].split(":")[0]
     items = [(f"{stem}-test-{i:05d}", imgs[j], int(sub.labels[j])) for j, i in enumerate(idx)]
-    return items, sub
+    return items, (sub, ds)
 
 
 def _run(images, data, indices, data_dir, model, out, st: Settings) -> None:
@@ -265,7 +266,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     for kk in st.ks:
         check_window(kk, st.stride, source.input_size)
     target = resolve_target(st.label, source.classes)
-    items, dataset = _load(images, data, indices, data_dir, st.resize, source)
+    items, (dataset, split) = _load(images, data, indices, data_dir, st.resize, source)
     if bases is None:
         bases = [name for name, _, _ in items]  # dataset names are distinct and hold no path
         grids = grid_names(st.ks) if st.figures else []
@@ -283,10 +284,11 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     for base in bases:
         for r in results[base]:
             r.classes = classes
-    prov = provenance(model=source, data=dataset, backend=engine_info.get("backend"),
+    prov = provenance(model=source, data=split, backend=engine_info.get("backend"),
                       precision=engine_info.get("precision"), device=engine_info.get("device"),
                       extra={"k": st.ks, "stride": st.stride, "mode": st.mode, "engine": engine_info.get("engine"),
-                             "engine_why": engine_info.get("why"), "baseline": st.baseline})
+                             "engine_why": engine_info.get("why"), "baseline": st.baseline,
+                             **({"indices": indices, "images": len(items)} if dataset is not None else {})})
     cap = caption(prov, f"gray {st.baseline} patches" if st.baseline != "gray" else None)
     files: dict[int, list[str]] = {}
     figures = []

@@ -79,8 +79,9 @@ def _check_device(value: Optional[str]) -> Optional[str]:
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", callback=_check_device,
                                                   help="cpu, cuda or cuda:N; default: cuda when present.")]
 DataOpt = Annotated[str, typer.Option(
-    "--data", help="cifar10 (official, via torchvision), synthetic[:N], or PATH (official folder, image-folder "
-                   "root or its .tar.gz).")]
+    "--data", envvar="CIFARBENCH_DATA", show_envvar=True,
+    help="cifar10 (official, via torchvision), synthetic[:N], or PATH (official folder, image-folder root or its "
+         ".tar.gz). Default: $CIFARBENCH_DATA when set, else cifar10.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Where torchvision keeps CIFAR-10.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for CSV, NPY and PNG files.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]

@@ -27,11 +27,18 @@ def register(app: typer.Typer) -> None:
         = False,
         int8: Annotated[bool, typer.Option("--int8", help="INT8 TensorRT engine, calibrated on --calib images.")]
         = False,
-        calib: Annotated[int, typer.Option("--calib", help="Training images for INT8 calibration.")] = 512,
+        calib: Annotated[int, typer.Option(
+            "--calib", help="Training images for INT8 calibration (the bundled set of the CIFAR-10 nets has "
+                            "250).")] = 512,
+        calib_data: Annotated[Optional[str], typer.Option(
+            "--calib-data", help="INT8 calibration images (as --data). Default: the bundled 250-image CIFAR-10 "
+                                 "set for a CIFAR-10 32x32 model (offline), else $CIFARBENCH_CALIB_DATA or "
+                                 "--data.", show_default=False)] = None,
         data: DataOpt = "cifar10",
         data_dir: DataDirOpt = None,
         eval_images: Annotated[int, typer.Option(
-            "--eval-images", help="onnx-int8: test images for the fp32-vs-int8 accuracy report (0: skip).")] = 10000,
+            "--eval-images", help="onnx-int8: test images for the fp32-vs-int8 accuracy report (0: skip); the "
+                                  "report says how many were used.")] = 1000,
         max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="tensorrt: profile max batch.")]
         = None,
         opt_batch: Annotated[Optional[int], typer.Option("--opt-batch", help="tensorrt: profile opt batch.")]
@@ -69,11 +76,22 @@ def register(app: typer.Typer) -> None:
         # the artifact path is checked before exporting: never a file of the user's replaced, never a refusal
         # after minutes of calibration
         with output_file(out):
-            path = export(source, to=to, out=out, precision=precision, device=dev, calib=calib, calib_data=data,
-                          data_dir=data_dir, seed=seed, max_batch=max_batch, opt_batch=opt_batch)
+            from ..export import uses_bundled_calibration
+
+            if calib_data is None and not uses_bundled_calibration(source):
+                calib_data = data   # a model of other classes or size calibrates on the user's --data
+            path = export(source, to=to, out=out, precision=precision, device=dev, calib=calib,
+                          calib_data=calib_data, data_dir=data_dir, seed=seed, max_batch=max_batch,
+                          opt_batch=opt_batch)
         result = {"artifact": str(path), "target": to, "net": source.name, "model": source.describe(),
                   "precision": "int8" if to == "onnx-int8" else precision, "bytes": path.stat().st_size,
                   "sha256": file_sha256(path), "seconds": round(time.perf_counter() - start, 2)}
+        from .publish import command_provenance
+
+        result["provenance"] = command_provenance(model=source, backend=to, precision=result["precision"],
+                                                  device=dev)
+        if to == "onnx-int8" or int8:
+            result["calibration"] = {"data": calib_data or "bundled calibration set", "images_requested": calib}
         if to == "onnx-int8" and eval_images > 0:
             from ..artifacts import int8_accuracy_report
 

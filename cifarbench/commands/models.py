@@ -9,8 +9,10 @@ from ..options import JsonOpt
 def register(app: typer.Typer) -> None:
     @app.command("models")
     def models(json: JsonOpt = False) -> None:
-        """List the nets of the report with parameter counts, FLOPs and bundled weights."""
+        """List the nets of the report with parameter counts, FLOPs and bundled weights, and which data and caches
+        every command uses by default."""
         from ..console import console, emit_json
+        from ..data import data_settings
         from ..nets import count_flops, count_parameters
         from ..zoo import bundled_weights, create_model, get_spec, list_models
 
@@ -32,7 +34,7 @@ def register(app: typer.Typer) -> None:
                 "description": spec["description"],
             })
         if json:
-            emit_json({"models": rows})
+            emit_json({"models": rows, "settings": data_settings()})
             return
         from rich.table import Table
 
@@ -45,3 +47,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(r["name"], f"{r['params']:,}", f"{r['mflops']:,}", hp,
                           f"{r['report_test_accuracy']:.2%}", acc)
         console.print(table)
+        s = data_settings()
+        console.print(f"default --data: {s['data']} ({s['data_from']}; set CIFARBENCH_DATA=PATH to change it)")
+        console.print(f"CIFAR-10 download folder: {s['data_dir']}; artifact cache: {s['cache_dir']}")
+        console.print(f"INT8 calibration set of the zoo nets: {s['calibration']}")

@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         sw.claim(trials, resume=resume, check_only=True)  # fail fast, before loading data or starting Ray
         from ..io import output_folder
 
-        names = ["sweep.json", "metrics.csv", "summary.json", "plots/test_accuracy.png"]
+        names = ["sweep.json", "metrics.csv", "summary.json", "plots/test_accuracy.png", "index.html"]
         for keys in sw.groupings(sw.grid_of(trials)):
             names += [f"grouped/{sw.table_name(keys)}.csv", f"plots/grouped_{sw.table_name(keys)}.png"]
         # the sweep's own files in --out are checked now, before any training: none replaces a user's file
@@ -77,12 +77,42 @@ def _sweep(sw, trials, values, executor, address, ray_cpus, cpus_per_trial, gpus
                                    on_event=board.update)
     out = sw.sweep_dir(trials)
     summary = sw.summarize(trials, results)
+    from .publish import command_provenance
+
+    cfg = trials[0].config
+    summary["provenance"] = command_provenance(
+        model=f"{cfg.net} (trained from scratch per grid point)", data=cfg.data, backend="torch (training)",
+        precision="fp32", device=cfg.device or "default",
+        extra={"grid": {k: list(v) for k, v in values.items()}, "recipe": cfg.recipe, "seed": cfg.seed,
+               "executor": executor})
     files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))
+    files["index"] = str(write_page(out, summary, files))
     if json:
         emit_json({**summary, "files": files})
         return
     render_summary(summary, console)
     console.print(f"sweep saved in {out} (metrics.csv, summary.json, grouped/, plots/)")
+
+
+def write_page(out, summary: dict, files: dict):
+    """``out/index.html``: the plots, the best run, the grouped means (percent as in the live table) and every run."""
+    from .publish import write_page as page
+
+    prov = summary["provenance"]
+    figures = [{"path": v, "caption": k} for k, v in files.items() if str(v).endswith(".png")]
+    sections = [{"title": "Plots", "figures": figures}]
+    best = summary.get("best")
+    if best:
+        sections.append({"title": "Best run", "table": [{k: v for k, v in best.items()
+                                                          if not isinstance(v, (dict, list))}]})
+    for group in summary["grouped"]:
+        if group["rows"]:
+            sections.append({"title": f"Means over all epochs of all runs, by {' x '.join(group['by'])}",
+                             "table": [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+                                       for r in group["rows"]]})
+    sections.append({"title": "Runs", "table": [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+                                                for r in summary["runs"]]})
+    return page(out, f"sweep: {prov['model']['name']}", prov, sections, summary)
 
 
 class Board:

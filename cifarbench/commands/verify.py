@@ -15,7 +15,9 @@ from typing import Annotated, Optional
 import typer
 
 from ..options import (ArchKwOpt, ArchOpt, ClassesOpt, DataDirOpt, DataOpt, DeviceOpt, InputSizeOpt, JsonOpt,
-                       MeanOpt, ModelArg, StdOpt)
+                       MeanOpt, ModelArg, OutOpt, StdOpt)
+
+FILES = ("verify.json", "index.html")
 
 #: per-precision default bounds: (atol, rtol, minimum top-1 agreement)
 TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-4, "top1": 0.99},
@@ -58,6 +60,7 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
         classes: ClassesOpt = None, input_size: InputSizeOpt = None,
         json: JsonOpt = False,
+        out: OutOpt = None,
     ) -> None:
         """Per backend: max abs and rel error of logits and probabilities, top-1 agreement, pass/fail."""
         from ..console import emit_json
@@ -69,8 +72,14 @@ def register(app: typer.Typer) -> None:
         if (atol is not None and atol < 0) or (rtol is not None and rtol < 0) or \
                 (top1 is not None and not 0 <= top1 <= 1):
             raise UserError("--atol and --rtol must be >= 0 and --top1 in 0..1")
-        source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
-        report = run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, images, calib, device)
+        from ..io import output_folder
+
+        with output_folder(out, FILES):  # checked before the model is opened
+            source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
+            report = run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, images, calib,
+                                device)
+            if out is not None:
+                write_report(report, out)
         if json:
             emit_json(report)
         else:
@@ -135,10 +144,32 @@ def run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, im
                             "passed": not failures, "failures": failures, "tolerance": tol,
                             "out_of_tolerance": int((diff > bound).sum().item()), **metrics})
         bar.update(task, completed=len(specs) + 1, status="done")
-    return {"net": source.name, "model": source.describe(), "images": len(batch),
+    from .publish import command_provenance
+
+    labels = ",".join(f"{r['backend']}:{r['precision']}" for r in results)
+    prov = command_provenance(model=source, data=test.subset(slice(0, images)), backend=labels, device=dev,
+                              extra={"reference": f"{ref_rt.name} {ref_rt.precision} ({ref_rt.device})",
+                                     "calibration": {"images": calib, "data": data}})
+    return {"net": source.name, "model": source.describe(), "images": len(batch), "provenance": prov,
             "reference": f"{ref_rt.name} {ref_rt.precision} ({ref_rt.device})",
             "tolerance": {p: tolerance_for(p, atol, rtol, top1) for p in TOLERANCES}, "results": results,
             "passed": all(r["passed"] for r in results)}
+
+
+def write_report(report: dict, out) -> None:
+    from ..io import write_json
+    from .publish import write_page
+
+    write_json(out / "verify.json", report)
+    columns = ["backend", "precision", "device", "logits_max_abs", "logits_max_rel", "probs_max_abs",
+               "top1_agreement", "atol", "rtol", "top1 bound", "passed"]
+    rows = [[r["backend"], r["precision"], r["device"], r["logits_max_abs"], r["logits_max_rel"], r["probs_max_abs"],
+             r["top1_agreement"], r["tolerance"]["atol"], r["tolerance"]["rtol"], r["tolerance"]["top1"],
+             "pass" if r["passed"] else "FAIL: " + "; ".join(r["failures"])] for r in report["results"]]
+    write_page(out, f"verify: {report['net']} against {report['reference']}", report["provenance"], [
+        {"title": "Backends", "text": f"{report['images']} images; an output passes when |out - ref| <= atol + "
+                                      f"rtol * |ref| for every logit and its top-1 agreement reaches the bound.",
+         "table": {"columns": columns, "rows": rows}}], report)
 
 
 def _logits(rt, images, batch: int = 256):

@@ -45,12 +45,37 @@ def check_target(to: str) -> None:
         raise UserError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
 
 
+def uses_bundled_calibration(source, calib_data: str | None = None) -> bool:
+    """No calibration data named (neither ``calib_data`` nor ``$CIFARBENCH_CALIB_DATA``) and a CIFAR-10 32x32
+    model (a zoo net, or any model with CIFAR-10's ten classes at 32x32): calibrate on the bundled set, offline."""
+    from ..data import CLASSES
+
+    if calib_data or os.environ.get("CIFARBENCH_CALIB_DATA", "").strip():
+        return False
+    return getattr(source, "kind", None) == "zoo" or (
+        getattr(source, "input_size", None) == 32 and tuple(getattr(source, "classes", ())) == CLASSES)
+
+
 def calibration_set(source, calib: int = DEFAULT_CALIB, calib_data: str | None = None, seed: int = 0,
                     data_dir=None):
-    """``calib`` [0, 1] training images of the source's size from ``calib_data`` (a seeded subset)."""
+    """``calib`` [0, 1] training images of the source's size from ``calib_data`` (a seeded subset). Without
+    ``calib_data`` a CIFAR-10 32x32 model calibrates on the bundled set (:func:`cifarbench.data.bundled_calibration`,
+    250 class-balanced training images: at most that many are used), every other model on
+    ``$CIFARBENCH_CALIB_DATA``, else ``cifar10``."""
     from .int8 import calibration_images
 
-    images = calibration_images(calib_data or default_calib_data(), calib, seed, data_dir)
+    if uses_bundled_calibration(source, calib_data):
+        import torch
+
+        from ..data import bundled_calibration
+
+        if calib < 1:
+            raise UserError(f"--calib must be at least 1, got {calib}")
+        bundled = bundled_calibration(classes=source.classes)
+        index = torch.randperm(len(bundled), generator=torch.Generator().manual_seed(seed))[:calib]
+        images = bundled.subset(index).float_images()
+    else:
+        images = calibration_images(calib_data or default_calib_data(), calib, seed, data_dir)
     if tuple(images.shape[1:]) != source.input_shape:
         raise UserError(f"calibration images are {list(images.shape[1:])} but {source.name} takes "
                         f"{list(source.input_shape)}; give --calib-data with {source.input_size}x{source.input_size} "

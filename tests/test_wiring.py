@@ -1,0 +1,158 @@
+"""The commands wired to provenance, the HTML page and Ray: what a user reads in the JSON and the page equals the
+result, names the model, data and what changed; a sharded run on Ray equals the local one."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cifarbench.checkpoint import file_sha256, save_checkpoint
+from cli_helpers import assert_user_error, run_cli
+from runtime_helpers import fitted_model
+from test_outputs_publish import _Page
+
+DATA = ("--data", "synthetic:200")   # 40 test images
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model = fitted_model("net1")
+    path = tmp_path_factory.mktemp("ckpt") / "net1.safetensors"
+    save_checkpoint(path, model, {"net": "net1", "hparams": model.hparams})
+    return path
+
+
+def _page(folder: Path) -> _Page:
+    page = folder / "index.html"
+    assert page.is_file()
+    doc = _Page()
+    doc.feed(page.read_text())
+    for src in doc.images:  # every figure the page shows lies beside it (or is embedded)
+        assert src.startswith("data:image/png;base64,") or (folder / src).is_file(), src
+    return doc
+
+
+def _shown(doc: _Page) -> list[float]:
+    return [json.loads(v) for v, _ in doc.numbers]
+
+
+def _check_provenance(prov: dict, ckpt: Path, command: str):
+    assert prov["command"].startswith(f"cifarbench {command} ") and str(ckpt) in prov["command"]
+    assert prov["model"]["name"] == "net1" and prov["model"]["digest"]
+    assert prov["data"]["identity"] == "synthetic:200:test" and prov["data"]["images"] == 40
+    assert prov["backend"] == "torch" and prov["precision"] == "fp32" and prov["device"] == "cpu"
+    assert prov["cifarbench"] and prov["date"].endswith("Z")
+
+
+def test_eval_json_carries_provenance_and_its_page_shows_the_json_numbers(ckpt, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(capsys, "eval", ckpt, *DATA, "--backend", "torch", "--device", "cpu", "--out", out,
+                                "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    _check_provenance(result["provenance"], ckpt, "eval")
+    assert json.loads((out / "eval.json").read_text()) == result
+    doc = _page(out)
+    assert doc.result == result
+    # the page's tables: per-class accuracy then overall, then the confusion counts, each exactly the JSON's
+    want = [v for v in result["per_class"].values() if v is not None] + [result["accuracy"]]
+    want += [c for row in result["confusion"] for c in row]
+    assert _shown(doc) == want
+    assert "confusion.png" in doc.images
+
+
+def test_ablate_json_names_the_filters_and_the_sign_of_the_difference(ckpt, tmp_path, capsys):
+    out = tmp_path / "ablate"
+    code, stdout, err = run_cli(capsys, "ablate", ckpt, "conv2:0", "conv1:1", *DATA, "--backend", "torch",
+                                "--device", "cpu", "--out", out, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    prov = result["provenance"]
+    _check_provenance(prov, ckpt, "ablate")
+    assert prov["filters"] == "conv1:1 conv2:0" and prov["difference"] == "before − after"
+    d = result["difference"]
+    assert d["accuracy"] == pytest.approx(result["before"]["accuracy"] - result["after"]["accuracy"])
+    doc = _page(out)
+    assert doc.result == result
+    b, a = result["before"], result["after"]
+    want = []
+    for c in b["per_class"]:
+        want += [v for v in (b["per_class"][c], a["per_class"][c], d["per_class"][c]) if v is not None]
+    want += [b["accuracy"], a["accuracy"], d["accuracy"]]
+    assert _shown(doc) == want
+    assert {"confusion.png"} <= set(doc.images)
+
+
+def test_bench_run_has_provenance_and_a_page_beside_it(ckpt, tmp_path, capsys):
+    path = tmp_path / "run.json"
+    code, stdout, err = run_cli(capsys, "bench", ckpt, "--backends", "torch", "--batch", "2", "--iters", "2",
+                                "--warmup", "0", "--device", "cpu", "--out", path, "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    assert doc["provenance"]["model"]["digest"] == doc["provenance"]["model"]["digest"] and \
+        doc["provenance"]["backend"] == "torch:fp32"
+    page = _Page()
+    page.feed((tmp_path / "run.html").read_text())
+    assert page.result == doc
+
+
+def test_resume_without_out_is_one_line(ckpt, capsys):
+    assert_user_error(capsys, "mine", ckpt, "conv1:0", *DATA, "--resume", match="--resume needs --out")
+    assert_user_error(capsys, "ablate", ckpt, "--sweep", "conv1", *DATA, "--executor", "spark", match="local or ray")
+
+
+def test_data_default_comes_from_cifarbench_data(ckpt, capsys, monkeypatch):
+    monkeypatch.setenv("CIFARBENCH_DATA", "synthetic:200")
+    code, stdout, err = run_cli(capsys, "eval", ckpt, "--backend", "torch", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["data"] == "synthetic:200:test"
+
+
+# ------------------------------------------------------------------------------------------------ Ray
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray (2 CPUs) for every test here; the commands find it initialized and use it as is."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()
+
+
+def _strip(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "provenance"}
+
+
+def test_ablate_sweep_on_ray_equals_local(ckpt, tmp_path, capsys, ray_cluster):
+    args = ("ablate", ckpt, "--sweep", "conv1", *DATA, "--backend", "torch", "--device", "cpu", "--batch-size", "10")
+    code, local, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    out = tmp_path / "ray"
+    code, remote, err = run_cli(capsys, *args, "--executor", "ray", "--out", out, "--json")
+    assert code == 0, err
+    assert _strip(json.loads(remote)) == _strip(json.loads(local))
+    assert json.loads(remote)["provenance"]["executor"] == "ray"
+    shards = sorted((out / "shards").glob("ablation-*.npz"))
+    assert shards and (out / "index.html").is_file()
+    # --resume reads every finished shard and computes nothing: the shard files are not rewritten
+    before = {p: file_sha256(p) for p in shards}
+    code, again, err = run_cli(capsys, *args, "--executor", "ray", "--out", out, "--resume", "--json")
+    assert code == 0, err
+    assert "0 computed" in err and _strip(json.loads(again)) == _strip(json.loads(local))
+    assert {p: file_sha256(p) for p in shards} == before
+
+
+def test_mine_on_ray_equals_local(ckpt, tmp_path, capsys, ray_cluster):
+    args = ("mine", ckpt, "conv1:0-3", "conv2:1", *DATA, "--top", "5", "--backend", "torch", "--device", "cpu",
+            "--batch-size", "10")
+    code, local, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    code, remote, err = run_cli(capsys, *args, "--executor", "ray", "--json")
+    assert code == 0, err
+    a, b = json.loads(local), json.loads(remote)
+    assert [[t["index"] for t in f["top"]] for f in a["filters"]] == [[t["index"] for t in f["top"]]
+                                                                       for f in b["filters"]]
+    assert _strip(a) == _strip(b)
+    np.testing.assert_equal(b["provenance"]["filters"], "conv1:0,1,2,3 conv2:1")

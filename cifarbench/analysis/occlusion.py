@@ -338,12 +338,10 @@ def choose_mode(module, backend: str, device: torch.device, k: int, stride: int,
     """``incremental`` when its FLOPs, discounted for its gather overhead, undercut the dense backend's FLOPs
     scaled by that backend's measured speed relative to eager torch, and the module's graph can run
     incrementally; else ``dense``."""
-    from ..kernels.graph import UnsupportedOp
-
     speed = _DENSE_SPEED.get(torch.device(device).type, {}).get(backend, 1.0)
     try:
         engine = IncrementalEngine(module, "cpu", size=size)
-    except UnsupportedOp:
+    except Exception:  # noqa: BLE001  (UnsupportedOp, or any graph the IR cannot plan: dense runs it)
         return "dense"
     return "incremental" if _incremental_pays(engine, k, stride, speed) else "dense"
 
@@ -387,6 +385,9 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
                                        source.input_size, source.classes)
         except UnsupportedOp as exc:
             why = f"the incremental engine cannot run {source.name}: {exc}"
+        except Exception as exc:  # noqa: BLE001  (a graph the IR mis-reads: auto must still run dense)
+            why = (f"the incremental engine failed to plan {source.name} ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0] if str(exc) else ''})")
     cache["incremental"] = (engine, why)
     return engine, why
 
@@ -440,7 +441,8 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     cache = {} if cache is None else cache
     device = parse_device(device) if device is not None else default_device()
-    contract = {key: options.pop(key) for key in CONTRACT if key in options and options[key] is not None}
+    contract = {key: options.pop(key) for key in CONTRACT if key in options}
+    contract = {key: v for key, v in contract.items() if v is not None}
     if "source" not in cache:
         if _is_runtime(model):
             cache["runtime"], cache["source"], cache["given_runtime"] = model, model.source, True

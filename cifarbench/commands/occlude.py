@@ -256,7 +256,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
 
     import numpy as np
 
-    from ..analysis.occlusion import check_window, make_engine, resolve_target
+    from ..analysis.occlusion import check_window, resolve_target
     from ..console import console, emit_json
     from ..io import atomic_path, check_outputs, write_text
     from ..options import model_source

@@ -112,6 +112,7 @@ def test_dataset_run_writes_a_page_a_grid_provenance_and_resumes(checkpoint, tmp
     doc = json.loads(out)
     prov = doc["provenance"]
     assert prov["k"] == [16] and prov["stride"] == 16 and prov["mode"] == "auto"
+    assert prov["command"].startswith("cifarbench occlude --k 16")  # the call itself, also in-process
     assert prov["engine"] == doc["engine"]["engine"] and prov["model"]["digest"] and prov["data"]["identity"]
     assert doc["maps_per_s"] > 0 and doc["engine"]["shards_resumed"] == 0
     assert [r["true"] is not None for r in doc["results"]] == [True] * 3

@@ -260,7 +260,8 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     from ..console import console, emit_json
     from ..io import atomic_path, check_outputs, write_text
     from ..options import model_source
-    from ..provenance import caption, provenance
+    from ..provenance import caption
+    from .publish import command_provenance
 
     source = model_source(model, **st.contract)  # resolved once: everything below takes the source
     for kk in st.ks:
@@ -284,12 +285,13 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     for base in bases:
         for r in results[base]:
             r.classes = classes
-    prov = provenance(model=source, data=split, backend=engine_info.get("backend"),
-                      precision=engine_info.get("precision"), device=engine_info.get("device"),
-                      extra={"k": st.ks, "stride": st.stride, "mode": st.mode, "engine": engine_info.get("engine"),
-                             "engine_why": engine_info.get("why"), "baseline": st.baseline,
-                             **({"indices": indices, "images": len(items)} if dataset is not None else {})})
-    cap = caption(prov, f"gray {st.baseline} patches" if st.baseline != "gray" else None)
+    prov = command_provenance(model=source, data=split, backend=engine_info.get("backend"),
+                              precision=engine_info.get("precision"), device=engine_info.get("device"),
+                              extra={"k": st.ks, "stride": st.stride, "mode": st.mode,
+                                     "engine": engine_info.get("engine"), "engine_why": engine_info.get("why"),
+                                     "baseline": st.baseline,
+                                     **({"indices": indices, "images": len(items)} if dataset is not None else {})})
+    cap = caption(prov, f"{st.baseline} patches" if st.baseline != "gray" else None)
     files: dict[int, list[str]] = {}
     figures = []
     for base, (name, img, true_label) in zip(bases, items):

@@ -11,8 +11,9 @@ capabilities), never by its name:
   (ONNX Runtime, INT8, TensorRT) serve occlusion too. Works for every runtime.
 * ``incremental`` on a torch module (``runtime.torch_module()``, or the source's for ``backend="auto"``):
   recomputes only the windows a patch can change; exact fp32. The zoo nets' plain conv/pool chains run on
-  :mod:`cifarbench.kernels.incremental` (its CUDA path fuses the first layer in Triton; on the CPU it measured
-  within noise of the graph engine, net4 K=8: 5.2 s vs 5.5 s on a loaded 2-core machine); any other module runs
+  :mod:`cifarbench.kernels.incremental` (its CUDA path fuses the first layer in Triton; on the CPU the two are
+  equal within 1 %: net4, K=8, one map, 5 interleaved runs on a loaded 2-core machine, min 4.73 s chain vs
+  4.78 s graph, medians 5.26 s vs 5.30 s); any other module runs
   on the layer-graph engine :mod:`cifarbench.kernels.incremental_graph` (residual adds, depthwise convs, any
   geometry). A graph it cannot represent raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses
   in one line naming the op.

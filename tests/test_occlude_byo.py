@@ -236,3 +236,16 @@ def test_ray_executor_equals_local(ray_cluster, tmp_path, capsys):
         assert a["target"] == b["target"] and a["true"] == b["true"]
     assert_user_error(capsys, "occlude", "examples/cat.png", "--executor", "ray", "--out", tmp_path / "x",
                       match="--data")
+
+
+def test_imagenet_normalized_state_dict_with_mean_and_std_on_the_cli(files, tmp_path, capsys):
+    model = build("imagenet_cnn")
+    torch.save(model.state_dict(), tmp_path / "inet.pt")
+    norm = ("--mean", ",".join(map(str, IMAGENET_MEAN)), "--std", ",".join(map(str, IMAGENET_STD)))
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "inet.pt", "--arch",
+                       "tests.byo_models:imagenet_cnn", *norm)
+    ref, _ = naive_map(model, files["pixels"], 8, 8, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "incremental-graph"
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+    assert doc["provenance"]["model"]["digest"]

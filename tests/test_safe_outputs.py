@@ -107,7 +107,7 @@ def test_one_image_given_twice_gives_one_result(tmp_path, capsys):
     assert code == 0, err
     assert len(json.loads(out)["results"]) == 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == \
-        ["dog_k16.csv", "dog_k16.npy", "dog_occlusion.png"]
+        ["dog_k16.csv", "dog_k16.npy", "dog_occlusion.png", "index.html"]
 
 
 # ------------------------------------------------------------------------------------------- no overwrites

@@ -321,9 +321,15 @@ def _opened(package: ModelPackage, kind: str, args: dict, threads: int | None, c
         runtime_options["calib_data"] = args["calib_data"]
     entry = {"folder": folder, "spec": spec, "runtime_options": runtime_options}
     if kind != "occlusion":
-        from .runtime import open_runtime, resolve_module
+        from .runtime import open_runtime
+        from .source import ModelSource, resolve_source
 
-        entry["net"] = resolve_module(spec)
+        # the model source, not its torch module: an ONNX file has none, and the analyses name layers from a
+        # source and ask the runtime for its capabilities (a torch module or an ONNX graph)
+        # (an in-memory module stays itself: its layer table is the module's own, convN for a zoo net)
+        import torch
+
+        entry["net"] = spec if isinstance(spec, (ModelSource, torch.nn.Module)) else resolve_source(spec)
         entry["runtime"] = open_runtime(entry["net"], backend=args["backend"], device=args["device"],
                                         **runtime_options)
     else:

@@ -433,12 +433,20 @@ def write_outputs(out: str | Path, summary: dict, rows: list[dict]) -> dict[str,
 
     out = Path(out)
     files = {}
+    prov = summary.get("provenance") or {}
+    net = (prov.get("model") or {}).get("name") or "sweep"
+    net = net.split(" ")[0]
+    cap = None
+    if prov:
+        from .provenance import caption
+
+        cap = caption(prov, "grid " + ", ".join(f"{k}={v}" for k, v in (prov.get("grid") or {}).items()))
     if rows:
         hparams = {k: None for k in HPARAMS}
         files["metrics"] = out / "metrics.csv"
         write_text(files["metrics"], rows_csv(rows, metric_columns(hparams) + ["name"]))
         files["curves"] = out / "plots" / "test_accuracy.png"
-        plot_curves(rows, files["curves"])
+        plot_curves(rows, files["curves"], title=f"{net}: test accuracy per epoch, one line per run", caption=cap)
     for group in summary["grouped"]:
         if not group["rows"]:
             continue
@@ -446,7 +454,8 @@ def write_outputs(out: str | Path, summary: dict, rows: list[dict]) -> dict[str,
         files[f"grouped:{name}"] = out / "grouped" / f"{name}.csv"
         write_text(files[f"grouped:{name}"], rows_csv(group["rows"], group["by"] + ["runs", *GROUP_METRICS]))
         files[f"plot:{name}"] = out / "plots" / f"grouped_{name}.png"
-        plot_grouped(group["rows"], group["by"], files[f"plot:{name}"])
+        plot_grouped(group["rows"], group["by"], files[f"plot:{name}"],
+                     title=f"{net}: means over all epochs of all runs, by {' x '.join(group['by'])}", caption=cap)
     files = {k: str(v) for k, v in files.items()}
     files["summary"] = str(out / "summary.json")
     write_json(out / "summary.json", {**summary, "files": files})

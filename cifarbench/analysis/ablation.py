@@ -234,7 +234,9 @@ def _split(model: CifarNet, layer: str, zero_bias: bool) -> _LayerSplit:
             raise TypeError("sweep expects the head to start with Flatten, Linear")
         next_op, flatten, rest = head[1], True, head[2:]
     block = model.conv_blocks()[layer]
-    bias = block.conv.bias if block.conv.bias is not None and not zero_bias else torch.zeros(block.conv.out_channels, device=block.conv.weight.device)
+    bias = block.conv.bias
+    if bias is None or zero_bias:
+        bias = torch.zeros(block.conv.out_channels, device=block.conv.weight.device)
     with torch.no_grad():
         constants = block.act(block.bn(bias.detach().reshape(1, -1, 1, 1).clone())).reshape(-1)
     return _LayerSplit(layer, index, between, next_op, flatten, rest, constants)
@@ -247,7 +249,8 @@ def _run(mods, x):
 
 
 def _variant_logits(split: _LayerSplit, a: torch.Tensor, z: torch.Tensor, js: torch.Tensor) -> torch.Tensor:
-    """Logits [B, V, classes] of the variants zeroing filters ``js``, from the next op's input ``a`` and output ``z``."""
+    """Logits [B, V, classes] of the variants zeroing filters ``js``, from the next op's input ``a`` and its
+    output ``z``."""
     b, v = a.shape[0], len(js)
     d = split.constants[js].reshape(1, v, 1, 1) - a[:, js]            # [B, V, H, W]: change of each channel
     w = split.next_op.weight

@@ -4,9 +4,11 @@ One pass over the data serves every layer. Per batch a *probe* returns, for ever
 tensors reduced on the runtime's device: the response (spatial sum of the pre-ReLU map), the flat position of its
 first maximum and the maximum itself. The map of a conv layer is its output, or the output of the BatchNorm that
 is the conv's only consumer (for the zoo nets: the pre-ReLU map after BN, as in the report). The torch probe reads
-the maps with forward hooks on a copy of the model; the ONNX probe is the model's graph with those reductions as
-extra outputs, run by ONNX Runtime. Layers are named as :mod:`cifarbench.filters` names them. Top-K is a streaming selection: the running K best are merged with each
-batch by a stable sort, so memory does not grow with the data and ties go to the lower image index.
+the maps with forward hooks on a copy of the model; the ONNX probe is the runtime's own graph
+(``onnx_graph()``) with those reductions as extra outputs, opened by ``runtime.variant`` (same device and
+contract). Layers are named as :mod:`cifarbench.filters` names them. Top-K is a streaming selection: the running K
+best are merged with each batch by a stable sort, so memory does not grow with the data and ties go to the lower
+image index.
 """
 from __future__ import annotations
 

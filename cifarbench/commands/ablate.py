@@ -149,7 +149,7 @@ def show_ablation(result: dict, classes) -> None:
 
     names = ", ".join(f"{f['layer']}:{f['filter']}" for f in result["filters"])
     table = Table(title=f"per-class accuracy (%), filters zeroed: {names}")
-    for col in ("class", "before", "after", "difference"):
+    for col in ("class", "before", "after", "difference (before − after)"):
         table.add_column(col, justify="right" if col != "class" else "left")
     b, a, d = result["before"], result["after"], result["difference"]
     for c in classes:
@@ -165,12 +165,14 @@ def show_sweep(result: dict, top: int = 20) -> None:
     from ..console import console
 
     table = Table(title=f"filters ranked by accuracy drop (baseline {_pct(result['baseline']['accuracy'])} %)")
-    for col in ("rank", "filter", "accuracy %", "drop pp", "largest gain", "largest loss"):
+    for col in ("rank", "filter", "accuracy %", "drop pp (before − after)", "largest gain pp", "largest loss pp"):
         table.add_column(col)
+    from ..analysis.figures import change_text
+
     for r in result["filters"][:top]:
-        g, lo = r["largest_gain"], r["largest_loss"]
+        # "none" where no class gained (or lost): a class named with 0.00 did not gain
         table.add_row(str(r["rank"]), f"{r['layer']}:{r['filter']}", _pct(r["accuracy"]), _pct(r["drop"]),
-                      f"{g['class']} {_pct(g['change'])}", f"{lo['class']} {_pct(lo['change'])}")
+                      change_text(r["largest_gain"], "gain"), change_text(r["largest_loss"], "loss"))
     console.print(table)
     if len(result["filters"]) > top:
         console.print(f"... {len(result['filters']) - top} more filters (see --out or --json)")

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import typer
 
-from ..options import ArchKwOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, StdOpt, BackendOpt, DataDirOpt, DataOpt, DeviceOpt, JsonOpt, ModelArg, OutOpt
+from ..options import (ArchKwOpt, ArchOpt, BackendOpt, ClassesOpt, DataDirOpt, DataOpt, DeviceOpt, InputSizeOpt,
+                       JsonOpt, MeanOpt, ModelArg, OutOpt, StdOpt)
 
 
 def register(app: typer.Typer) -> None:

@@ -206,12 +206,16 @@ def render_summary(summary: dict, console) -> None:
         if not group["rows"]:
             continue
         table = Table(title=f"mean over all epochs of all runs, by {' x '.join(group['by'])}", title_justify="left")
-        metrics = ("loss", "train_accuracy", "test_accuracy", "overfit%", "total_parameters")
-        for col in (*group["by"], "runs", *metrics):
+        # one convention with the live table: accuracies in percent, everything rounded for a person
+        metrics = {"loss": lambda v: f"{v:.4f}", "train_accuracy": lambda v: f"{100 * v:.2f}",
+                   "test_accuracy": lambda v: f"{100 * v:.2f}", "overfit%": lambda v: f"{v:.2f}",
+                   "total_parameters": lambda v: f"{v:,.0f}"}
+        heads = {"train_accuracy": "train_accuracy %", "test_accuracy": "test_accuracy %"}
+        for col in (*group["by"], "runs", *(heads.get(m, m) for m in metrics)):
             table.add_column(col, justify="right")
         for r in group["rows"]:
             table.add_row(*(str(r[k]) for k in group["by"]), str(r["runs"]),
-                          *(f"{r[m]:.6f}" if m != "total_parameters" else f"{r[m]:,.0f}" for m in metrics))
+                          *("" if r[m] is None else fmt(r[m]) for m, fmt in metrics.items()))
         console.print(table)
     for run in summary["runs"]:
         if run["status"] == "failed":

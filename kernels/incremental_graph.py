@@ -133,12 +133,13 @@ class Plan:
 
 
 def build_plan(graph: Graph, k: int, stride: int, p0: int, p1: int, images: int, buckets: int = 3,
-               device: str = "cpu", scales: dict | None = None) -> Plan:
-    """Gather indices and window groups for positions ``[p0, p1)`` (row-major over the map) of ``images`` images.
+               device: str = "cpu", scales: dict | None = None, positions: np.ndarray | None = None) -> Plan:
+    """Gather indices and window groups for positions ``[p0, p1)`` (row-major over the map) of ``images`` images,
+    or for ``positions[p0:p1]`` when a list of row-major positions is given (the approximate mode's drill-down).
     ``scales``: per average-pool node needing it, its dense ``[H, W]`` map of reciprocal divisors."""
     wr, wc = axis_windows(graph, 0, k, stride, buckets), axis_windows(graph, 1, k, stride, buckets)
     ncol = len(wc[0][0])
-    pos = np.arange(p0, p1)
+    pos = np.arange(p0, p1) if positions is None else np.asarray(positions[p0:p1], np.int64)
     pi, pj = pos // ncol, pos % ncol
     npos = len(pos)
     b = np.arange(images)[:, None, None, None]
@@ -241,16 +242,24 @@ class GraphOcclusion:
     ``size`` x ``size`` inputs (raises :class:`~cifarbench.kernels.graph.UnsupportedOp` naming an op it cannot
     run); other input sizes are built on first use. ``chunk``: (image, position) pairs per step (memory bound,
     further capped by ``step_elements``, default :data:`STEP_ELEMENTS`); on the CPU ``workers`` steps (default
-    one per core) run side by side. Same ``logits`` / ``flops`` / ``dense_flops`` interface as
+    one per core) run side by side. ``window_dtype``: the dtype of recomputed windows and the buffers they read
+    (default float32, exact); ``torch.bfloat16`` runs the window convs on AMX / bf16 units where the CPU has them
+    (5-9x faster convs on an AMX Xeon), no longer exact: :mod:`cifarbench.kernels.approx` uses it and measures the
+    error; clean activations, the tail and the softmax stay float32. Same ``logits`` / ``flops`` / ``dense_flops`` interface as
     :class:`~cifarbench.kernels.incremental.IncrementalOcclusion` (``use_triton`` is always False here).
     """
 
     use_triton = False
 
     def __init__(self, module, device=None, chunk: int = 160, buckets: int = 3, workers: int | None = None,
-                 size: int | tuple[int, int] = 32, step_elements: int | None = None):
+                 size: int | tuple[int, int] = 32, step_elements: int | None = None,
+                 window_dtype: torch.dtype = torch.float32):
         from .graph import trace
 
+        if window_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"window_dtype must be float32, bfloat16 or float16, not {window_dtype}")
+        self.window_dtype = window_dtype
+        self._wnodes: dict[tuple[int, int], list] = {}
         tensors = list(itertools.chain(module.parameters(), module.buffers()))
         here = tensors[0].device if tensors else torch.device("cpu")
         self.device = torch.device(device) if device is not None else here
@@ -295,6 +304,15 @@ class GraphOcclusion:
                     node.weight = node.weight.contiguous(memory_format=torch.channels_last)
             self._graphs[size] = g
             self._scales[size] = self._avgpool_scales(g)
+            # nodes the windows run: the same, or shallow copies with weights in the window dtype
+            wnodes = []
+            for node in g.nodes:
+                if self.window_dtype != torch.float32 and node.weight is not None:
+                    node = copy.copy(node)
+                    node.weight = node.weight.to(self.window_dtype)
+                    node.bias = None if node.bias is None else node.bias.to(self.window_dtype)
+                wnodes.append(node)
+            self._wnodes[size] = wnodes
         return self._graphs[size]
 
     def _avgpool_scales(self, g: Graph) -> dict:
@@ -352,11 +370,13 @@ class GraphOcclusion:
 
     # ------------------------------------------------------------------ running
 
-    def _plan(self, g: Graph, k, stride, p0, p1, images) -> Plan:
-        key = (g.size, k, stride, p0, p1, images)
+    def _plan(self, g: Graph, k, stride, p0, p1, images, positions: np.ndarray | None = None) -> Plan:
+        # a position list is part of the key by value (its bytes): two lists never share a plan
+        key = (g.size, k, stride, p0, p1, images, None if positions is None else positions.tobytes())
         plan = self._plans.get(key)
         if plan is None:
-            plan = build_plan(g, k, stride, p0, p1, images, self.buckets, str(self.device), self._scales[g.size])
+            plan = build_plan(g, k, stride, p0, p1, images, self.buckets, str(self.device), self._scales[g.size],
+                              positions)
             self._plans[key] = plan
             while len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
@@ -379,10 +399,12 @@ class GraphOcclusion:
         return rows, logits
 
     @torch.inference_mode()
-    def logits(self, images: torch.Tensor, baselines: torch.Tensor, k: int, stride: int = 1) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, baselines: torch.Tensor, k: int, stride: int = 1,
+               positions=None) -> torch.Tensor:
         """Logits ``[B, P, classes]`` for every patch position (row-major) of each of ``images`` ``[B, C, H, W]``
         in [0, 1], with per-image patch values ``baselines`` ``[B, C]``. ``P = ((H-K)//stride+1) *
-        ((W-K)//stride+1)``."""
+        ((W-K)//stride+1)``. ``positions``: only these row-major positions (any order, the same for every
+        image; ``P = len(positions)``), as :mod:`cifarbench.kernels.approx`'s drill-down asks."""
         images = images.to(self.device, torch.float32)
         baselines = baselines.to(self.device, torch.float32)
         g = self.graph(tuple(images.shape[2:]))
@@ -390,11 +412,20 @@ class GraphOcclusion:
             raise ValueError(f"K={k}, stride={stride} do not fit a {g.size[0]}x{g.size[1]} input")
         n_img = len(images)
         clean, clean_logits = self.clean(images)
+        if self.window_dtype != torch.float32:
+            clean = [c.to(self.window_dtype) for c in clean]
         base = baselines.view(n_img, -1, 1, 1)
         for f in g.nodes[0].post:
             base = f(base)
-        base = base.reshape(n_img, -1)
+        base = base.reshape(n_img, -1).to(self.window_dtype)
         total = ((g.size[0] - k) // stride + 1) * ((g.size[1] - k) // stride + 1)
+        if positions is not None:
+            positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+            if len(positions) and (positions.min() < 0 or positions.max() >= total):
+                raise ValueError(f"positions must lie in [0, {total}) for K={k}, stride={stride}")
+            total = len(positions)
+            if total == 0:
+                return torch.empty(n_img, 0, clean_logits.shape[-1], device=self.device)
         per = max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)) // n_img)
         out = torch.empty(n_img, total, clean_logits.shape[-1], device=self.device)
         token = object()  # a new call: buffers' clean rows must be copied again
@@ -403,7 +434,7 @@ class GraphOcclusion:
         def run(worker: int) -> None:
             for p0 in starts[worker::workers]:
                 p1 = min(total, p0 + per)
-                plan = self._plan(g, k, stride, p0, p1, n_img)
+                plan = self._plan(g, k, stride, p0, p1, n_img, positions)
                 rows = self._run_plan(g, plan, clean, base, self._scratch[worker], token)
                 out[:, p0:p1] = rows.view(n_img, p1 - p0, -1)
 
@@ -419,7 +450,7 @@ class GraphOcclusion:
         if workers > 1 and len(starts) <= PLAN_CACHE:
             # plans are built on the calling thread first: numpy index building holds the GIL anyway
             for p0 in starts:
-                self._plan(g, k, stride, p0, min(total, p0 + per), n_img)
+                self._plan(g, k, stride, p0, min(total, p0 + per), n_img, positions)
             with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, range(workers)))
         else:
@@ -452,6 +483,7 @@ class GraphOcclusion:
     def _run_plan(self, g: Graph, plan: Plan, clean, base, scratch: dict, token) -> torch.Tensor:
         new_call = scratch.get("token") is not token
         scratch["token"] = token
+        wnodes = self._wnodes[g.size]
         bufs = []
         for v, node in enumerate(g.nodes):
             c = node.shape[0] if v else clean[0].shape[1]
@@ -475,11 +507,11 @@ class GraphOcclusion:
                     xs.append(gathered.view(rows, hin, win, cu).permute(0, 3, 1, 2))
                 dst = buf[head_rows + grp.out:head_rows + grp.out + rows * grp.h * grp.w] \
                     .view(rows, grp.h, grp.w, c).permute(0, 3, 1, 2)
-                self._window(node, xs, grp, dst)
+                self._window(wnodes[v], xs, grp, dst)
         outs = []
         for f, index in zip(g.frontier, plan.head_index):
             cf, hf, wf = g.nodes[f].shape
-            outs.append(bufs[f].index_select(0, index).view(-1, hf, wf, cf).permute(0, 3, 1, 2))
+            outs.append(bufs[f].index_select(0, index).view(-1, hf, wf, cf).permute(0, 3, 1, 2).float())
         return g.tail(*outs)
 
     @staticmethod

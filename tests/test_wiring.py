@@ -156,3 +156,22 @@ def test_mine_on_ray_equals_local(ckpt, tmp_path, capsys, ray_cluster):
                                                                        for f in b["filters"]]
     assert _strip(a) == _strip(b)
     np.testing.assert_equal(b["provenance"]["filters"], "conv1:0,1,2,3 conv2:1")
+
+
+def test_mine_of_an_onnx_file_in_shards_equals_the_unsharded_run(ckpt, tmp_path, capsys):
+    """Shards open the model source: an ONNX file (no torch module) mines through its graph there too."""
+    import torch
+
+    from cifarbench.source import resolve_source
+
+    onnx_file = tmp_path / "net1.onnx"
+    module = resolve_source(ckpt).torch_module()
+    torch.onnx.export(module, (torch.zeros(2, 3, 32, 32),), str(onnx_file), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n"}})
+    args = ("mine", onnx_file, "--all", *DATA, "--top", "3", "--batch-size", "10", "--show", "0")
+    code, whole, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    code, sharded, err = run_cli(capsys, *args, "--out", tmp_path / "out", "--resume", "--json")
+    assert code == 0, err
+    assert list((tmp_path / "out" / "shards").glob("mining-*.npz"))
+    assert _strip(json.loads(sharded)) == _strip(json.loads(whole))

@@ -30,6 +30,8 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
             top_rows.append([f["layer"], f["filter"], k, t["index"], t["label"], f"{t['response']:.6g}", *t["patch"]])
         hist_rows.append([f["layer"], f["filter"], *(f["class_histogram"][c] for c in classes), f["max_class"]])
         resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}"])
+        if show < 1:  # --show 0: tables only (a figure takes ~1 s to draw; a net has hundreds of filters)
+            continue
         shown = dict(f, top=f["top"][:show])
         images = [data.images[t["index"]].numpy() for t in shown["top"]]
         rf = result["receptive_fields"].get(f["layer"])
@@ -92,7 +94,7 @@ def register(app: typer.Typer) -> None:
         filters: FiltersOpt = None,
         every: Annotated[bool, typer.Option("--all", help="Mine every filter of the net.")] = False,
         top: Annotated[int, typer.Option("--top", help="Images kept per filter (K).")] = 20,
-        show: Annotated[int, typer.Option("--show", help="Images per filter in the PNG figures.")] = 5,
+        show: Annotated[int, typer.Option("--show", help="Images per filter in the PNG figures (0: no figures).")] = 5,
         backend: BackendOpt = "auto",
         device: DeviceOpt = None,
         arch: ArchOpt = None,

@@ -175,3 +175,21 @@ def test_mine_of_an_onnx_file_in_shards_equals_the_unsharded_run(ckpt, tmp_path,
     assert code == 0, err
     assert list((tmp_path / "out" / "shards").glob("mining-*.npz"))
     assert _strip(json.loads(sharded)) == _strip(json.loads(whole))
+
+
+def test_int8_export_of_a_zoo_net_calibrates_offline_on_the_bundled_set(tmp_path, capsys, monkeypatch):
+    """No --calib-data, no $CIFARBENCH_CALIB_DATA, no network: the bundled CIFAR-10 images calibrate it."""
+    import onnx
+
+    from cifarbench.data import bundled_calibration
+
+    monkeypatch.delenv("CIFARBENCH_CALIB_DATA", raising=False)
+    monkeypatch.setenv("CIFARBENCH_DATA_DIR", str(tmp_path / "empty"))  # nothing cached to download from
+    code, stdout, err = run_cli(capsys, "export", "net1", "--to", "onnx-int8", "--out", tmp_path / "q.onnx",
+                                "--calib", "16", "--eval-images", "0", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["calibration"]["data"] == "bundled calibration set" and result["provenance"]["backend"] == \
+        "onnx-int8"
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    assert meta["cifarbench.calib_images"] == "16" and len(bundled_calibration()) >= 16

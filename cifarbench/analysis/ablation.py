@@ -10,7 +10,8 @@ variants stacked in one batch (zoo nets on a runtime with a torch module). Every
 variants one by one through the runtime instead, which is also the baseline the sweep benchmark compares against.
 
 Any model: a runtime with a torch module gets a zeroed deep copy of it (``weight[j] = 0`` of the named conv); a
-runtime of an ONNX file gets the graph with the Conv's weight slice zeroed in its initializer. Layers are named as
+runtime with only an ONNX graph (its ``onnx_graph()`` capability) gets ``runtime.variant(graph)`` of a copy with
+the Conv's weight slice zeroed in its initializer. Layers are named as
 :mod:`cifarbench.filters` names them (module paths, ONNX Conv node names, ``convN`` for the zoo nets).
 """
 from __future__ import annotations

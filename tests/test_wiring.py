@@ -193,3 +193,18 @@ def test_int8_export_of_a_zoo_net_calibrates_offline_on_the_bundled_set(tmp_path
         "onnx-int8"
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
     assert meta["cifarbench.calib_images"] == "16" and len(bundled_calibration()) >= 16
+
+
+def test_verify_shows_each_backends_bounds_and_writes_its_page(ckpt, tmp_path, capsys):
+    out = tmp_path / "verify"
+    code, stdout, err = run_cli(capsys, "verify", ckpt, "--backends", "onnxruntime", *DATA, "--images", "20",
+                                "--out", out, "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    (row,) = report["results"]
+    assert row["tolerance"] == {"atol": 1e-4, "rtol": 1e-4, "top1": 0.99}  # fp32's default bounds
+    assert report["provenance"]["data"]["images"] == 20 and "torch fp32" in report["provenance"]["reference"]
+    doc = _page(out)
+    assert doc.result == report
+    assert _shown(doc) == [row[k] for k in ("logits_max_abs", "logits_max_rel", "probs_max_abs", "top1_agreement")] \
+        + [1e-4, 1e-4, 0.99]

@@ -454,6 +454,9 @@ class GraphOcclusion:
             with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, range(workers)))
         else:
+            # one thread walks every chunk (run() strides the chunks by ``workers``: with more chunks than the plan
+            # cache holds, two workers' worth of strides on one thread left every other chunk uncomputed)
+            workers = 1
             run(0)
         return out
 

@@ -10,7 +10,8 @@ import torch
 from test_incremental_graph import naive_logits
 from torch import nn
 
-from cifarbench.kernels.approx import ApproxOcclusion, approx_probability_maps, check_knobs, levels
+from cifarbench.kernels.approx import (ApproxOcclusion, approx_probability_maps, check_knobs, default_precision,
+                                       levels)
 from cifarbench.kernels.incremental_graph import GraphOcclusion
 
 torch.set_num_threads(1)
@@ -45,6 +46,17 @@ def test_positions_list_equals_naive_loop():
         engine.logits(x, bases, 4, 1, positions=[169])
 
 
+def test_more_chunks_than_the_plan_cache_all_computed():
+    """169 one-position chunks (more than PLAN_CACHE) with two workers configured: every position is computed
+    (this path once computed only every other chunk and returned uninitialised rows for the rest)."""
+    model = small_net()
+    g = torch.Generator().manual_seed(3)
+    x, bases = torch.rand(2, 3, 16, 16, generator=g), torch.rand(2, 3, generator=g)
+    ref = naive_logits(model, x, bases, 4, 1)
+    got = GraphOcclusion(model, "cpu", size=16, chunk=2, workers=2).logits(x, bases, 4, 1)
+    assert (got - ref).abs().max() <= 1e-4 * (1 + ref.abs().max())
+
+
 @pytest.mark.parametrize("coarse", [1, 2, 3, 4, 5])
 def test_tau_zero_fp32_is_the_exact_map(coarse):
     model = small_net()
@@ -74,7 +86,8 @@ def test_flat_map_is_interpolated_not_computed():
 
 def test_default_knobs_within_documented_error_on_net4():
     """Bundled net4, two real images, K=8, stride 1: the default approx map (drill-down + bf16 windows) is within
-    0.01 mean abs error of the exact engine's map, computing fewer positions exactly."""
+    0.01 mean abs error of the exact engine's map, computing fewer positions exactly (bf16 windows where the CPU
+    has AMX, else fp32)."""
     from cifarbench.analysis.occlusion import load_image
     from cifarbench.zoo import load_model
 
@@ -85,7 +98,7 @@ def test_default_knobs_within_documented_error_on_net4():
     maps, info = ApproxOcclusion(model, "cpu").probability_maps(x, bases, 8, 1)
     assert maps.shape == exact.shape == (2, 25, 25)
     assert float((maps - exact).abs().mean()) <= 0.01
-    assert info["mode"] == "approx" and info["precision"] == "bf16"
+    assert info["mode"] == "approx" and info["precision"] == default_precision("cpu")
     assert info["exact_positions"] < info["positions"] == 2 * 625
 
 
@@ -105,6 +118,12 @@ def test_bad_knobs_are_one_clear_value_error(tau, coarse, precision, message):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=message):
         ApproxOcclusion(small_net(), "cpu", tau=tau, coarse=coarse, precision=precision, size=16)
+
+
+def test_bf16_only_where_measured():
+    assert default_precision("cuda") == "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    assert default_precision("cpu") == ("bf16" if amx else "fp32")
 
 
 def test_levels_nest():

@@ -245,8 +245,9 @@ class GraphOcclusion:
     one per core) run side by side. ``window_dtype``: the dtype of recomputed windows and the buffers they read
     (default float32, exact); ``torch.bfloat16`` runs the window convs on AMX / bf16 units where the CPU has them
     (5-9x faster convs on an AMX Xeon), no longer exact: :mod:`cifarbench.kernels.approx` uses it and measures the
-    error; clean activations, the tail and the softmax stay float32. Same ``logits`` / ``flops`` / ``dense_flops`` interface as
-    :class:`~cifarbench.kernels.incremental.IncrementalOcclusion` (``use_triton`` is always False here).
+    error; clean activations, the tail and the softmax stay float32. Same ``logits`` / ``flops`` /
+    ``dense_flops`` interface as :class:`~cifarbench.kernels.incremental.IncrementalOcclusion` (``use_triton`` is
+    always False here).
     """
 
     use_triton = False

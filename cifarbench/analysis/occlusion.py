@@ -38,7 +38,7 @@ from ..errors import UserError
 #: the side of CIFAR images, the default input size (a model's own comes from its source)
 IMAGE_SIZE = 32
 MAX_K = 32  # K is bounded by the input side S; this is S for CIFAR-sized models
-MODES = ("auto", "dense", "incremental")
+MODES = ("auto", "dense", "incremental", "approx")
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
 #: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
@@ -303,6 +303,47 @@ class Int8IncrementalEngine(DenseEngine):
         return self.engine.dense_flops()
 
 
+class ApproxEngine:
+    """Approximate maps (:mod:`cifarbench.kernels.approx`: adaptive drill-down over the exact graph engine, windows
+    in bf16 where the CPU has AMX) on a torch module taking [0, 1] pixels. Only with ``mode="approx"``, never
+    chosen by ``auto``; its ``describe()`` names the knobs and every result says how many positions were exact."""
+
+    mode = "approx"
+    kind = "approx-graph"
+
+    def __init__(self, module, device, size: int = IMAGE_SIZE, classes=None, tau=None, coarse=None,
+                 precision=None):
+        from ..kernels.approx import DEFAULT_COARSE, DEFAULT_TAU, ApproxOcclusion, check_knobs, default_precision
+
+        self.device = torch.device(device)
+        self.size = int(size)
+        self.classes = tuple(classes) if classes is not None else None
+        precision = precision or default_precision(self.device)
+        tau = DEFAULT_TAU if tau is None else tau
+        coarse = DEFAULT_COARSE if coarse is None else coarse
+        try:
+            check_knobs(tau, coarse, precision)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        self.engine = ApproxOcclusion(module, self.device, tau=tau, coarse=coarse, precision=precision,
+                                      size=self.size)
+        self.module = self.engine.engine.module
+        self.last_info: dict = {}
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "engine": self.kind, "backend": "torch", "precision": "fp32",
+                "device": str(self.device), **self.engine.knobs(), **self.last_info}
+
+    @torch.inference_mode()
+    def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.module(images.to(self.device)).float()
+
+    def probability_maps(self, images, baselines, k, stride, targets):
+        maps, info = self.engine.probability_maps(images, baselines, k, stride, targets)
+        self.last_info = {key: info[key] for key in ("positions", "exact_positions") if key in info}
+        return maps
+
+
 class ChosenEngine:
     """An engine as :func:`make_engine` chose it: the engine itself (every attribute is its) and ``why``, which
     :meth:`describe` adds to the JSON."""
@@ -393,6 +434,25 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
     return engine, why
 
 
+def _approx(cache: dict, source, backend: str, device, options: dict):
+    """The approximate engine (one per ``cache``); it needs a torch module the layer-graph IR represents."""
+    from ..kernels.graph import UnsupportedOp
+
+    knobs = {key: options.pop(key, None) for key in ("tau", "coarse", "approx_precision")}
+    if "approx" in cache:
+        return cache["approx"]
+    if backend not in ("auto", "torch") or source.module is None:
+        raise UserError(f"--mode approx runs on a torch model (--backend auto or torch), not {source.name} on "
+                        f"--backend {backend}; use --mode incremental or dense")
+    try:
+        engine = ApproxEngine(_traceable(source, source.torch_module()), device, source.input_size, source.classes,
+                              knobs["tau"], knobs["coarse"], knobs["approx_precision"])
+    except UnsupportedOp as exc:
+        raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
+    cache["approx"] = engine
+    return engine
+
+
 def _traceable(source, module):
     """``module`` (a torch module on [0, 1] pixels) as the graph IR can trace it. A source with ``mean``/``std``
     gives a wrapper whose forward casts its buffers to ``x.dtype``, which the IR reads as image-dependent (op
@@ -460,6 +520,10 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     if "runtime" not in cache:
         choose_backend(source, backend, device)  # an unknown or impossible backend fails before any work
     chosen = None
+    if mode == "approx":
+        chosen = ChosenEngine(_approx(cache, source, backend, device, options), "--mode approx")
+        cache[key] = chosen
+        return chosen
     if mode != "dense":
         engine, why_not = _candidate(cache, source, backend, device, chunk, options)
         if engine is None and mode == "incremental":
@@ -513,8 +577,11 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
         raise UserError(f"{len(tgt)} targets for {len(images)} images")
     if len(tgt) and int(tgt.max()) >= clean.shape[1]:
         raise UserError(f"class {int(tgt.max())} is out of range: the model has {clean.shape[1]} classes")
-    probs = torch.softmax(engine.logits(images, bases, k, stride).float(), -1)
-    maps = probs.gather(2, tgt.view(-1, 1, 1).expand(-1, probs.shape[1], 1))[..., 0].view(-1, n, n)
+    if getattr(engine, "mode", None) == "approx":  # the drill-down needs the target to know where to refine
+        maps = engine.probability_maps(images, bases, k, stride, tgt).float().view(-1, n, n)
+    else:
+        probs = torch.softmax(engine.logits(images, bases, k, stride).float(), -1)
+        maps = probs.gather(2, tgt.view(-1, 1, 1).expand(-1, probs.shape[1], 1))[..., 0].view(-1, n, n)
     maps, clean, tgt, predicted, bases = (t.cpu() for t in (maps, clean, tgt, predicted, bases))
     names = names or [None] * len(images)
     described = engine.describe()

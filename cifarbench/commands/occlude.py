@@ -56,9 +56,17 @@ def register(app: typer.Typer) -> None:
         classes: ClassesOpt = None,
         input_size: InputSizeOpt = None,
         backend: BackendOpt = "auto",
-        mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster one here); incremental "
-                                          "runs on any torch model the layer-graph IR represents (exact fp32) "
-                                          "or on onnx-int8's int8 convs.")] = "auto",
+        mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster exact one here) | approx; "
+                                          "incremental runs on any torch model the layer-graph IR represents "
+                                          "(exact fp32) or on onnx-int8's int8 convs; approx (image files, "
+                                          "torch models) computes a coarse grid exactly, refines where the map "
+                                          "varies by >= --tau and interpolates the rest, windows in bf16 on "
+                                          "AMX CPUs: never the default.")] = "auto",
+        tau: Annotated[Optional[float], typer.Option(
+            help="With --mode approx: the probability spread below which a region is interpolated (default 0.1; "
+                 "0 with --coarse 1 computes every position; larger is faster and less exact).")] = None,
+        coarse: Annotated[Optional[int], typer.Option(
+            help="With --mode approx: the first exact grid's step in map positions, 1-16 (default 4).")] = None,
         device: DeviceOpt = None,
         resize: Annotated[bool, typer.Option(help="Scale images that are not the model's input size.")] = False,
         data: Annotated[Optional[str], typer.Option(
@@ -130,11 +138,16 @@ def register(app: typer.Typer) -> None:
             from ..distributed import check_executor
 
             check_executor(executor, address, cpus_per_task, gpus_per_task)
+        if (tau is not None or coarse is not None) and mode != "approx":
+            raise UserError("--tau and --coarse are knobs of --mode approx")
+        if mode == "approx" and data is not None:
+            raise UserError("--mode approx runs on image files; for --data use --mode auto, incremental or dense")
         settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
                             figures, show, not independent_scale, json,
                             Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
                             {"arch": arch, "arch_kw": arch_kw, "mean": mean, "std": std, "classes": classes,
                              "input_size": input_size})
+        settings.approx = {"tau": tau, "coarse": coarse} if mode == "approx" else {}
         _run(images, data, indices, data_dir, model, out or Path("occlusion"), settings)
 
 
@@ -274,6 +287,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
         check_outputs([out / n for b in bases for n in files_for(b, st.ks, st.figures)] +
                       [out / g for g in grids])  # before the maps are computed
     options = {"calib_data": st.calib_data} if st.calib_data else {}
+    options.update(getattr(st, "approx", {}))
     started = time.perf_counter()
     if dataset is not None:
         results, engine_info = _dataset_maps(source, dataset, items, target, st, out, options)

@@ -1,0 +1,62 @@
+"""``--mode approx`` through the API and the CLI, against a naive occlusion loop written here."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifarbench.cli import main
+from cifarbench.zoo import load_model
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def naive_map(model, image, k, stride, target):
+    n = (image.shape[-1] - k) // stride + 1
+    out = np.empty((n, n), np.float32)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(n):
+                x = image.clone()
+                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = 0.5
+                out[i, j] = torch.softmax(model(x[None]), 1)[0, target]
+    return out
+
+
+def image(name):
+    from cifarbench.analysis.occlusion import load_image
+
+    return load_image(EXAMPLES / name)[0]
+
+
+def test_api_approx_with_tau_0_in_fp32_is_exact():
+    from cifarbench import occlusion_map
+
+    model, img = load_model("net1"), image("cat.png")
+    r = occlusion_map(model, img, 8, stride=2, mode="approx", tau=0.0, coarse=2, approx_precision="fp32")
+    target = int(torch.softmax(model(img[None]), 1).argmax())
+    assert r.engine["mode"] == "approx" and r.engine["tau"] == 0.0
+    np.testing.assert_allclose(r.map, naive_map(model, img, 8, 2, target), atol=1e-5)
+
+
+def test_cli_approx_default_is_close_and_says_so(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["occlude", "--k", "8", str(EXAMPLES / "cat.png"), "--mode", "approx", "--out", str(tmp_path),
+              "--json"])
+    assert exc.value.code == 0
+    r = json.loads(capsys.readouterr().out)["results"][0]
+    assert r["engine"]["mode"] == "approx" and r["engine"]["exact_positions"] < r["engine"]["positions"]
+    model, img = load_model("net1"), image("cat.png")
+    exact = naive_map(model, img, 8, 1, r["target"])
+    got = np.load(tmp_path / "cat_k8.npy")
+    assert np.abs(got - exact).mean() <= 0.01
+
+
+@pytest.mark.parametrize("args", [["--tau", "0.1"], ["--mode", "approx", "--tau", "2"],
+                                  ["--mode", "approx", "--coarse", "0"]])
+def test_bad_approx_knobs_are_one_line(args, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["occlude", str(EXAMPLES / "cat.png"), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("error:")

@@ -112,8 +112,17 @@ def run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, im
     if reference and "," in reference:
         raise UserError(f"--reference names one backend, got {reference!r}")
     specs = parse_backends(backends) if backends else [s for s in default_backends(dev) if s != ref_spec]
-    if source.module is None:  # no torch module: the torch backends cannot run it
-        specs = [s for s in specs if not s.backend.startswith("torch")] if not backends else specs
+    if not backends:  # the defaults: only the backends that can run this source (an ONNX file: no torch, no aoti)
+        from ..artifacts import choose_backend
+
+        def runs(spec) -> bool:
+            try:
+                choose_backend(source, spec.backend, dev)
+                return True
+            except UserError:
+                return False
+
+        specs = [s for s in specs if runs(s)]
     test = load_split(data, "test", data_dir, classes=source.classes)
     check_data(source, test)
     batch = test.subset(slice(0, images)).float_images()

@@ -129,6 +129,24 @@ def sharded(executor: str, resume: bool) -> bool:
     return executor != "local" or resume
 
 
+def sharding_plan(executor: str, address, cpus_per_task, gpus_per_task, ray_cpus, resume: bool, out, model,
+                  contract: dict) -> dict | None:
+    """What ``ablate``/``mine`` hand to run_sharded, or None when they run unsharded here. The executor is
+    checked before any model or data is opened; ``--resume`` needs the ``--out`` that holds the shards."""
+    from .errors import UserError
+
+    if not sharded(executor, resume):
+        return None
+    from .distributed import check_executor
+
+    check_executor(executor, address, cpus_per_task, gpus_per_task)
+    if resume and out is None:
+        raise UserError("--resume needs --out (the folder that holds the finished shards)")
+    return {"executor": executor, "address": address, "cpus_per_task": cpus_per_task,
+            "gpus_per_task": gpus_per_task, "ray_cpus": ray_cpus, "resume": resume, "model": model,
+            "model_options": contract}
+
+
 def shard_progress(what: str):
     """(progress context, callback for run_sharded's Progress): shards done, images/s and ETA on stderr."""
     from .console import progress

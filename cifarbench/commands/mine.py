@@ -129,19 +129,11 @@ def register(app: typer.Typer) -> None:
             raise UserError(f"--batch-size must be at least 1, got {batch_size}")
         given = [*(filters or []), *(specs or [])]
         from ..io import check_outputs, output_folder
-        from ..options import sharded
+        from ..options import sharding_plan
 
-        dist = None
-        if sharded(executor, resume):
-            from ..distributed import check_executor
-
-            check_executor(executor, address, cpus_per_task, gpus_per_task)  # before any model or data
-            if resume and out is None:
-                raise UserError("--resume needs --out (the folder that holds the finished shards)")
-            dist = {"executor": executor, "address": address, "cpus_per_task": cpus_per_task,
-                    "gpus_per_task": gpus_per_task, "ray_cpus": ray_cpus, "resume": resume, "model": model,
-                    "model_options": {"arch": arch, "arch_kw": arch_kw or None, "mean": mean, "std": std,
-                                      "classes": classes, "input_size": input_size}}
+        dist = sharding_plan(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume, out, model,
+                             {"arch": arch, "arch_kw": arch_kw or None, "mean": mean, "std": std,
+                              "classes": classes, "input_size": input_size})
 
         def select(net):
             selection = resolve_selection(net, given, every)

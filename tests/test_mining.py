@@ -155,10 +155,10 @@ def test_receptive_fields_and_clipped_patches():
 
 def test_json_schema(net4, data):
     result = mine(TorchRuntime(net4), net4, data, resolve_selection(net4, ["conv2:0,1"]), k=4).to_json()
-    assert set(result) == {"filters", "receptive_fields", "dead_filters"}
+    assert set(result) == {"filters", "receptive_fields", "dead_filters", "negative_filters"}
     f = result["filters"][0]
     assert set(f) == {"layer", "filter", "top", "class_histogram", "max_class", "mean_top_response",
-                      "max_response"}
+                      "max_response", "all_top_negative"}
     assert set(f["top"][0]) == {"index", "label", "response", "patch"}
     assert sum(f["class_histogram"].values()) == 4
     assert f["max_response"] == f["top"][0]["response"]

@@ -38,6 +38,7 @@ def figure_title(fig) -> str:
 def save_figure(fig, path: str | Path, dpi: int = 110, caption: str | None = None) -> Path:
     """Write ``fig`` as PNG atomically, its title and caption in the PNG metadata, and close it."""
     path = Path(path)
+    _tuck_caption(fig)
     meta = {"Title": figure_title(fig), "Software": "cifarbench"}
     text = caption or getattr(fig, "_cifarbench_caption", None)
     if text:
@@ -53,10 +54,59 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def add_caption(fig, caption: str | None) -> None:
-    """A small grey line under the figure (saved with ``bbox_inches="tight"``, so it is kept)."""
+    """A small grey line under the figure (saved with ``bbox_inches="tight"``, so it is kept); :func:`save_figure`
+    moves it up to just below the lowest drawn thing, so no band of white separates it from the figure."""
     if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=7, color="0.35", wrap=True)
+        caption = tidy_caption(caption)
+        # wrapped by _tuck_caption, not by matplotlib: its wrap=True grows a top-aligned text upwards, over the axes
+        fig._cifarbench_caption_artist = fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=7,
+                                                  color="0.35")
         fig._cifarbench_caption = caption
+
+
+def tidy_caption(text: str) -> str:
+    """``test[slice(0, 500, None)]`` (a data subset's identity) as ``test[0:500]``: a caption is read by people."""
+    import re
+
+    return re.sub(r"slice\((\w+), (\w+), None\)",
+                  lambda m: ":".join("" if v == "None" else v for v in m.groups()), text)
+
+
+def _tuck_caption(fig) -> None:
+    artist = getattr(fig, "_cifarbench_caption_artist", None)
+    if artist is None:
+        return
+    fig.canvas.draw()   # runs the layout engine, so the axes sit where they will be saved ...
+    if fig.get_layout_engine() is not None:
+        fig.set_layout_engine("none")   # ... and stay there: a second pass moves constrained axes a little
+    renderer = fig.canvas.get_renderer()
+    lows = []
+    for ax in fig.axes:
+        if not ax.get_visible() or not (ax.axison or ax.has_data() or ax.get_title()):
+            continue   # an empty, switched-off grid cell draws nothing
+        box = ax.get_tightbbox(renderer)
+        if box is not None and box.height > 0:
+            lows.append(box.y0)
+    if lows:
+        artist.set_y(min(lows) / fig.bbox.height - 0.01)
+    wide = artist.get_window_extent(renderer).width
+    if wide > fig.bbox.width:   # wrap to the figure's width, at the caption's " · " joints where it can
+        import textwrap
+
+        text = artist.get_text()
+        chars = max(20, int(max(map(len, text.splitlines())) * fig.bbox.width / wide * 0.95))
+        lines = []
+        for line in text.splitlines():
+            parts = [p for part in line.split(" · ") for p in textwrap.wrap(part, chars) or [""]]
+            row = parts[0]
+            for part in parts[1:]:
+                if len(row) + 3 + len(part) <= chars:
+                    row += " · " + part
+                else:
+                    lines.append(row)
+                    row = part
+            lines.append(row)
+        artist.set_text("\n".join(lines))
 
 
 def filters_text(filters, limit: int = 8) -> str:
@@ -104,10 +154,10 @@ def confusion_fig(before, after, classes, *, filters=None, title: str | None = N
     diff = after - before
     lim = max(1, int(np.abs(diff).max()))
     vmax = max(1, int(max(before.max(initial=0), after.max(initial=0))))  # before and after on one scale
-    head = "confusion matrices" + (f", filters zeroed: {filters_text(filters)}" if filters else "")
+    head = "confusion matrices before and after zeroing " + (filters_text(filters) if filters else "the filters")
     return _confusion_panels([(before, "before (count)", "Blues", 0, vmax), (after, "after (count)", "Blues", 0, vmax),
                               (diff, "after − before (count)", "RdBu", -lim, lim)], classes,
-                             f"{title} — {head}" if title else head, caption)
+                             f"{title}: {head}" if title else head, caption)
 
 
 def single_confusion_figure(conf, classes, path, title: str = "confusion matrix", *,
@@ -117,6 +167,8 @@ def single_confusion_figure(conf, classes, path, title: str = "confusion matrix"
 
 def _confusion_panels(panels, classes, suptitle=None, caption=None):
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(6.6 * len(panels), 6.4), squeeze=False, layout="constrained")
     for n, (ax, (mat, label, cmap, vmin, vmax)) in enumerate(zip(axes[0], panels)):
         im = ax.imshow(mat, cmap=cmap, vmin=vmin, vmax=vmax)
@@ -132,7 +184,10 @@ def _confusion_panels(panels, classes, suptitle=None, caption=None):
         for (i, j), v in np.ndenumerate(mat):  # white on the darkest cells, so every count stays readable
             dark = abs(v) > 0.6 * max(abs(lo), abs(hi)) if lo < 0 else v > lo + 0.6 * (hi - lo)
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if dark else "black")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).set_label(label)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        bar.set_label(label)
+        bar.locator = MaxNLocator(integer=True)   # counts: no 0.25 steps on a -1..1 difference
+        bar.update_ticks()
     if suptitle:
         fig.suptitle(suptitle)
     add_caption(fig, caption)
@@ -148,8 +203,10 @@ def flipped_grid(images, items: list[dict], path, columns: int = 8, *, filters=N
 def flipped_fig(images, items: list[dict], columns: int = 8, *, filters=None, title: str | None = None,
                 caption: str | None = None):
     plt = _plt()
+    columns = max(1, min(columns, len(items)))
     rows = max(1, -(-len(items) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2 * columns, 2.3 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(max(2 * columns, 4.5), 2.3 * rows + 0.5), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, item, image in zip(axes.flat, items, images):
@@ -157,9 +214,10 @@ def flipped_fig(images, items: list[dict], columns: int = 8, *, filters=None, ti
         ax.set_title(f"#{item['index']} {item['label']}\n{item['before']} -> {item['after']}", fontsize=8)
     if not items:
         axes.flat[0].text(0.5, 0.5, "no image flipped from right to wrong", ha="center", va="center")
-    head = (f"{len(items)} images right before and wrong after zeroing "
-            + (filters_text(filters) if filters else "the filters") + " (label, before -> after)")
-    fig.suptitle(f"{title} — {head}" if title else head)
+    head = (f"{len(items)} image{'' if len(items) == 1 else 's'} right before and wrong after zeroing "
+            + (filters_text(filters) if filters else "the filters"))
+    fig.suptitle((f"{title}: {head}" if title else head) + "\n(#index true label, prediction before -> after)",
+                 fontsize=10)
     add_caption(fig, caption)
     return fig
 
@@ -183,23 +241,25 @@ def sweep_fig(result: dict, top: int = 30, *, title: str | None = None, caption:
     ax2.set_xlabel("accuracy drop (percentage points)")
     ax2.set_ylabel("filters")
     ax2.set_title(f"all swept filters ({', '.join(result['layers'])})")
-    head = "one filter zeroed at a time: accuracy drop (before − after)"
-    fig.suptitle(f"{title} — {head}" if title else head)
+    head = f"each filter of {', '.join(result['layers'])} zeroed on its own: accuracy drop (before − after)"
+    fig.suptitle(f"{title}: {head}" if title else head)
     add_caption(fig, caption)
     return fig
 
 
 def mining_figure(images, entry: dict, path, *, receptive_field: int | None = None, title: str | None = None,
-                  caption: str | None = None) -> Path:
-    """One filter: each top image with its max-response patch outlined, and the patch crop beside it."""
-    return _save(mining_fig(images, entry, receptive_field=receptive_field, title=title, caption=caption), path)
+                  caption: str | None = None, total: int | None = None) -> Path:
+    """One filter: each top image with its max-response patch outlined, and the patch crop beneath it."""
+    return _save(mining_fig(images, entry, receptive_field=receptive_field, title=title, caption=caption,
+                            total=total), path)
 
 
 def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title: str | None = None,
-               caption: str | None = None):
+               caption: str | None = None, total: int | None = None):
     """Patches are drawn at one scale: each sits in a window of the receptive field's size (``receptive_field``,
     else the largest patch shown), so a patch clipped at the image border is drawn smaller, on the side away
-    from the border, not stretched. Filters whose top responses are all negative are flagged in the title."""
+    from the border, not stretched. Filters whose top responses are all negative are flagged in the title.
+    ``title`` (e.g. the model) comes first; ``total``: how many top images were mined, when more than shown."""
     plt = _plt()
     from matplotlib.patches import Rectangle
 
@@ -228,11 +288,13 @@ def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title
         ax.set_ylim(window - 0.5, -0.5)
         clipped = (y1 - y0, x1 - x0) != (window, window)
         ax.set_title(f"patch {y1 - y0}x{x1 - x0}" + (" (clipped)" if clipped else ""), fontsize=8)
-    negative = bool(top) and all(t["response"] < 0 for t in top)
-    head = f"{entry['layer']} filter {entry['filter']}: top {len(top)} images and max-response patches"
+    # the whole top-K's flag when the entry has it (``all_top_negative``), else the shown images'
+    negative = entry.get("all_top_negative", bool(top) and all(t["response"] < 0 for t in top))
+    of = f" of {total}" if total and total > len(top) else ""
+    head = f"{entry['layer']} filter {entry['filter']}: top {len(top)}{of} images and max-response patches"
     if negative:
-        head += "\nwarning: every top response is negative (the filter barely fires on these images)"
-    fig.suptitle(f"{title} — {head}" if title else head, color="tab:red" if negative else "black")
+        head += "\nwarning: every top response is negative (the map sums below 0 even on the filter's best images)"
+    fig.suptitle(f"{title}: {head}" if title else head, color="tab:red" if negative else "black")
     note = ("response r = spatial sum of the filter's pre-ReLU map; the red box is the receptive field of the "
             f"map's largest value (argmax), patches drawn at one scale in a {window}x{window} window")
     add_caption(fig, f"{note}\n{caption}" if caption else note)

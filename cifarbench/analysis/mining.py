@@ -218,9 +218,19 @@ class MiningResult:
                 "max_class": self.classes[int(hist.argmax())] if len(resp) else None,
                 "mean_top_response": float(resp.mean()) if len(resp) else None,
                 "max_response": float(resp[0]) if len(resp) else None,
+                "all_top_negative": all_top_negative(resp),
             })
         return {"filters": filters, "receptive_fields": dict(self.receptive_fields),
-                "dead_filters": [{"layer": layer, "filter": j} for layer, j in self.dead]}
+                "dead_filters": [{"layer": layer, "filter": j} for layer, j in self.dead],
+                "negative_filters": [{"layer": f["layer"], "filter": f["filter"]} for f in filters
+                                     if f["all_top_negative"]]}
+
+
+def all_top_negative(responses) -> bool:
+    """True when even a filter's best images give a negative response (spatial sum of the pre-ReLU map < 0): its
+    "top" images are only the least negative ones, so they say little about what the filter detects."""
+    responses = [float(r) for r in responses]
+    return bool(responses) and max(responses) < 0
 
 
 def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,

@@ -133,16 +133,30 @@ def occlusion_figure(image, results: list, title: str | None = None, *, model: s
     for ax, r, (vmin, vmax) in zip(axes[0, 1:], results, ranges):
         ims.append(_draw_map(ax, img, r, show, vmin, vmax, alpha))
         worst = r.most_damaging
-        ax.set_title(f"K={r.k} stride={r.stride}\nsum={r.map_sum:.2f} min p={worst['prob']:.3f}", fontsize=9)
+        ax.set_title(f"K={r.k} {patch_name(r.baseline)} patch, stride {r.stride}\n"
+                     f"sum={r.map_sum:.2f} min p={worst['prob']:.3f}", fontsize=9)
         if not shared_scale:
             fig.colorbar(_opaque(ims[-1]), ax=ax, fraction=0.046, pad=0.04).set_label(LABELS[show], fontsize=8)
     if shared_scale and ims:
         fig.colorbar(_opaque(ims[-1]), ax=list(axes[0, 1:]), fraction=0.046, pad=0.02).set_label(LABELS[show])
     head = occlusion_title(results, model, true_label, classes)
     fig.suptitle(f"{title} — {head}" if title else head, fontsize=10)
-    if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=7, color="0.35")
+    _caption(fig, caption)
     return fig
+
+
+def patch_name(baseline) -> str:
+    """What the patch is filled with: ``gray`` (0.5), ``black``, ``white``, else its RGB in [0, 1]."""
+    values = [round(float(v), 3) for v in np.atleast_1d(np.asarray(baseline if baseline is not None else 0.5))]
+    if len(set(values)) == 1 and values[0] in (0.0, 0.5, 1.0):
+        return {0.0: "black", 0.5: "gray", 1.0: "white"}[values[0]]
+    return "(" + ",".join(f"{v:g}" for v in values) + ")"
+
+
+def _caption(fig, caption) -> None:
+    from .figures import add_caption
+
+    add_caption(fig, caption)
 
 
 def plot_occlusion_grid(items: list, path: str | Path, **kwargs) -> Path:
@@ -177,10 +191,13 @@ def occlusion_grid_figure(items: list, *, model: str | None = None, classes=None
         ax.set_title(label, fontsize=7, color="tab:red" if wrong else "black")
     fig.colorbar(_opaque(im), ax=list(axes.flat), fraction=0.03, pad=0.02).set_label(LABELS[show])
     k = sorted({r.k for _, r, _, _ in items})
-    head = f"occlusion maps, K={','.join(map(str, k))}" + (f", model {model}" if model else "")
+    first = items[0][1]
+    target = ("each image's prediction" if all(r.target == r.predicted for _, r, _, _ in items)
+              else f"p({_class_name(classes, first.target)})")
+    head = (f"occlusion maps, K={','.join(map(str, k))} {patch_name(first.baseline)} patch"
+            + (f", model {model}" if model else "") + f", target {target}")
     fig.suptitle(f"{title} — {head}" if title else head, fontsize=10)
-    if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=7, color="0.35")
+    _caption(fig, caption)
     return fig
 
 

@@ -94,13 +94,12 @@ def write_ablation(result: dict, data, out: Path) -> list[Path]:
     name = (prov.get("model") or {}).get("name") or "model"
     zeroed = filters_text(result["filters"])
     caption = figure_caption(prov, f"zeroed {zeroed}")
+    # the figures' titles name the zeroed filters themselves; ``title`` puts the model first
     paths.append(confusion_figure(before, after, classes, out / "confusion.png", filters=result["filters"],
-                                  title=f"{name}: confusion matrices before / after zeroing {zeroed}",
-                                  caption=caption))
+                                  title=name, caption=caption))
     images = [data.images[f["index"]].numpy() for f in result["flipped"]]
     paths.append(flipped_grid(images, result["flipped"], out / "flipped.png", filters=result["filters"],
-                              title=f"{name}: images right before and wrong after zeroing {zeroed}",
-                              caption=caption))
+                              title=name, caption=caption))
     rows = [[c, b["per_class"][c], a["per_class"][c], d["per_class"][c]] for c in classes]
     rows.append(["overall", b["accuracy"], a["accuracy"], d["accuracy"]])
     paths.append(write_page(out, f"ablate: {name}, zeroed {zeroed}", prov, [
@@ -113,6 +112,15 @@ def write_ablation(result: dict, data, out: Path) -> list[Path]:
     return paths
 
 
+def _gainer(row: dict, kind: str) -> str:
+    """The class of a sweep row's largest gain (``kind="gain"``) or loss, ``none`` when no class gained (lost):
+    the JSON keeps the argmax class, but a table naming a class beside +0.000000 says it gained."""
+    from ..analysis.figures import change_text
+
+    change = row[f"largest_{kind}"]
+    return "none" if change_text(change, kind) == "none" else str(change["class"])
+
+
 def write_sweep(result: dict, out: Path) -> list[Path]:
     from ..analysis.figures import sweep_figure
     from ..io import write_json, write_text
@@ -120,20 +128,20 @@ def write_sweep(result: dict, out: Path) -> list[Path]:
 
     rows = [["rank", "layer", "filter", "accuracy", "drop", "largest_gain_class", "largest_gain",
              "largest_loss_class", "largest_loss"]]
-    rows += [[r["rank"], r["layer"], r["filter"], _fmt(r["accuracy"]), _fmt(r["drop"]), r["largest_gain"]["class"],
-              _fmt(r["largest_gain"]["change"]), r["largest_loss"]["class"], _fmt(r["largest_loss"]["change"])]
+    rows += [[r["rank"], r["layer"], r["filter"], _fmt(r["accuracy"]), _fmt(r["drop"]), _gainer(r, "gain"),
+              _fmt(r["largest_gain"]["change"]), _gainer(r, "loss"), _fmt(r["largest_loss"]["change"])]
              for r in result["filters"]]
     write_text(out / "sweep.csv", _csv(rows))
     write_json(out / "sweep.json", result)
     prov = result.get("provenance") or {}
     name = (prov.get("model") or {}).get("name") or "model"
     layers = ", ".join(result["layers"])
-    fig = sweep_figure(result, out / "sweep.png", title=f"{name}: each filter of {layers} zeroed on its own",
+    fig = sweep_figure(result, out / "sweep.png", title=name,
                        caption=figure_caption(prov, f"sweep of {layers}"))
     table = {"columns": ["rank", "layer", "filter", "accuracy", "drop (before − after)", "largest gain class",
                          "largest gain", "largest loss class", "largest loss"],
-             "rows": [[r["rank"], r["layer"], r["filter"], r["accuracy"], r["drop"], r["largest_gain"]["class"],
-                       r["largest_gain"]["change"], r["largest_loss"]["class"], r["largest_loss"]["change"]]
+             "rows": [[r["rank"], r["layer"], r["filter"], r["accuracy"], r["drop"], _gainer(r, "gain"),
+                       r["largest_gain"]["change"], _gainer(r, "loss"), r["largest_loss"]["change"]]
                       for r in result["filters"]]}
     page = write_page(out, f"ablation sweep: {name}, {layers}", prov, [
         {"title": "Filters ranked by accuracy drop",

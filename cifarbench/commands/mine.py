@@ -23,33 +23,33 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
     classes = list(data.classes)
     top_rows = [["layer", "filter", "rank", "index", "label", "response", "y0", "x0", "y1", "x1"]]
     hist_rows = [["layer", "filter", *classes, "max_class"]]
-    resp_rows = [["layer", "filter", "mean_top_response", "max_response"]]
+    resp_rows = [["layer", "filter", "mean_top_response", "max_response", "all_top_negative"]]
     paths = []
     for f in result["filters"]:
         for k, t in enumerate(f["top"], 1):
             top_rows.append([f["layer"], f["filter"], k, t["index"], t["label"], f"{t['response']:.6g}", *t["patch"]])
         hist_rows.append([f["layer"], f["filter"], *(f["class_histogram"][c] for c in classes), f["max_class"]])
-        resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}"])
+        resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}",
+                          int(bool(f.get("all_top_negative")))])
         if show < 1:  # --show 0: tables only (a figure takes ~1 s to draw; a net has hundreds of filters)
             continue
         shown = dict(f, top=f["top"][:show])
         images = [data.images[t["index"]].numpy() for t in shown["top"]]
         rf = result["receptive_fields"].get(f["layer"])
         paths.append(mining_figure(
-            images, shown, out / figure_name(f["layer"], f["filter"]), receptive_field=rf,
-            title=f"{name} {f['layer']}:{f['filter']}: top {len(shown['top'])} of {len(f['top'])} images",
-            caption=figure_caption(prov, "response = spatial sum of the pre-ReLU map; box = receptive field of "
-                                         "its argmax")))
+            images, shown, out / figure_name(f["layer"], f["filter"]), receptive_field=rf, title=name,
+            total=len(f["top"]), caption=figure_caption(prov)))  # the figure's own note defines r and the box
     tables = {
         "top_images.csv": top_rows, "class_histogram.csv": hist_rows, "responses.csv": resp_rows,
         "receptive_fields.csv": [["layer", "receptive_field"], *result["receptive_fields"].items()],
         "dead_filters.csv": [["layer", "filter"], *((d["layer"], d["filter"]) for d in result["dead_filters"])],
     }
-    for name, rows in tables.items():
-        write_text(out / name, _csv(rows))
-        paths.append(out / name)
+    for fname, rows in tables.items():  # not ``name``: that is the model's, for the page's title below
+        write_text(out / fname, _csv(rows))
+        paths.append(out / fname)
     write_json(out / "mining.json", result)
     figures = [p for p in paths if p.suffix == ".png"]
+    negative = [f"{n['layer']}:{n['filter']}" for n in result.get("negative_filters", ())]
     page = write_page(out, f"mine: {name}, {len(result['filters'])} filters", prov, [
         {"title": "Responses", "text": "Response: the spatial sum of a filter's pre-ReLU map over an image.",
          "table": {"columns": ["layer", "filter", "max class", "mean top response", "max response"],
@@ -61,6 +61,9 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
                                                 "rows": [[k, v] for k, v in result["receptive_fields"].items()]}},
         {"title": "Dead filters", "text": f"{len(result['dead_filters'])} filters whose pre-ReLU map is <= 0 "
                                           f"everywhere on every image."},
+        {"title": "Filters with only negative top responses",
+         "text": f"{len(negative)} filters whose largest response is below 0, so their top images are only the "
+                 f"least negative ones" + (": " + ", ".join(negative[:200]) if negative else ".")},
     ], result)
     return [*paths, out / "mining.json", page]
 
@@ -75,7 +78,8 @@ def show_mining(result: dict, classes) -> None:
         table.add_column(col)
     for f in result["filters"][:40]:
         table.add_row(f"{f['layer']}:{f['filter']}", *(str(f["class_histogram"][c]) for c in classes),
-                      str(f["max_class"]), f"{f['mean_top_response']:.4g}", f"{f['max_response']:.4g}")
+                      str(f["max_class"]), f"{f['mean_top_response']:.4g}",
+                      f"{f['max_response']:.4g}" + (" (all < 0)" if f.get("all_top_negative") else ""))
     console.print(table)
     if len(result["filters"]) > 40:
         console.print(f"... {len(result['filters']) - 40} more filters (see --out or --json)")
@@ -84,6 +88,11 @@ def show_mining(result: dict, classes) -> None:
     dead = result["dead_filters"]
     console.print(f"dead filters (pre-ReLU <= 0 everywhere on every image): {len(dead)}"
                   + (": " + ", ".join(f"{d['layer']}:{d['filter']}" for d in dead[:30]) if dead else ""))
+    negative = result.get("negative_filters", [])
+    if negative:  # their "top" images are only the least negative: worth knowing before reading the figures
+        console.print(f"filters whose top responses are all negative (max response < 0): {len(negative)}: "
+                      + ", ".join(f"{d['layer']}:{d['filter']}" for d in negative[:30])
+                      + (" ..." if len(negative) > 30 else ""))
 
 
 def register(app: typer.Typer) -> None:

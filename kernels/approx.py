@@ -117,6 +117,14 @@ def _probabilities(engine, images, baselines, k, stride, targets, positions) -> 
     return probs.gather(2, t)[..., 0].cpu().double().numpy()
 
 
+def _pair_probabilities(engine, images, baselines, k, stride, targets, owners, positions) -> np.ndarray:
+    """``[P]`` exact target-class probabilities of image ``owners[i]`` occluded at ``positions[i]``."""
+    logits = engine.logits(images, baselines, k, stride, positions=positions, owners=owners)[0]
+    probs = torch.softmax(logits.float(), -1)
+    t = targets[torch.from_numpy(owners).to(targets.device)].view(-1, 1)
+    return probs.gather(1, t)[:, 0].cpu().double().numpy()
+
+
 def _fill(val: np.ndarray, r0: int, r1: int, c0: int, c1: int) -> None:
     """Bilinear interpolation of the cell's four corners over its inside (corners kept)."""
     if r1 - r0 < 2 and c1 - c0 < 2:
@@ -154,14 +162,17 @@ def approx_probability_maps(engine, images: torch.Tensor, baselines: torch.Tenso
     first = (rows[:, None] * nw + cols[None, :]).reshape(-1)
     val.reshape(n_img, -1)[:, first] = _probabilities(engine, images, baselines, k, stride, targets, first)
     exact = n_img * len(first)
-    for b in range(n_img):
-        v = val[b]
-        rows, cols = _lines(nh, steps[0]), _lines(nw, steps[0])
-        cells = [(i, j) for i in range(len(rows) - 1) for j in range(len(cols) - 1)]
-        for level in range(len(steps) - 1):
-            nxt = steps[level + 1]
+    cells = [[(i, j) for i in range(len(rows) - 1) for j in range(len(cols) - 1)] for _ in range(n_img)]
+    for level in range(len(steps) - 1):
+        # every image's cells are judged first, then all images' new points are computed in one engine call
+        # ((image, position) pairs): per-image calls lost the cross-image batching and repeated the clean pass
+        nxt = steps[level + 1]
+        frows, fcols = _lines(nh, nxt), _lines(nw, nxt)
+        owners, wanted = [], []
+        for b in range(n_img):
+            v = val[b]
             refine = []
-            for i, j in cells:
+            for i, j in cells[b]:
                 # spread over this cell's and its eight neighbours' grid points at this level
                 rr = rows[max(i - HALO, 0):i + 2 + HALO]
                 cc = cols[max(j - HALO, 0):j + 2 + HALO]
@@ -170,8 +181,7 @@ def approx_probability_maps(engine, images: torch.Tensor, baselines: torch.Tenso
                     _fill(v, rows[i], rows[i + 1], cols[j], cols[j + 1])
                 else:
                     refine.append((i, j))
-            # the next level's lines, and its points inside refined cells not known yet
-            frows, fcols = _lines(nh, nxt), _lines(nw, nxt)
+            # the next level's points inside refined cells not known yet, and the next level's cells
             want = np.zeros((nh, nw), bool)
             new_cells = set()
             for i, j in refine:
@@ -182,13 +192,17 @@ def approx_probability_maps(engine, images: torch.Tensor, baselines: torch.Tenso
                 new_cells.update((a, c) for a in ri[:-1] for c in ci[:-1])
             want &= np.isnan(v)
             pos = np.flatnonzero(want.reshape(-1))
-            if len(pos):
-                v.reshape(-1)[pos] = _probabilities(engine, images[b:b + 1], baselines[b:b + 1], k, stride,
-                                                    targets[b:b + 1], pos)[0]
-                exact += len(pos)
-            rows, cols, cells = frows, fcols, sorted(new_cells)
-        # points of refined last-level cells are all known; anything still unknown lies in no cell (cannot happen)
-        assert not np.isnan(v).any(), "drill-down left a position without a value"
+            owners.append(np.full(len(pos), b, np.int64))
+            wanted.append(pos)
+            cells[b] = sorted(new_cells)
+        owners, wanted = np.concatenate(owners), np.concatenate(wanted)
+        if len(wanted):
+            val.reshape(n_img, -1)[owners, wanted] = _pair_probabilities(engine, images, baselines, k, stride,
+                                                                         targets, owners, wanted)
+            exact += len(wanted)
+        rows, cols = frows, fcols
+    # points of refined last-level cells are all known; anything still unknown lies in no cell (cannot happen)
+    assert not np.isnan(val).any(), "drill-down left a position without a value"
     precision = {v: k for k, v in PRECISIONS.items()}.get(getattr(engine, "window_dtype", torch.float32), "?")
     info = {"mode": "approx", "tau": tau, "coarse": coarse, "precision": precision, "positions": n_img * nh * nw,
             "exact_positions": exact}

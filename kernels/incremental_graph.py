@@ -133,20 +133,30 @@ class Plan:
 
 
 def build_plan(graph: Graph, k: int, stride: int, p0: int, p1: int, images: int, buckets: int = 3,
-               device: str = "cpu", scales: dict | None = None, positions: np.ndarray | None = None) -> Plan:
+               device: str = "cpu", scales: dict | None = None, positions: np.ndarray | None = None,
+               owners: np.ndarray | None = None, clean_images: int | None = None) -> Plan:
     """Gather indices and window groups for positions ``[p0, p1)`` (row-major over the map) of ``images`` images,
     or for ``positions[p0:p1]`` when a list of row-major positions is given (the approximate mode's drill-down).
-    ``scales``: per average-pool node needing it, its dense ``[H, W]`` map of reciprocal divisors."""
+    ``owners`` (with ``positions``, ``images=1``): position ``positions[i]`` is occluded in image ``owners[i]``
+    of the ``clean_images`` whose clean rows the buffers hold, so one plan serves (image, position) pairs that
+    differ per image. ``scales``: per average-pool node needing it, its dense ``[H, W]`` map of reciprocal
+    divisors."""
     wr, wc = axis_windows(graph, 0, k, stride, buckets), axis_windows(graph, 1, k, stride, buckets)
     ncol = len(wc[0][0])
     pos = np.arange(p0, p1) if positions is None else np.asarray(positions[p0:p1], np.int64)
     pi, pj = pos // ncol, pos % ncol
     npos = len(pos)
+    clean_images = images if clean_images is None else clean_images
+    if owners is not None and (images != 1 or positions is None):
+        raise ValueError("owners need a positions list and images=1")
+    # the clean image each position reads (0 without owners: then ``b`` walks the images)
+    own = np.zeros(npos, np.int64) if owners is None else np.asarray(owners[p0:p1], np.int64)
     b = np.arange(images)[:, None, None, None]
-    # where position p's window of node v starts in v's recomputed part, and the step from one image to the next
-    base = {0: np.zeros(npos, np.int64)}
+    # where position p's window of node v starts in v's recomputed part, and the step from one image to the next;
+    # node 0's "recomputed part" is one baseline row per clean image
+    base = {0: own}
     bstride = {0: np.ones(npos, np.int64)}
-    steps, tail_rows, flops = [()], [images], 0
+    steps, tail_rows, flops = [()], [clean_images], 0
 
     def index_into(u: int, sel, r: np.ndarray, c: np.ndarray, pad: int) -> np.ndarray:
         """Rows of node ``u``'s buffer for input rows ``r`` [n, hin] and columns ``c`` [n, win] of positions
@@ -159,8 +169,8 @@ def build_plan(graph: Graph, k: int, stride: int, p0: int, p1: int, images: int,
                  ((cc >= 0) & (cc < zc[pj[sel], None]))[:, None, :]
         # the input's "recomputed window" is the patch: one baseline row per image
         local = 0 if u == 0 else rr[:, :, None] * zc[pj[sel], None, None] + cc[:, None, :]
-        tail = HEAD + images * hu * wu + base[u][sel, None, None] + b * bstride[u][sel, None, None] + local
-        clean = HEAD + b * hu * wu + r[:, :, None] * wu + c[:, None, :]
+        tail = HEAD + clean_images * hu * wu + base[u][sel, None, None] + b * bstride[u][sel, None, None] + local
+        clean = HEAD + (b + own[sel, None, None]) * hu * wu + r[:, :, None] * wu + c[:, None, :]
         return np.where(valid, np.where(inside, tail, clean), pad)
 
     for v in range(1, len(graph.nodes)):
@@ -371,13 +381,15 @@ class GraphOcclusion:
 
     # ------------------------------------------------------------------ running
 
-    def _plan(self, g: Graph, k, stride, p0, p1, images, positions: np.ndarray | None = None) -> Plan:
-        # a position list is part of the key by value (its bytes): two lists never share a plan
-        key = (g.size, k, stride, p0, p1, images, None if positions is None else positions.tobytes())
+    def _plan(self, g: Graph, k, stride, p0, p1, images, positions: np.ndarray | None = None,
+              owners: np.ndarray | None = None, clean_images: int | None = None) -> Plan:
+        # position and owner lists are part of the key by value (their bytes): two lists never share a plan
+        key = (g.size, k, stride, p0, p1, images, None if positions is None else positions.tobytes(),
+               None if owners is None else owners.tobytes(), clean_images)
         plan = self._plans.get(key)
         if plan is None:
             plan = build_plan(g, k, stride, p0, p1, images, self.buckets, str(self.device), self._scales[g.size],
-                              positions)
+                              positions, owners, clean_images)
             self._plans[key] = plan
             while len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
@@ -401,11 +413,13 @@ class GraphOcclusion:
 
     @torch.inference_mode()
     def logits(self, images: torch.Tensor, baselines: torch.Tensor, k: int, stride: int = 1,
-               positions=None) -> torch.Tensor:
+               positions=None, owners=None) -> torch.Tensor:
         """Logits ``[B, P, classes]`` for every patch position (row-major) of each of ``images`` ``[B, C, H, W]``
         in [0, 1], with per-image patch values ``baselines`` ``[B, C]``. ``P = ((H-K)//stride+1) *
         ((W-K)//stride+1)``. ``positions``: only these row-major positions (any order, the same for every
-        image; ``P = len(positions)``), as :mod:`cifarbench.kernels.approx`'s drill-down asks."""
+        image; ``P = len(positions)``), as :mod:`cifarbench.kernels.approx`'s drill-down asks. ``owners`` (one
+        image index per entry of ``positions``): (image, position) pairs instead, each image with its own
+        positions, all in one call; the result is then ``[1, P, classes]``."""
         images = images.to(self.device, torch.float32)
         baselines = baselines.to(self.device, torch.float32)
         g = self.graph(tuple(images.shape[2:]))
@@ -425,19 +439,27 @@ class GraphOcclusion:
             if len(positions) and (positions.min() < 0 or positions.max() >= total):
                 raise ValueError(f"positions must lie in [0, {total}) for K={k}, stride={stride}")
             total = len(positions)
-            if total == 0:
-                return torch.empty(n_img, 0, clean_logits.shape[-1], device=self.device)
-        per = max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)) // n_img)
-        out = torch.empty(n_img, total, clean_logits.shape[-1], device=self.device)
+        reps, clean_images = n_img, None
+        if owners is not None:
+            owners = np.asarray(owners, dtype=np.int64).reshape(-1)
+            if positions is None or len(owners) != total:
+                raise ValueError("owners need a positions list of the same length")
+            if total and (owners.min() < 0 or owners.max() >= n_img):
+                raise ValueError(f"owners must lie in [0, {n_img})")
+            reps, clean_images = 1, n_img
+        if positions is not None and total == 0:
+            return torch.empty(reps, 0, clean_logits.shape[-1], device=self.device)
+        per = max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)) // reps)
+        out = torch.empty(reps, total, clean_logits.shape[-1], device=self.device)
         token = object()  # a new call: buffers' clean rows must be copied again
 
         @torch.inference_mode()  # thread-local: the workers need it too
         def run(worker: int) -> None:
             for p0 in starts[worker::workers]:
                 p1 = min(total, p0 + per)
-                plan = self._plan(g, k, stride, p0, p1, n_img, positions)
+                plan = self._plan(g, k, stride, p0, p1, reps, positions, owners, clean_images)
                 rows = self._run_plan(g, plan, clean, base, self._scratch[worker], token)
-                out[:, p0:p1] = rows.view(n_img, p1 - p0, -1)
+                out[:, p0:p1] = rows.view(reps, p1 - p0, -1)
 
         workers = self.workers if self.device.type == "cpu" else 1
         if workers > 1:  # as many chunks on every worker, each no larger than the memory bound
@@ -451,7 +473,7 @@ class GraphOcclusion:
         if workers > 1 and len(starts) <= PLAN_CACHE:
             # plans are built on the calling thread first: numpy index building holds the GIL anyway
             for p0 in starts:
-                self._plan(g, k, stride, p0, min(total, p0 + per), n_img, positions)
+                self._plan(g, k, stride, p0, min(total, p0 + per), reps, positions, owners, clean_images)
             with single_threaded_ops(), ThreadPoolExecutor(workers) as pool:
                 list(pool.map(run, range(workers)))
         else:

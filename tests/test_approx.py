@@ -46,6 +46,41 @@ def test_positions_list_equals_naive_loop():
         engine.logits(x, bases, 4, 1, positions=[169])
 
 
+class _Residual(nn.Module):
+    """conv -> (conv + skip) -> pool -> head: clean rows of a second node are read through the owners too."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = torch.relu(self.b(y) + y)
+        return self.head(torch.nn.functional.adaptive_avg_pool2d(y, 1).flatten(1))
+
+
+@pytest.mark.parametrize("make", [small_net, lambda: _Residual().eval()], ids=["chain", "residual"])
+def test_image_position_pairs_equal_naive_loop(make):
+    """(image, position) pairs, each image with its own positions in one call (the drill-down's batching), equal
+    the definition: pair i is image owners[i] occluded at positions[i]."""
+    model = make()
+    g = torch.Generator().manual_seed(4)
+    x, bases = torch.rand(3, 3, 16, 16, generator=g), torch.rand(3, 3, generator=g)
+    ref = naive_logits(model, x, bases, 4, 1)
+    engine = GraphOcclusion(model, "cpu", size=16, chunk=5)
+    owners = np.array([2, 0, 1, 2, 0, 0, 1, 2, 2])
+    pos = np.array([0, 168, 77, 77, 5, 5, 120, 13, 168])
+    got = engine.logits(x, bases, 4, 1, positions=pos, owners=owners)
+    assert got.shape == (1, len(pos), 10)
+    assert (got[0] - ref[owners, pos]).abs().max() <= 1e-4 * (1 + ref.abs().max())
+    with pytest.raises(ValueError, match=r"owners must lie in \[0, 3\)"):
+        engine.logits(x, bases, 4, 1, positions=[0], owners=[3])
+    with pytest.raises(ValueError, match="same length"):
+        engine.logits(x, bases, 4, 1, positions=[0, 1], owners=[0])
+
+
 def test_more_chunks_than_the_plan_cache_all_computed():
     """169 one-position chunks (more than PLAN_CACHE) with two workers configured: every position is computed
     (this path once computed only every other chunk and returned uninitialised rows for the rest)."""

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .export import DEFAULT_CALIB, RECIPES, SUFFIXES, check_target, images_sha256
+from .export import DEFAULT_CALIB, RECIPES, SUFFIXES, check_calib_method, check_target, images_sha256
 
 #: distributions whose versions go into every cache key
 TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
@@ -81,7 +81,7 @@ def cached_artifact(model, to: str, **options) -> Path:
     """The ``to`` artifact of ``model`` (a :class:`~cifarbench.source.ModelSource` or anything resolve_source
     takes; ``arch``/``mean``/... in ``options`` go to it) from the cache, exported the first time (see the module
     docstring). ``options``: ``device``/``precision`` (aoti, tensorrt), ``calib``/``calib_data``/``seed``/
-    ``data_dir`` (INT8), ``max_batch``/``opt_batch`` (tensorrt)."""
+    ``data_dir`` (INT8), ``calib_method``/``quantize_head`` (onnx-int8), ``max_batch``/``opt_batch`` (tensorrt)."""
     import torch
 
     from .export import calibration_set, export
@@ -98,6 +98,11 @@ def cached_artifact(model, to: str, **options) -> Path:
         images = calibration_set(source, options.get("calib", DEFAULT_CALIB), options.get("calib_data"),
                                  options.get("seed", 0), options.get("data_dir"))
         key_opts.update(calib=len(images), seed=options.get("seed", 0), calib_sha256=images_sha256(images))
+    if to == "onnx-int8":
+        int8_opts = {"calib_method": options.get("calib_method", "minmax"),
+                     "quantize_head": bool(options.get("quantize_head", False))}
+        check_calib_method(int8_opts["calib_method"])
+        key_opts.update(int8_opts)
     if to in ("aoti", "tensorrt"):
         key_opts.update(device=torch.device(options.get("device", "cpu")).type, precision=precision)
     onnx_path = None
@@ -118,6 +123,8 @@ def cached_artifact(model, to: str, **options) -> Path:
         opts = {k: v for k, v in options.items() if k in ("precision", "device", "max_batch", "opt_batch")}
         if to != "aoti":
             opts.pop("device", None)
+        if to == "onnx-int8":
+            opts.update(int8_opts)
         export(source, to=to, out=path, calib_images=images, onnx_path=onnx_path, **opts)
     return path
 
@@ -240,8 +247,9 @@ def _open(source, backend: str, device, precision: str, options: dict):
 
 
 def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None, limit: int | None = None,
-                         batch: int = 500) -> dict:
-    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images."""
+                         batch: int = 500, progress=None) -> dict:
+    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images.
+    ``progress(done, total)``: image evaluations so far, of ``2 * images`` (each image runs on both models)."""
     import torch
 
     from .data import load_split
@@ -253,10 +261,15 @@ def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None,
     test = load_split(data, "test", data_dir)
     if limit:
         test = test.subset(slice(0, limit))
-    preds = {}
+    preds, done = {}, 0
     for key, rt in (("fp32", OrtRuntime(fp32_path, source=source)), ("int8", OrtRuntime(int8_path, source=source))):
-        preds[key] = torch.cat([rt.logits(test.subset(slice(i, i + batch)).float_images()).argmax(1)
-                                for i in range(0, len(test), batch)])
+        chunks = []
+        for i in range(0, len(test), batch):
+            chunks.append(rt.logits(test.subset(slice(i, i + batch)).float_images()).argmax(1))
+            done += len(chunks[-1])
+            if progress is not None:
+                progress(done, 2 * len(test))
+        preds[key] = torch.cat(chunks)
     acc = {k: (p == test.labels).double().mean().item() for k, p in preds.items()}
     return {"images": len(test), "fp32": acc["fp32"], "int8": acc["int8"], "drop": acc["fp32"] - acc["int8"],
             "top1_agreement": (preds["fp32"] == preds["int8"]).double().mean().item()}

@@ -22,8 +22,10 @@ from ..errors import UserError
 TARGETS = ("onnx", "onnx-int8", "aoti", "tensorrt")
 SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "aoti": ".pt2", "tensorrt": ".engine"}
 DEFAULT_CALIB = 512
+#: ``--calib-method`` names (the first is the default) and ONNX Runtime's ``CalibrationMethod`` member for each
+CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 #: bumped when the quantization recipe changes, so cached INT8 models from an older recipe are not reused
-INT8_RECIPE = "v2"
+INT8_RECIPE = "v3"
 #: the exporter's own recipe per target (bump one when its code changes what it writes)
 RECIPES = {"onnx": "v2", "onnx-int8": INT8_RECIPE, "aoti": "v2", "tensorrt": "v2"}
 
@@ -43,6 +45,11 @@ def images_sha256(images) -> str:
 def check_target(to: str) -> None:
     if to not in TARGETS:
         raise UserError(f"unknown export target {to!r}; choose one of {', '.join(TARGETS)}")
+
+
+def check_calib_method(method: str) -> None:
+    if method not in CALIB_METHODS:
+        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(CALIB_METHODS)}")
 
 
 def uses_bundled_calibration(source, calib_data: str | None = None) -> bool:
@@ -86,18 +93,23 @@ def calibration_set(source, calib: int = DEFAULT_CALIB, calib_data: str | None =
 def export(model, to: str = "onnx", out: str | Path | None = None, precision: str = "fp32",
            device="cpu", calib: int = DEFAULT_CALIB, calib_data: str | None = None,
            data_dir=None, seed: int = 0, max_batch: int | None = None, opt_batch: int | None = None,
-           calib_images=None, onnx_path: str | Path | None = None, **contract) -> Path:
+           calib_images=None, onnx_path: str | Path | None = None, calib_method: str = "minmax",
+           quantize_head: bool = False, progress=None, **contract) -> Path:
     """Write ``model`` as a ``to`` artifact at ``out`` and return the path.
 
     ``precision``: fp32, or fp16/int8 for TensorRT, fp16/bf16 for AOTInductor on CUDA. ``calib`` training images
     from ``calib_data`` calibrate the INT8 targets (or ``calib_images``: [0, 1] pixels already drawn by the
     caller; the contract's normalization is applied here). ``onnx_path``: an fp32 ONNX export of the same source
-    to build a TensorRT engine or INT8 model from (the artifacts cache passes its own). ``contract``: ``arch``,
-    ``arch_kw``, ``mean``, ``std``, ``classes``, ``input_size`` for :func:`~cifarbench.source.resolve_source`.
+    to build a TensorRT engine or INT8 model from (the artifacts cache passes its own). ``onnx-int8`` only:
+    ``calib_method`` (a key of :data:`CALIB_METHODS`), ``quantize_head`` (int8 hidden FC layers, the logits layer
+    stays fp32; see :mod:`cifarbench.export.int8`) and ``progress(done, total)`` (calibration images run).
+    ``contract``: ``arch``, ``arch_kw``, ``mean``, ``std``, ``classes``, ``input_size`` for
+    :func:`~cifarbench.source.resolve_source`.
     """
     from .onnx import as_source
 
     check_target(to)
+    check_calib_method(calib_method)
     source = as_source(model, **contract)
     out = Path(out) if out else Path(f"{_safe(source.name)}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
     if to == "onnx":
@@ -109,7 +121,8 @@ def export(model, to: str = "onnx", out: str | Path | None = None, precision: st
     if to == "onnx-int8":
         from .int8 import export_int8
 
-        return export_int8(_onnx_of(source, onnx_path), out, source.normalize(calib_images), source)
+        return export_int8(_onnx_of(source, onnx_path), out, source.normalize(calib_images), source,
+                           calibrate_method=calib_method, keep_head=not quantize_head, progress=progress)
     if to == "aoti":
         from .aoti import export_aoti
 

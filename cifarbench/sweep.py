@@ -202,8 +202,11 @@ def _number(text: str):
     return text
 
 
-def execute(trial: Trial, train_set, test_set, on_epoch: Callable[[dict], None] | None = None) -> dict:
+def execute(trial: Trial, train_set, test_set, on_epoch: Callable[[dict], None] | None = None,
+            on_batch: Callable[[dict], None] | None = None) -> dict:
     """Run (or continue) one trial; ``{"summary", "rows"}``, or ``{"error"}`` when training diverged.
+    ``on_epoch``/``on_batch``: as :func:`cifarbench.train.train` (the live table's epoch rows and the progress
+    within an epoch).
 
     Module-level and free of driver state so a Ray worker runs exactly this."""
     from .train import train
@@ -212,7 +215,7 @@ def execute(trial: Trial, train_set, test_set, on_epoch: Callable[[dict], None] 
     resume = (trial.out / "config.json").is_file()
     try:
         summary = train(trial.config, trial.out, resume=resume, train_set=train_set, test_set=test_set,
-                        on_epoch=on_epoch, show_progress=False)
+                        on_epoch=on_epoch, on_batch=on_batch, show_progress=False)
     except UserError as exc:
         return {"error": str(exc), "resumed": resume}
     return {"summary": summary, "rows": read_rows(trial.out / "metrics.csv"), "resumed": resume}
@@ -244,7 +247,8 @@ def run_sweep(trials: list[Trial], *, executor: str = "local", address: str | No
     if executor == "local":
         for t in todo:
             emit("start", t, None)
-            results[t.index] = execute(t, train_set, test_set, on_epoch=lambda row, t=t: emit("epoch", t, row))
+            results[t.index] = execute(t, train_set, test_set, on_epoch=lambda row, t=t: emit("epoch", t, row),
+                                       on_batch=lambda info, t=t: emit("batch", t, info))
             emit("fail" if "error" in results[t.index] else "finish", t, results[t.index])
     else:
         results.update(_run_ray(todo, train_set, test_set, address=address, cpus=cpus_per_trial,
@@ -304,7 +308,8 @@ def _ray_trial(trial: Trial, train_set, test_set, queue, cpus: float) -> dict:
 
     torch.set_num_threads(max(1, int(cpus)))
     queue.put(("start", trial.index, None))
-    return execute(trial, train_set, test_set, on_epoch=lambda row: queue.put(("epoch", trial.index, row)))
+    return execute(trial, train_set, test_set, on_epoch=lambda row: queue.put(("epoch", trial.index, row)),
+                   on_batch=lambda info: queue.put(("batch", trial.index, info)))
 
 
 @contextmanager

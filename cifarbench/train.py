@@ -41,6 +41,9 @@ RECIPES: dict[str, dict] = {
 FAST_LR = {"net1": 0.05, "net2": 0.05, "net3": 0.1, "net4": 0.2}
 FAST_EPOCHS = {"net1": 15, "net2": 30, "net3": 40, "net4": 100}
 EVAL_BATCH = 1000
+#: at most one within-epoch progress event per this many seconds (a bar redraw or a Ray queue message per batch
+#: would cost more than it shows)
+BATCH_EVENT_S = 0.5
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -166,8 +169,13 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, cfg: dict, autocast
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_set: Dataset | None = None,
           test_set: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None,
-          show_progress: bool = True) -> dict:
+          show_progress: bool = True, on_batch: Callable[[dict], None] | None = None) -> dict:
     """Train one run into ``out``; returns the summary also written to ``results.json``.
+
+    Progress: ``show_progress`` draws a bar over every batch of the run (epoch, images/s, ETA) on a terminal, one
+    line per epoch elsewhere; ``on_batch`` (what ``sweep`` shows per run) gets ``{"epoch", "batch", "batches",
+    "images", "images_per_s"}`` at most every :data:`BATCH_EVENT_S` seconds and at each epoch's last batch;
+    ``on_epoch`` gets each finished epoch's metrics row.
 
     ``resume``: continue the run saved in ``out`` from its last finished epoch (from the start when it was stopped
     during epoch 1), with the saved run's settings; ``config`` must agree with them (``--epochs`` may extend the
@@ -222,8 +230,11 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
 
         bar = progress()
         bar.start()
-        task = bar.add_task(f"{cfg['net']} {cfg['recipe']}", total=cfg["epochs"], completed=start_epoch - 1,
-                            status="")
+        # counted in batches, so a long epoch moves the bar and its ETA (an epoch-counting bar sat at 0/1)
+        task = bar.add_task(f"{cfg['net']} {cfg['recipe']}", total=total_steps,
+                            completed=(start_epoch - 1) * steps_per_epoch, status=f"epoch {start_epoch}/{cfg['epochs']}")
+    last_event = float("-inf")  # the run's first batch is reported: its speed shows at once
+    last_status = ""
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             t0 = time.perf_counter()
@@ -241,6 +252,19 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 loss, logits = train_step(model, opt, batch_input(train_images[idx], cfg, gen), y, cfg, use_autocast)
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
+                now = time.perf_counter()
+                if (bar is not None or on_batch is not None) and (now - last_event >= BATCH_EVENT_S
+                                                                  or b + 1 == steps_per_epoch):
+                    # the time only, never loss.item(): a host sync per batch would slow a GPU run
+                    last_event = now
+                    seen = min((b + 1) * cfg["batch_size"], len(train_set))
+                    rate = seen / max(now - t0, 1e-9)
+                    if bar is not None:
+                        bar.update(task, completed=step + 1,
+                                   status=f"epoch {epoch}/{cfg['epochs']} {rate:,.0f} img/s {last_status}")
+                    if on_batch is not None:
+                        on_batch({"epoch": epoch, "batch": b + 1, "batches": steps_per_epoch, "images": seen,
+                                  "images_per_s": rate})
             train_loss = loss_sum.item() / len(train_set)
             train_acc = correct.item() / len(train_set)
             if not math.isfinite(train_loss):
@@ -270,10 +294,13 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 "history": history})
             _write(write_text, out / "metrics.csv", rows_csv(history, columns))
             status = f"loss {train_loss:.3f} train {train_acc:.2%} test {test_acc:.2%}"
+            last_status = f"| last epoch: {status}"
             if bar is not None:
-                bar.update(task, advance=1, status=status)
+                bar.update(task, completed=epoch * steps_per_epoch,
+                           status=f"epoch {epoch}/{cfg['epochs']} done {last_status}")
                 if bar.disable:  # not a terminal (a log file): one line per epoch instead of a bar
-                    bar.console.print(f"{cfg['net']} epoch {epoch}/{cfg['epochs']} {status} ({epoch_time:.1f} s)")
+                    bar.console.print(f"{cfg['net']} epoch {epoch}/{cfg['epochs']} {status} ({epoch_time:.1f} s, "
+                                      f"{len(train_set) / max(epoch_time, 1e-9):,.0f} img/s)")
             if on_epoch is not None:
                 on_epoch(row)
     finally:

@@ -139,6 +139,12 @@ class Board:
 
     def update(self, kind: str, trial, payload) -> None:
         s = self.state[trial.index]
+        if kind == "batch":  # within an epoch: the live table only (a log gets one line per epoch)
+            s.update(status="running", batch=payload["batch"], batches=payload["batches"],
+                     rate=payload["images_per_s"], in_epoch=payload["epoch"])
+            if self.live is not None:
+                self.live.refresh()
+            return
         if kind == "epoch":
             s.update(status="running", epoch=payload["epoch"], loss=payload["loss"],
                      train=payload["train_accuracy"], test=payload["test_accuracy"],
@@ -176,12 +182,18 @@ class Board:
         done = sum(s["status"] in ("done", "skipped (done)") for s in self.state.values())
         table = Table(title=f"sweep: {done}/{len(self.trials)} runs done, "
                             f"{time.perf_counter() - self.t0:.0f} s", title_justify="left")
-        for col in ("run", "grid point", "status", "epoch", "loss", "train acc", "test acc", "best test"):
+        for col in ("run", "grid point", "status", "epoch", "batch", "img/s", "loss", "train acc", "test acc",
+                    "best test"):
             table.add_column(col, justify="left" if col in ("grid point", "status") else "right")
         for t in self.trials:
             s = self.state[t.index]
             fmt = lambda key, spec: format(s[key], spec) if key in s else ""
-            table.add_row(str(t.index), t.name, s["status"], f"{s['epoch']}/{self.epochs}", fmt("loss", ".4f"),
+            # the epoch under way while its batches run, else the last finished one
+            running = s["status"] == "running" and "batch" in s and s["batch"] < s["batches"]
+            epoch = s["in_epoch"] if running else s["epoch"]
+            batch = f"{s['batch']}/{s['batches']}" if running else ""
+            table.add_row(str(t.index), t.name, s["status"], f"{epoch}/{self.epochs}", batch,
+                          fmt("rate", ",.0f") if s["status"] == "running" else "", fmt("loss", ".4f"),
                           fmt("train", ".2%"), fmt("test", ".2%"), fmt("best", ".2%"))
         return table
 

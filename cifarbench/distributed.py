@@ -68,6 +68,8 @@ DEFAULT_SHARD = {"occlusion": 64, "ablation": 2000, "mining": 5000}
 DEFAULT_FILTERS_PER_SHARD = 256
 #: images per occlusion engine call, as ``cifarbench occlude --data`` (commands/occlude.DATA_BATCH)
 OCCLUSION_BATCH = 8
+#: ``mode="approx"``'s knobs (:mod:`cifarbench.kernels.approx`): occlusion settings, so in every shard key
+APPROX_KNOBS = ("tau", "coarse", "approx_precision")
 ANALYSIS_BATCH = 250  # as analysis.ablation/mining DEFAULT_BATCH (not imported: they import torch)
 #: most shards kept queued in Ray per task slot, so a huge run does not put every shard's images at once
 QUEUED_PER_SLOT = 2
@@ -307,8 +309,9 @@ def _model_folder() -> Path:
 
 def _opened(package: ModelPackage, kind: str, args: dict, threads: int | None, cache: dict) -> dict:
     """The model opened once per process (or per local run, ``cache``) for ``kind`` and the runtime settings."""
+    # the approximate engine is built once per opened model with its knobs: other knobs need another entry
     key = (package.ident, "occlusion" if kind == "occlusion" else "net", args["backend"], args["device"], threads,
-           args.get("calib_data"))
+           args.get("calib_data"), tuple(args.get(knob) for knob in APPROX_KNOBS))
     if key in cache:
         return cache[key]
     for old in list(cache.values()):
@@ -370,21 +373,29 @@ def _occlusion_shard(opened: dict, images, shard: Shard, args: dict) -> dict:
     from .analysis.occlusion import make_engine, occlusion_maps
 
     target = args["target"]
+    knobs = {key: args[key] for key in APPROX_KNOBS if key in args}
     out = {}
     for k in args["ks"]:
         engine = make_engine(opened["spec"], k, args["stride"], args["backend"], args["mode"], args["device"],
-                             cache=opened["engines"], **opened["runtime_options"])
-        results = []
+                             cache=opened["engines"], **opened["runtime_options"], **knobs)
+        results, positions, exact = [], 0, 0
         for i in range(0, len(images), args["batch"]):
             t = target[shard.start + i:shard.start + i + args["batch"]] if isinstance(target, list) else target
-            results += occlusion_maps(engine, images[i:i + args["batch"]].float().div_(255), k,
-                                      stride=args["stride"], baseline=args["baseline"], targets=t)
+            batch = occlusion_maps(engine, images[i:i + args["batch"]].float().div_(255), k,
+                                   stride=args["stride"], baseline=args["baseline"], targets=t)
+            if batch and "exact_positions" in batch[0].engine:  # approx: each call's count, summed per shard
+                positions += int(batch[0].engine["positions"])
+                exact += int(batch[0].engine["exact_positions"])
+            results += batch
+        described = dict(results[0].engine) if results else {}
+        if "exact_positions" in described:
+            described.update(positions=positions, exact_positions=exact)
         out[f"map_k{k}"] = np.stack([r.map for r in results]).astype(np.float32)
         out[f"clean_k{k}"] = np.array([r.clean_prob for r in results], np.float64)
         out[f"target_k{k}"] = np.array([r.target for r in results], np.int64)
         out[f"predicted_k{k}"] = np.array([r.predicted for r in results], np.int64)
         out[f"baseline_k{k}"] = np.array([r.baseline for r in results], np.float64).reshape(len(results), -1)
-        out[f"engine_k{k}"] = np.array(json.dumps(results[0].engine if results else {}))
+        out[f"engine_k{k}"] = np.array(json.dumps(described))
     return out
 
 
@@ -464,9 +475,15 @@ def analysis_args(kind: str, data, analysis: dict) -> dict:
             target = [resolve_target(t) for t in target]
         else:
             target = resolve_target(target)
+        from .analysis.occlusion import MODES
+
+        mode = a.pop("mode", "auto") or "auto"
+        if mode not in MODES:
+            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         args.update(ks=ks, stride=stride, baseline=baseline if isinstance(baseline, str) else float(baseline),
-                    target=target, mode=a.pop("mode", "auto"), batch=int(a.pop("batch", OCCLUSION_BATCH)),
+                    target=target, mode=mode, batch=int(a.pop("batch", OCCLUSION_BATCH)),
                     calib_data=a.pop("calib_data", None))
+        args.update(_approx_knobs(mode, {key: a.pop(key, None) for key in APPROX_KNOBS}, args["device"]))
     else:
         selection = [[str(layer), int(j)] for layer, j in a.pop("selection", ())]
         if not selection:
@@ -486,6 +503,26 @@ def analysis_args(kind: str, data, analysis: dict) -> dict:
     if args.get("batch_size", 1) < 1 or args.get("batch", 1) < 1:
         raise UserError("the batch size must be at least 1")
     return args
+
+
+def _approx_knobs(mode: str, knobs: dict, device: str | None) -> dict:
+    """``--mode approx``'s knobs with their defaults resolved here, on the driver, so that they enter the shard keys
+    (a resume with other knobs recomputes) and every worker runs the same ones: the windows' default precision
+    depends on the CPU (bf16 where it has AMX), and shards from two kinds of node must not mix precisions."""
+    if mode != "approx":
+        if any(v is not None for v in knobs.values()):
+            raise UserError("--tau and --coarse are knobs of --mode approx")
+        return {}
+    from .kernels.approx import DEFAULT_COARSE, DEFAULT_TAU, check_knobs, default_precision
+
+    tau = DEFAULT_TAU if knobs["tau"] is None else knobs["tau"]
+    coarse = DEFAULT_COARSE if knobs["coarse"] is None else knobs["coarse"]
+    precision = knobs["approx_precision"] or default_precision(device)
+    try:
+        tau, coarse = check_knobs(tau, coarse, precision)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    return {"tau": tau, "coarse": coarse, "approx_precision": precision}
 
 
 def _check_device(device: str | None, executor: str, gpus_per_task: float) -> None:
@@ -556,8 +593,10 @@ def run_sharded(kind: str, model, data, *, executor: str = "local", address: str
     is what the unsharded analysis returns:
 
     - ``occlusion``: per image, its :class:`OcclusionResult` for each K in ``ks`` (``k=``/``ks=``, ``stride``,
-      ``baseline``, ``target`` (one class or one per image), ``mode``, ``batch``, ``calib_data``); ``names``
-      label the results as ``occlusion_maps(names=...)`` does;
+      ``baseline``, ``target`` (one class or one per image), ``mode``, ``batch``, ``calib_data``; with
+      ``mode="approx"`` its knobs ``tau``, ``coarse``, ``approx_precision``, defaults resolved on the driver, and
+      each result's engine counts the positions its shard computed exactly); ``names`` label the results as
+      ``occlusion_maps(names=...)`` does;
     - ``ablation``: the ranked sweep of :func:`analysis.ablation.sweep` (``selection``, ``zero_bias``,
       ``batch_size``), or with ``sweep=False`` the selection zeroed together, as :func:`analysis.ablation.ablate`
       returns it (``flipped``: look for flips among the first N images);
@@ -722,6 +761,8 @@ def _merge_occlusion(ordered, args: dict, n: int, names) -> list[list]:
     for s, p in ordered:
         for k in args["ks"]:
             engine = json.loads(str(p[f"engine_k{k}"]))
+            if "exact_positions" in engine:  # approx: the count is the shard's, so say which shard
+                engine["shard"] = [s.start, s.stop]
             for j in range(s.images):
                 i = s.start + j
                 per_image[i].append(OcclusionResult(

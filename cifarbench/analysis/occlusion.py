@@ -26,6 +26,7 @@ which engine ran and why (``engine["why"]``).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,15 +215,18 @@ class DenseEngine:
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.runtime.logits(images.to(self.device))
 
-    def logits(self, images: torch.Tensor, baselines: torch.Tensor, k: int, stride: int) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, baselines: torch.Tensor, k: int, stride: int,
+               span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits ``[B, P, classes]`` of every position, or of the row-major positions ``span = (first, last)``
+        only (``auto``'s calibration times a few: every position costs a dense engine the same)."""
         from ..kernels.triton_occlusion import occluded_batch
 
         images, baselines = images.to(self.device), baselines.to(self.device)
         n = (self.size - k) // stride + 1
-        total = n * n
+        first, total = span if span is not None else (0, n * n)
         per_image = max(1, self.chunk // len(images))
         out = []
-        for p0 in range(0, total, per_image):
+        for p0 in range(first, total, per_image):
             p1 = min(total, p0 + per_image)
             batch = occluded_batch(images, baselines, k, stride, p0, p1)
             out.append(self.runtime.logits(batch).view(len(images), p1 - p0, -1))
@@ -274,6 +278,21 @@ class IncrementalEngine:
 
     def dense_flops(self) -> int:
         return self.engine.dense_flops(size=self.size)
+
+    def subset_engine(self):
+        """What ``auto``'s calibration times on a subset of positions: the layer-graph engine (its ``logits`` takes
+        ``positions=``), for a chain net a layer-graph engine built on the same module. That proxy is justified on
+        the CPU only, where the two run the same plan at the same speed (module docstring: 4.73 s chain vs 4.78 s
+        graph, net4, K=8); on CUDA the chain's first layer is a Triton kernel, so there whole maps are timed."""
+        if self.kind == "incremental-graph":
+            return self.engine
+        if self.device.type != "cpu":
+            return None
+        if getattr(self, "_proxy", None) is None:
+            from ..kernels.incremental_graph import GraphOcclusion
+
+            self._proxy = GraphOcclusion(self.module, self.device, chunk=self.engine.chunk, size=self.size)
+        return self._proxy
 
 
 class Int8IncrementalEngine(DenseEngine):
@@ -346,16 +365,16 @@ class ApproxEngine:
 
 class ChosenEngine:
     """An engine as :func:`make_engine` chose it: the engine itself (every attribute is its) and ``why``, which
-    :meth:`describe` adds to the JSON."""
+    :meth:`describe` adds to the JSON, with ``auto``'s measurement (``auto``) where one decided."""
 
-    def __init__(self, engine, why: str):
-        self.engine, self.why = engine, why
+    def __init__(self, engine, why: str, auto: dict | None = None):
+        self.engine, self.why, self.auto = engine, why, auto
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
     def describe(self) -> dict:
-        return {**self.engine.describe(), "why": self.why}
+        return {**self.engine.describe(), "why": self.why, **({"auto": self.auto} if self.auto else {})}
 
     def clean_logits(self, images):
         return self.engine.clean_logits(images)
@@ -386,6 +405,224 @@ def choose_mode(module, backend: str, device: torch.device, k: int, stride: int,
     except Exception:  # noqa: BLE001  (UnsupportedOp, or any graph the IR cannot plan: dense runs it)
         return "dense"
     return "incremental" if _incremental_pays(engine, k, stride, speed) else "dense"
+
+
+# ---------------------------------------------------------------- auto: a measured choice
+
+#: ``$CIFARBENCH_AUTO``: ``measure`` (default) times both exact engines where the FLOP rule is not clear-cut;
+#: ``flops`` always takes the FLOP rule (tests that pin ``auto``'s choice; a machine too busy to time anything)
+AUTO_POLICIES = ("measure", "flops")
+#: FLOP ratios (:func:`_cost_ratio`, incremental over dense) outside which the FLOP rule decides untimed. Measured
+#: (2-core CPU, K=8, stride 1): FLOP ratio 0.25 / 0.29 ran at 0.22 / 0.27 of dense's time (net1, a MobileNetV2),
+#: 0.65 / 0.75 at 0.51 / 0.51 (net2, ResNet-20): below 0.5 the rule is right by a wide margin, in between the
+#: ratio says little about which engine wins on a given machine, so it is timed
+FLOPS_CLEAR = (0.5, 1.5)
+#: CPU calibration: a CALIB_SIDE x CALIB_SIDE lattice of positions spread evenly over the map (rows and columns:
+#: an edge position's windows are smaller than a central one's): 49 of net4's 625 at K=8. Fewer positions leave the
+#: incremental side's fixed cost per call (the clean pass, 5-20 % of a 25-position subset) too large a share to
+#: subtract reliably on a loaded machine. A smaller map, and any map on a GPU (where a map takes milliseconds and
+#: small batches would starve it), is timed whole
+CALIB_SIDE = 7
+#: timed rounds after the incremental engine's warm-up run (it builds the subset's plans); each round times every
+#: run once, alternating engines so that a load spike hits both, and each run's best round counts
+CALIB_REPEATS = 2
+#: a first round slower than this is not repeated (a large net: the calibration stays within a few seconds)
+CALIB_SLOW_S = 1.0
+#: format of the cached decision (in its key: a new format never reads an old record)
+CALIB_FORMAT = 1
+#: measurements made by this process (tests read it: a cached decision must time nothing)
+CALIBRATIONS = {"runs": 0}
+
+
+def auto_policy() -> str:
+    policy = os.environ.get("CIFARBENCH_AUTO", "measure").strip().lower() or "measure"
+    if policy not in AUTO_POLICIES:
+        raise UserError(f"CIFARBENCH_AUTO must be {' or '.join(AUTO_POLICIES)}, got {policy!r}")
+    return policy
+
+
+def _cpu_model() -> str:
+    """The CPU's model string (``/proc/cpuinfo``'s model name on Linux, else the platform's)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def auto_key(source, engine, backend: str, device: torch.device, k: int, stride: int,
+             runtime_options: dict | None = None) -> dict:
+    """What a measured ``auto`` decision depends on: the model's content (and the normalization its source adds),
+    the incremental engine, K, stride, input size, the dense backend, the device, and the machine (CPU model,
+    threads, workers) and software (torch, cifarbench) that ran it."""
+    from .. import __version__
+    from ..kernels.incremental import cpu_workers
+
+    device = torch.device(device)
+    return {"format": CALIB_FORMAT, "model": source.digest, "mean": source.mean, "std": source.std,
+            "engine": engine.kind, "chunk": getattr(getattr(engine, "engine", None), "chunk", None), "k": int(k),
+            "stride": int(stride), "size": int(engine.size), "backend": backend, "device": device.type,
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": _cpu_model(),
+            "threads": torch.get_num_threads(), "workers": cpu_workers(),
+            "runtime_threads": (runtime_options or {}).get("threads"), "torch": torch.__version__,
+            "cifarbench": __version__}
+
+
+def auto_cache_path(key: dict) -> Path:
+    """The cached decision for ``key``: ``<cache dir>/auto/<digest of key>.json``."""
+    import hashlib
+    import json
+
+    from .. import data  # read at call time: tests point data.CACHE_DIR at a temp folder
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return Path(data.CACHE_DIR) / "auto" / f"{digest}.json"
+
+
+def _read_decision(path: Path, key: dict) -> dict | None:
+    import json
+    import math
+
+    from ..errors import warn
+
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        ok = (isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key, default=str))
+              and record.get("choice") in ("incremental", "dense")
+              and all(isinstance(record.get(f), (int, float)) and math.isfinite(record[f]) and record[f] > 0
+                      for f in ("incremental_ms", "dense_ms")))
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        warn(f"{path}: damaged auto calibration record; measuring again")
+        return None
+    return record
+
+
+class _Untimeable(Exception):
+    """The incremental engine cannot be timed on a subset of positions here (its message says why)."""
+
+
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def measure_auto(incremental, dense, k: int, stride: int) -> dict:
+    """Time ``incremental`` and ``dense`` (both built for the same model and device) on the same positions of one
+    image and estimate each one's time per full map, in ms.
+
+    On the CPU the positions are a :data:`CALIB_SIDE` x :data:`CALIB_SIDE` lattice over the map, the incremental
+    side on :meth:`IncrementalEngine.subset_engine`; its fixed cost per call (the clean pass, timed with no
+    positions) is counted once per map, the rest scaled by map positions / timed positions. A dense engine costs
+    the same at every position: its first positions are timed and scaled. Runs alternate between the engines (a
+    load spike hits both) and each engine's best run counts."""
+    size = int(dense.size)
+    device = torch.device(dense.device)
+    n = (size - k) // stride + 1
+    total = n * n
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    base = torch.full((1, 3), 0.5, device=device)
+    timer = None
+    if device.type == "cpu" and n > CALIB_SIDE:
+        try:
+            timer = incremental.subset_engine()
+        except Exception as exc:  # noqa: BLE001  (a chain net the layer-graph IR cannot trace)
+            raise _Untimeable(f"no layer-graph proxy to time the {incremental.kind} engine on a subset: "
+                              f"{type(exc).__name__}") from None
+        if timer is None:
+            raise _Untimeable(f"the {incremental.kind} engine cannot time a subset of positions")
+    started = time.perf_counter()
+    if timer is None:  # whole maps
+        count = total
+        runs = {"incremental": lambda: incremental.logits(image, base, k, stride),
+                "dense": lambda: dense.logits(image, base, k, stride)}
+    else:
+        idx = np.unique(np.linspace(0, n - 1, CALIB_SIDE).round().astype(np.int64))
+        positions = (idx[:, None] * n + idx[None, :]).reshape(-1)
+        count = len(positions)
+        runs = {"incremental": lambda: timer.logits(image, base, k, stride, positions=positions),
+                "fixed": lambda: timer.logits(image, base, k, stride, positions=positions[:0]),
+                "dense": lambda: dense.logits(image, base, k, stride, span=(0, count))}
+    runs["incremental"]()  # plans and buffers for these positions; dense needs none
+    best = {name: float("inf") for name in runs}
+    repeats = 0
+    while repeats < CALIB_REPEATS:
+        took = time.perf_counter()
+        for name, fn in runs.items():
+            best[name] = min(best[name], _timed(fn, device))
+        repeats += 1
+        if time.perf_counter() - took > CALIB_SLOW_S:
+            break
+    CALIBRATIONS["runs"] += 1
+    scale = total / count
+    if timer is None:
+        inc_s, dense_s = best["incremental"], best["dense"]
+    else:
+        fixed = min(best["fixed"], best["incremental"])
+        inc_s, dense_s = fixed + (best["incremental"] - fixed) * scale, best["dense"] * scale
+    return {"choice": "incremental" if inc_s < dense_s else "dense", "incremental_ms": round(inc_s * 1e3, 3),
+            "dense_ms": round(dense_s * 1e3, 3), "positions": int(count), "map_positions": int(total),
+            "repeats": repeats, "calibration_ms": round((time.perf_counter() - started) * 1e3, 1),
+            "proxy": None if timer is None or timer is getattr(incremental, "engine", None) else "incremental-graph"}
+
+
+def _auto_choice(cache: dict, source, backend: str, concrete: str, device, engine, k: int, stride: int, ratio,
+                 chunk, options: dict):
+    """``(mode, why, record)`` of ``auto`` between ``engine`` (incremental) and the dense engine: the FLOP rule
+    where it is clear-cut or measuring is off or impossible, else a measurement (:func:`measure_auto`), cached
+    (:func:`auto_cache_path`) per model, machine and K."""
+    from ..errors import warn
+    from ..io import write_json
+
+    at = f"at K={k}, stride {stride}"
+    flops = f"the incremental plan costs {ratio:.0%} of dense's conv FLOPs {at}"
+    rule = "incremental" if ratio < 1.0 else "dense"
+    policy = auto_policy()
+    reason = None
+    if policy == "flops":
+        reason = "CIFARBENCH_AUTO=flops"
+    elif not FLOPS_CLEAR[0] <= ratio <= FLOPS_CLEAR[1]:
+        reason = "far from even: not timed"
+    elif not hasattr(engine, "subset_engine"):
+        reason = f"the {engine.kind} engine cannot time a subset of positions"
+    if reason is not None:
+        return rule, f"auto: {rule}, as {flops} ({reason})", {"policy": "flops", "flop_ratio": round(ratio, 4)}
+    key = auto_key(source, engine, concrete, device, k, stride, options)
+    path = auto_cache_path(key)
+    record = _read_decision(path, key)
+    cached = record is not None
+    if record is None:
+        if "dense" not in cache:
+            cache["dense"] = DenseEngine(_runtime(cache, source, backend, device, options), chunk)
+        try:
+            measured = measure_auto(engine, cache["dense"], k, stride)
+        except _Untimeable as exc:
+            return rule, f"auto: {rule}, as {flops} ({exc})", {"policy": "flops", "flop_ratio": round(ratio, 4)}
+        record = {"key": key, **measured, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            write_json(path, record)
+        except OSError as exc:
+            warn(f"could not cache the auto calibration in {path} ({exc.strerror or exc}); it runs again next time")
+    choice = record["choice"]
+    when = "cached" if cached else (f"timed now on {record['positions']} of {record['map_positions']} positions in "
+                                    f"{record['calibration_ms']:.0f} ms, cached")
+    why = (f"auto: {choice}, measured: incremental {record['incremental_ms']:.0f} ms vs dense "
+           f"{record['dense_ms']:.0f} ms per map {at} ({when}; conv FLOP ratio {ratio:.0%})")
+    info = {"policy": "measure", "flop_ratio": round(ratio, 4), "cached": cached, "file": str(path),
+            **{f: record.get(f) for f in ("incremental_ms", "dense_ms", "positions", "map_positions",
+                                          "calibration_ms", "proxy", "measured_at")}}
+    return choice, why, info
 
 
 def _is_runtime(model) -> bool:
@@ -519,7 +756,7 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
         return cache[key]
     if "runtime" not in cache:
         choose_backend(source, backend, device)  # an unknown or impossible backend fails before any work
-    chosen = None
+    chosen, auto = None, None
     if mode == "approx":
         chosen = ChosenEngine(_approx(cache, source, backend, device, options), "--mode approx")
         cache[key] = chosen
@@ -534,19 +771,20 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
             concrete = cache["runtime"].name if "runtime" in cache else choose_backend(source, backend, device)
             speed = _DENSE_SPEED.get(device.type, {}).get(concrete, 1.0)
             ratio = _cost_ratio(engine, k, stride, speed)
-            if ratio < 1.0:
-                chosen = ChosenEngine(engine, f"auto: the incremental plan costs {ratio:.0%} of dense's conv FLOPs "
-                                              f"at K={k}, stride {stride}")
-            else:
-                why_not = f"the incremental plan would cost {ratio:.0%} of dense's conv FLOPs at K={k}, stride {stride}"
-        if chosen is None:
-            why = f"auto: dense, as {why_not}" if why_not else "auto: dense"
+            picked, why, auto = _auto_choice(cache, source, backend, concrete, device, engine, k, stride, ratio,
+                                             chunk, options)
+            if picked == "incremental":
+                chosen = ChosenEngine(engine, why, auto)
+        elif why_not:
+            why = f"auto: dense, as {why_not}"
+        else:
+            why = "auto: dense"
     else:
         why = "--mode dense"
     if chosen is None:
         if "dense" not in cache:
             cache["dense"] = DenseEngine(_runtime(cache, source, backend, device, options), chunk)
-        chosen = ChosenEngine(cache["dense"], why)
+        chosen = ChosenEngine(cache["dense"], why, auto if mode == "auto" else None)
     cache[key] = chosen
     return chosen
 

@@ -58,15 +58,16 @@ def register(app: typer.Typer) -> None:
         backend: BackendOpt = "auto",
         mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster exact one here) | approx; "
                                           "incremental runs on any torch model the layer-graph IR represents "
-                                          "(exact fp32) or on onnx-int8's int8 convs; approx (image files, "
-                                          "torch models) computes a coarse grid exactly, refines where the map "
+                                          "(exact fp32) or on onnx-int8's int8 convs; approx (torch models) "
+                                          "computes a coarse grid exactly, refines where the map "
                                           "varies by >= --tau and interpolates the rest, windows in bf16 on "
                                           "AMX CPUs: never the default.")] = "auto",
         tau: Annotated[Optional[float], typer.Option(
             help="With --mode approx: the probability spread below which a region is interpolated (default 0.1; "
                  "0 with --coarse 1 computes every position; larger is faster and less exact).")] = None,
         coarse: Annotated[Optional[int], typer.Option(
-            help="With --mode approx: the first exact grid's step in map positions, 1-16 (default 4).")] = None,
+            help="With --mode approx: the first exact grid's step in map positions, 1-16 (default 2; 4 is a "
+                 "little faster and misses more narrow features).")] = None,
         device: DeviceOpt = None,
         resize: Annotated[bool, typer.Option(help="Scale images that are not the model's input size.")] = False,
         data: Annotated[Optional[str], typer.Option(
@@ -140,8 +141,6 @@ def register(app: typer.Typer) -> None:
             check_executor(executor, address, cpus_per_task, gpus_per_task)
         if (tau is not None or coarse is not None) and mode != "approx":
             raise UserError("--tau and --coarse are knobs of --mode approx")
-        if mode == "approx" and data is not None:
-            raise UserError("--mode approx runs on image files; for --data use --mode auto, incremental or dense")
         settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
                             figures, show, not independent_scale, json,
                             Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
@@ -303,6 +302,8 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
                               precision=engine_info.get("precision"), device=engine_info.get("device"),
                               extra={"k": st.ks, "stride": st.stride, "mode": st.mode,
                                      "engine": engine_info.get("engine"), "engine_why": engine_info.get("why"),
+                                     **({"approx": {key: engine_info.get(key) for key in
+                                                    ("tau", "coarse", "precision")}} if st.mode == "approx" else {}),
                                      "baseline": st.baseline,
                                      **({"indices": indices, "images": len(items)} if dataset is not None else {})})
     cap = caption(prov, f"{st.baseline} patches" if st.baseline != "gray" else None)
@@ -350,7 +351,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     from ..report_html import write_index
 
     write_index(out, f"Occlusion maps of {source.name}", prov,
-                [{"title": "Maps", "text": f"engine: {engine_info.get('engine')} ({engine_info.get('why')}); "
+                [{"title": "Maps", "text": f"engine: {_engine_label(engine_info)} ({engine_info.get('why')}); "
                                            f"{len(items) * len(st.ks)} maps in {seconds:.2f} s",
                   "figures": figures, "table": {"columns": list(rows[0]), "rows": [list(r.values()) for r in rows]}}],
                 result=doc)
@@ -360,7 +361,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     from rich.table import Table
 
     speed = f", {maps_per_s:.2f} maps/s" if dataset is not None and maps_per_s else ""
-    table = Table(title=f"occlusion maps of {source.name} ({engine_info.get('engine')} on "
+    table = Table(title=f"occlusion maps of {source.name} ({_engine_label(engine_info)} on "
                         f"{engine_info.get('device')}{speed}) -> {out}")
     for col in rows[0]:
         table.add_column(col)
@@ -368,6 +369,17 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
         table.add_row(*(v if isinstance(v, str) else f"{v:.3f}" if isinstance(v, float) else str(v)
                         for v in row.values()))
     console.print(table)
+
+
+def _engine_label(info: dict) -> str:
+    """The engine as the summary names it: for approx with its knobs and how many positions were exact."""
+    label = str(info.get("engine"))
+    if info.get("mode") == "approx":
+        label += f" (tau {info.get('tau'):g}, coarse {info.get('coarse')}, {info.get('precision')} windows"
+        if info.get("positions"):
+            label += f", {info['exact_positions']} of {info['positions']} positions exact"
+        label += ")"
+    return label
 
 
 def _table_rows(flat, items, st: Settings, classes) -> list[dict]:
@@ -403,6 +415,7 @@ def _image_maps(source, items, bases, target, st: Settings, options):
     cache: dict = {}
     results: dict[str, list] = {b: [] for b in bases}
     info = {}
+    positions = exact = 0
     with progress() as bar:
         task = bar.add_task("occlusion", total=len(items) * len(st.ks), status="")
         for kk in st.ks:
@@ -412,11 +425,16 @@ def _image_maps(source, items, bases, target, st: Settings, options):
             for i in range(0, len(items), DATA_BATCH):
                 chunk = items[i:i + DATA_BATCH]
                 batch = torch.stack([img for _, img, _ in chunk])
-                for base, r in zip(bases[i:i + DATA_BATCH], occlusion_maps(
-                        engine, batch, kk, stride=st.stride, baseline=st.baseline, targets=target,
-                        names=[n for n, _, _ in chunk])):
+                maps = occlusion_maps(engine, batch, kk, stride=st.stride, baseline=st.baseline, targets=target,
+                                      names=[n for n, _, _ in chunk])
+                if maps and "exact_positions" in maps[0].engine:  # approx: this call's count
+                    positions += int(maps[0].engine["positions"])
+                    exact += int(maps[0].engine["exact_positions"])
+                for base, r in zip(bases[i:i + DATA_BATCH], maps):
                     results[base].append(r)
                 bar.advance(task, len(chunk))
+    if positions:  # approx: over every map of the run
+        info.update(positions=positions, exact_positions=exact)
     return results, info
 
 
@@ -426,6 +444,7 @@ def _dataset_maps(source, dataset, items, target, st: Settings, out, options):
     from ..distributed import run_sharded
 
     sh = st.sharding
+    knobs = dict(getattr(st, "approx", {}))  # approx: tau and coarse (None: the defaults, resolved by run_sharded)
     names = [name for name, _, _ in items]
     contract = {key: v for key, v in st.contract.items() if v is not None}
     with progress() as bar:
@@ -441,8 +460,15 @@ def _dataset_maps(source, dataset, items, target, st: Settings, out, options):
                           cpus_per_task=sh.cpus_per_task, gpus_per_task=sh.gpus_per_task, ray_cpus=sh.ray_cpus,
                           out=out, resume=sh.resume, progress=report, model_options=contract, names=names,
                           ks=st.ks, stride=st.stride, baseline=st.baseline, target=target, mode=st.mode,
-                          backend=st.backend, device=st.device, batch=DATA_BATCH, calib_data=st.calib_data)
+                          backend=st.backend, device=st.device, batch=DATA_BATCH, calib_data=st.calib_data,
+                          **knobs)
     results = {name: per for name, per in zip(names, run.result)}
-    info = next((r.engine for per in run.result for r in per if r.engine), {})
+    info = dict(next((r.engine for per in run.result for r in per if r.engine), {}))
+    # approx: each result carries its shard's count of exact positions; the run's is their sum, once per shard and K
+    counts = {(tuple(r.engine["shard"]), r.k): (r.engine["positions"], r.engine["exact_positions"])
+              for per in run.result for r in per if "shard" in r.engine}
+    if counts:
+        info.pop("shard", None)
+        info.update(positions=sum(p for p, _ in counts.values()), exact_positions=sum(e for _, e in counts.values()))
     info = {**info, "executor": sh.executor, "shards": run.shards, "shards_resumed": run.skipped}
     return results, info

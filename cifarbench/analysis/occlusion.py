@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import UserError
+from .occlusion_result import OcclusionResult  # noqa: F401 (its home is torch-free; re-exported here)
 
 #: the side of CIFAR images, the default input size (a model's own comes from its source)
 IMAGE_SIZE = 32
@@ -51,58 +51,6 @@ INCREMENTAL_CHUNK = {"cpu": 160, "cuda": 16384}
 #: the CPU measured 1.27x eager on net4 but 0.8x on net2 (5x5 convs), so it counts as equal; TensorRT's 2x is an
 #: estimate (no run on hardware yet)
 _DENSE_SPEED = {"cuda": {"tensorrt": 2.0}}
-
-
-@dataclass
-class OcclusionResult:
-    """One map: ``map[i, j]`` is the target probability with the patch's top-left corner at (i*stride, j*stride).
-    ``classes``: the model's class names (None: CIFAR-10's), used for ``target_class``/``predicted_class``."""
-
-    map: np.ndarray
-    clean_prob: float
-    target: int
-    predicted: int
-    k: int
-    stride: int
-    baseline: list[float]
-    image: str | None = None
-    engine: dict = field(default_factory=dict)
-    classes: tuple | None = None
-
-    @property
-    def map_sum(self) -> float:
-        return float(self.map.sum(dtype=np.float64))
-
-    @property
-    def most_damaging(self) -> dict:
-        """The position that lowers the target probability most: map index, pixel box and probabilities."""
-        i, j = np.unravel_index(int(np.argmin(self.map)), self.map.shape)
-        prob = float(self.map[i, j])
-        y, x = int(i) * self.stride, int(j) * self.stride
-        return {"row": int(i), "col": int(j), "y": y, "x": x, "box": [y, x, y + self.k, x + self.k],
-                "prob": prob, "drop": self.clean_prob - prob}
-
-    def class_name(self, index: int) -> str:
-        names = self.classes
-        if names is None:
-            from ..data import CLASSES
-
-            names = CLASSES
-        return str(names[index]) if 0 <= index < len(names) else str(index)
-
-    def to_dict(self, with_map: bool = True) -> dict:
-        out = {"image": self.image, "k": self.k, "stride": self.stride, "target": self.target,
-               "target_class": self.class_name(self.target), "predicted": self.predicted,
-               "predicted_class": self.class_name(self.predicted), "clean_prob": self.clean_prob,
-               "baseline": self.baseline, "map_sum": self.map_sum, "most_damaging": self.most_damaging,
-               "engine": self.engine}
-        if with_map:
-            out["map"] = self.map.tolist()
-        return out
-
-    def __getitem__(self, key: str):
-        """Dict-style access (``result["map_sum"]``) to the fields of :meth:`to_dict`."""
-        return self.map if key == "map" else self.to_dict(with_map=False)[key]
 
 
 # ---------------------------------------------------------------- inputs

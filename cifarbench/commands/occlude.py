@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..figure_worker import Draw
 from ..options import (ArchKwOpt, ArchOpt, BackendOpt, ClassesOpt, DataDirOpt, DeviceOpt, InputSizeOpt,
                        JsonOpt, MeanOpt, ModelOpt, OutOpt, StdOpt)
 
@@ -117,37 +118,43 @@ def register(app: typer.Typer) -> None:
             raise UserError("give image files or --data, not both")
         if show not in ("prob", "drop"):
             raise UserError(f"--show must be prob or drop, got {show!r}")
-        from ..analysis.occlusion import MODES, baseline_values
+        from ..figure_worker import figure_worker
 
-        if mode not in MODES:
-            raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if any(int(kk) < 1 for kk in k):
-            raise UserError(f"K must be at least 1, got {min(k)}")
-        if stride < 1:
-            raise UserError(f"stride must be at least 1, got {stride}")
-        import torch
+        # forked before torch is imported, so matplotlib loads in the worker meanwhile (see figure_worker)
+        with figure_worker(enabled=figures) as draw:
+            import torch
 
-        from ..runtime import BACKENDS
+            from ..analysis.occlusion import MODES, baseline_values
 
-        if backend not in BACKENDS:
-            raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        baseline_values(baseline, torch.zeros(1, 3, 1, 1))  # its one check, before the model is opened
-        if data is None and (executor != "local" or resume or address):
-            raise UserError("--executor, --address and --resume shard a --data run; image files run here "
-                            "(give --data DATA --indices A:B)")
-        if data is not None:
-            from ..distributed import check_executor
+            if mode not in MODES:
+                raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            if any(int(kk) < 1 for kk in k):
+                raise UserError(f"K must be at least 1, got {min(k)}")
+            if stride < 1:
+                raise UserError(f"stride must be at least 1, got {stride}")
 
-            check_executor(executor, address, cpus_per_task, gpus_per_task)
-        if (tau is not None or coarse is not None) and mode != "approx":
-            raise UserError("--tau and --coarse are knobs of --mode approx")
-        settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
-                            figures, show, not independent_scale, json,
-                            Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
-                            {"arch": arch, "arch_kw": arch_kw, "mean": mean, "std": std, "classes": classes,
-                             "input_size": input_size})
-        settings.approx = {"tau": tau, "coarse": coarse} if mode == "approx" else {}
-        _run(images, data, indices, data_dir, model, out or Path("occlusion"), settings)
+            from ..runtime import BACKENDS
+
+            if backend not in BACKENDS:
+                raise UserError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+            baseline_values(baseline, torch.zeros(1, 3, 1, 1))  # its one check, before the model is opened
+            if data is None and (executor != "local" or resume or address):
+                raise UserError("--executor, --address and --resume shard a --data run; image files run here "
+                                "(give --data DATA --indices A:B)")
+            if data is not None:
+                from ..distributed import check_executor
+
+                check_executor(executor, address, cpus_per_task, gpus_per_task)
+            if (tau is not None or coarse is not None) and mode != "approx":
+                raise UserError("--tau and --coarse are knobs of --mode approx")
+            settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
+                                figures, show, not independent_scale, json,
+                                Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
+                                {"arch": arch, "arch_kw": arch_kw, "mean": mean, "std": std, "classes": classes,
+                                 "input_size": input_size})
+            settings.approx = {"tau": tau, "coarse": coarse} if mode == "approx" else {}
+            settings.draw = draw
+            _run(images, data, indices, data_dir, model, out or Path("occlusion"), settings)
 
 
 class Sharding:
@@ -309,6 +316,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     cap = caption(prov, f"{st.baseline} patches" if st.baseline != "gray" else None)
     files: dict[int, list[str]] = {}
     figures = []
+    draw = getattr(st, "draw", None) or Draw()  # the figure worker when the command forked one, else in-process
     for base, (name, img, true_label) in zip(bases, items):
         for r in results[base]:
             stem = out / f"{base}_k{r.k}"
@@ -321,9 +329,9 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
             from ..analysis.occlusion_plot import plot_occlusion
 
             figure = out / f"{base}_occlusion.png"
-            plot_occlusion(img, results[base], figure, Path(name).name, model=source.name,
-                           true_label=classes[true_label] if true_label is not None else None, classes=classes,
-                           show=st.show, shared_scale=st.shared_scale, caption=cap)
+            draw(plot_occlusion, _pixels(img), results[base], figure, Path(name).name, model=source.name,
+                 true_label=classes[true_label] if true_label is not None else None, classes=classes,
+                 show=st.show, shared_scale=st.shared_scale, caption=cap)
             figures.append({"path": figure.name, "caption": f"{Path(name).name}: {cap}"})
             for r in results[base]:
                 files[id(r)].append(str(figure))
@@ -334,10 +342,10 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
         shown = list(zip(bases, items))[:GRID_MAX]
         more = f" (the first {GRID_MAX} of {len(items)} images)" if len(items) > GRID_MAX else ""
         for kk, gname in zip(st.ks, grid_names(st.ks)):
-            tiles = [(img, next(r for r in results[b] if r.k == kk),
+            tiles = [(_pixels(img), next(r for r in results[b] if r.k == kk),
                       classes[lab] if lab is not None else None, name) for b, (name, img, lab) in shown]
-            plot_occlusion_grid(tiles, out / gname, model=source.name, classes=classes, show=st.show,
-                                caption=cap + more)
+            draw(plot_occlusion_grid, tiles, out / gname, model=source.name, classes=classes, show=st.show,
+                 caption=cap + more)
             grid_files.append(str(out / gname))
             figures.insert(len(grid_files) - 1, {"path": gname, "caption": f"K={kk}{more}: {cap}"})
     flat = [(base, r) for base in bases for r in results[base]]
@@ -348,6 +356,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     if grid_files:
         doc["grid"] = grid_files
     rows = _table_rows(flat, items, st, classes)
+    draw.wait()  # every figure on disk (or its error raised) before the page that shows them
     from ..report_html import write_index
 
     write_index(out, f"Occlusion maps of {source.name}", prov,
@@ -369,6 +378,11 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
         table.add_row(*(v if isinstance(v, str) else f"{v:.3f}" if isinstance(v, float) else str(v)
                         for v in row.values()))
     console.print(table)
+
+
+def _pixels(img):
+    """An image as numpy for a figure job: what travels to the figure worker must not need torch to unpickle."""
+    return img.cpu().numpy() if hasattr(img, "cpu") else img
 
 
 def _engine_label(info: dict) -> str:

@@ -370,16 +370,17 @@ def test_artifact_key_holds_weights_options_recipe_and_every_version():
 
     from cifarbench import __version__
     from cifarbench.artifacts import artifact_key, artifact_recipe
+    from cifarbench.export import INT8_RECIPE
 
     recipe = artifact_recipe("w" * 64, "onnx-int8", {"calib": 8, "seed": 0, "calib_sha256": "c" * 64})
     tools = recipe["toolchain"]
     assert tools["onnx"] == onnx.__version__ and tools["onnxruntime"] == onnxruntime.__version__
     assert tools["torch_runtime"] == torch.__version__ and tools["cifarbench"] == __version__
-    assert tools["opset"] == "18" and recipe["recipe"] == "v2"
+    assert tools["opset"] == "18" and recipe["recipe"] == INT8_RECIPE
     key = artifact_key(recipe)
     changed = []
     for path, value in ((("weights_sha256",), "x" * 64), (("options", "calib_sha256"), "d" * 64),
-                        (("options", "calib"), 9), (("options", "seed"), 1), (("recipe",), "v3"),
+                        (("options", "calib"), 9), (("options", "seed"), 1), (("recipe",), INT8_RECIPE + "x"),
                         (("toolchain", "onnxruntime"), "0.0"), (("toolchain", "torch"), "0.0"),
                         (("toolchain", "onnx"), "0.0"), (("toolchain", "opset"), "17"),
                         (("toolchain", "cifarbench"), "0.0")):

@@ -248,7 +248,8 @@ def _open(source, backend: str, device, precision: str, options: dict):
 
 def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None, limit: int | None = None,
                          batch: int = 500, progress=None) -> dict:
-    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images.
+    """Test accuracy of the fp32 ONNX model and of its int8 copy on the first ``limit`` test images of ``data`` (a
+    data source for ``load_split``, or its test split already loaded).
     ``progress(done, total)``: image evaluations so far, of ``2 * images`` (each image runs on both models)."""
     import torch
 
@@ -258,7 +259,7 @@ def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None,
 
     source = resolve_source(model)
     fp32_path = source.onnx_path if source.kind == "onnx" else cached_artifact(source, "onnx")
-    test = load_split(data, "test", data_dir)
+    test = data if hasattr(data, "subset") else load_split(data, "test", data_dir)
     if limit:
         test = test.subset(slice(0, limit))
     preds, done = {}, 0

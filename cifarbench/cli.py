@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> None:
     # what provenance records: the arguments this call got (in-process callers pass argv; the console script
     # has them in sys.argv)
     COMMAND_LINE = ["cifarbench", *(sys.argv[1:] if argv is None else [str(a) for a in argv])]
+    from .console import quiet_cuda_probe
+
+    quiet_cuda_probe()  # every command that may compile (aoti, torch-compile) on a CUDA build without a GPU
     command = typer.main.get_command(app)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there

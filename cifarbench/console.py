@@ -39,3 +39,20 @@ def progress(**kwargs) -> Progress:
         TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console, transient=False, disable=not console.is_terminal, **kwargs,
     )
+
+
+def quiet_cuda_probe() -> None:
+    """torch.compile and AOTInductor import ``torch.utils.cpp_extension``, whose CUDA_HOME probe logs "No CUDA
+    runtime is found, using CUDA_HOME=..." (a logging record, not a Python warning) on a machine whose torch has
+    CUDA builds but no GPU: meaningless for a CPU run, and it would be the only line above a table. Drop that
+    one message from that one logger; everything else it logs still shows. ``cli.main`` calls it for every
+    command (stdlib logging only: no torch import)."""
+    import logging
+
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    if not any(getattr(f, "__name__", "") == "_no_cuda_runtime" for f in logger.filters):
+        logger.addFilter(_no_cuda_runtime)
+
+
+def _no_cuda_runtime(record) -> bool:
+    return not str(record.msg).startswith("No CUDA runtime is found")

@@ -115,8 +115,10 @@ def _serve(conn, parents_end) -> None:
     import traceback
 
     parents_end.close()  # the fork copied it: while the worker held it open, it would never see the EOF
-    # Ctrl-C reaches the whole process group: the parent handles it (and stops the worker), the worker stays quiet
+    # Ctrl-C reaches the whole process group: the parent handles it (and stops the worker), the worker stays quiet;
+    # SIGTERM (the parent's terminate()) ends it at once, not through the CLI's handler copied by the fork
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     try:
         _warm()

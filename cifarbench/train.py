@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import load_state, read_metadata, save_checkpoint, save_state, versions
-from .data import Dataset, augment, load_split
+from .data import Dataset, augment, default_data, load_split
 from .errors import UserError
 from .io import describe_os_error, write_json, write_text
 from .nets import count_parameters
@@ -55,7 +55,7 @@ class TrainConfig:
     epochs: int | None = None
     lr: float | None = None
     batch_size: int | None = None
-    data: str = "cifar10"
+    data: str = field(default_factory=default_data)  # $CIFARBENCH_DATA, else cifar10
     data_dir: str | None = None
     seed: int = 0
     device: str | None = None
@@ -169,13 +169,16 @@ def train_step(model, opt, x: torch.Tensor, y: torch.Tensor, cfg: dict, autocast
 
 def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_set: Dataset | None = None,
           test_set: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None,
-          show_progress: bool = True, on_batch: Callable[[dict], None] | None = None) -> dict:
+          show_progress: bool = True, on_batch: Callable[[dict], None] | None = None,
+          command_line: str | list | None = None) -> dict:
     """Train one run into ``out``; returns the summary also written to ``results.json``.
 
     Progress: ``show_progress`` draws a bar over every batch of the run (epoch, images/s, ETA) on a terminal, one
     line per epoch elsewhere; ``on_batch`` (what ``sweep`` shows per run) gets ``{"epoch", "batch", "batches",
     "images", "images_per_s"}`` at most every :data:`BATCH_EVENT_S` seconds and at each epoch's last batch;
-    ``on_epoch`` gets each finished epoch's metrics row.
+    ``on_epoch`` gets each finished epoch's metrics row. The summary carries a ``provenance`` block (the
+    command line, ``command_line`` or this process's argv; the trained net with the digest of its best
+    checkpoint; the training data's identity; device, precision, versions, date).
 
     ``resume``: continue the run saved in ``out`` from its last finished epoch (from the start when it was stopped
     during epoch 1), with the saved run's settings; ``config`` must agree with them (``--epochs`` may extend the
@@ -313,6 +316,19 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                "best_test_accuracy_tta": best["test_accuracy_tta"],
                "final_test_accuracy": history[-1]["test_accuracy"], "train_seconds": run_time,
                "total_parameters": n_params, "hparams": cfg["hparams"], "seed": cfg["seed"], "out": str(out)}
+    from .checkpoint import file_sha256
+    from .provenance import provenance
+
+    best_file = out / "best.safetensors"
+    summary["provenance"] = provenance(
+        command_line=command_line,
+        data={"identity": train_set.identity, "images": len(train_set), "test_identity": test_set.identity,
+              "test_images": len(test_set)},
+        backend="torch", precision="amp" if use_autocast else "fp32", device=device,
+        extra={"recipe": cfg["recipe"], "seed": cfg["seed"],
+               # the model this run made: its best checkpoint, by content
+               "model": {"name": cfg["net"], "kind": "checkpoint", "path": str(best_file),
+                         "digest": file_sha256(best_file)}})
     _write(write_json, out / "results.json", summary)
     return summary
 

@@ -185,7 +185,7 @@ def test_accuracy_report_progress_counts_both_models(net1):
 def test_the_cuda_probe_line_is_dropped_and_nothing_else():
     import logging
 
-    from cifarbench.commands.verify import quiet_cuda_probe
+    from cifarbench.console import quiet_cuda_probe
 
     seen = []
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import math
 
-import pytest
 from rich.console import Console
 
 from cifarbench import train as train_mod

@@ -65,9 +65,6 @@ def register(app: typer.Typer) -> None:
         from ..io import output_file
         from ..runtime import default_device
 
-        from .verify import quiet_cuda_probe
-
-        quiet_cuda_probe()  # --to aoti compiles through torch.utils.cpp_extension
         check_target(to)
         if calib_method is not None:
             check_calib_method(calib_method)
@@ -87,6 +84,16 @@ def register(app: typer.Typer) -> None:
                             f"it was built from")
         if out is None:
             out = Path(f"{source.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
+        test_set = None
+        if to == "onnx-int8" and eval_images > 0:
+            # read before minutes of calibration, and before an artifact is written that a failed check would leave
+            from ..data import load_split
+
+            try:
+                test_set = load_split(data, "test", data_dir)
+            except UserError as exc:
+                raise UserError(f"the int8 accuracy check reads --data's test images: {exc}; or skip the check "
+                                f"with --eval-images 0") from None
         start = time.perf_counter()
         # the artifact path is checked before exporting: never a file of the user's replaced, never a refusal
         # after minutes of calibration
@@ -130,7 +137,7 @@ def register(app: typer.Typer) -> None:
             with progress() as bar:
                 task = bar.add_task("accuracy", total=None, status="fp32 and int8 on test images")
                 result["accuracy"] = int8_accuracy_report(
-                    source, path, data, data_dir, eval_images,
+                    source, path, test_set, data_dir, eval_images,
                     progress=lambda done, total: bar.update(task, completed=done, total=total))
             bound = TOLERANCES["int8"]["top1"]
             if result["accuracy"]["top1_agreement"] < bound:

@@ -25,9 +25,9 @@ def register(app: typer.Typer) -> None:
         recipe: Annotated[Optional[str], typer.Option(
             "--recipe", help=f"seed (the report's, default) | fast. {_RESUME_NOTE}")] = None,
         data: Annotated[Optional[str], typer.Option(
-            "--data", help="cifar10 (official, via torchvision; default), synthetic[:N], or PATH (official folder, "
-                           "image-folder root or its .tar.gz). With --resume: the saved run's (its identity is "
-                           "checked).")] = None,
+            "--data", help="cifar10 (official, via torchvision), synthetic[:N], or PATH (official folder, "
+                           "image-folder root or its .tar.gz). Default: $CIFARBENCH_DATA when set, else cifar10. "
+                           "With --resume: the saved run's (its identity is checked).")] = None,
         data_dir: DataDirOpt = None,
         out: OutOpt = None,
         resume: Annotated[Optional[Path], typer.Option(
@@ -58,7 +58,9 @@ def register(app: typer.Typer) -> None:
             out = out or Path("runs") / f"{net}-{config.recipe}-s{config.seed}"
             if (Path(out) / "config.json").exists():
                 raise UserError(f"{out} already holds a run; use --resume {out} or another --out")
-        summary = train(config, out, resume=resume is not None)
+        from .. import cli
+
+        summary = train(config, out, resume=resume is not None, command_line=cli.COMMAND_LINE)
         if json:
             emit_json(summary)
         else:

@@ -26,22 +26,6 @@ TOLERANCES = {"fp32": {"atol": 1e-4, "rtol": 1e-4, "top1": 0.99},
               "int8": {"atol": 1.0, "rtol": 0.1, "top1": 0.99}}
 
 
-def quiet_cuda_probe() -> None:
-    """torch.compile and AOTInductor import ``torch.utils.cpp_extension``, whose CUDA_HOME probe logs "No CUDA
-    runtime is found, using CUDA_HOME=..." (a logging record, not a Python warning) on a machine whose torch has
-    CUDA builds but no GPU: meaningless for a CPU run, and it would be the only line above the table. Drop that
-    one message from that one logger; everything else it logs still shows."""
-    import logging
-
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    if not any(getattr(f, "__name__", "") == "_no_cuda_runtime" for f in logger.filters):
-        logger.addFilter(_no_cuda_runtime)
-
-
-def _no_cuda_runtime(record) -> bool:
-    return not str(record.msg).startswith("No CUDA runtime is found")
-
-
 def tolerance_for(precision: str, atol=None, rtol=None, top1=None) -> dict:
     """The bounds for one backend: the given ones, else its precision's defaults."""
     base = TOLERANCES.get(precision, TOLERANCES["fp32"])
@@ -85,7 +69,6 @@ def register(app: typer.Typer) -> None:
 
         if images < 1:
             raise UserError(f"--images must be at least 1, got {images}")
-        quiet_cuda_probe()
         if (atol is not None and atol < 0) or (rtol is not None and rtol < 0) or \
                 (top1 is not None and not 0 <= top1 <= 1):
             raise UserError("--atol and --rtol must be >= 0 and --top1 in 0..1")

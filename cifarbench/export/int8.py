@@ -35,6 +35,9 @@ from ..io import atomic_path, scratch_dir
 from . import CALIB_METHODS
 
 CALIB_BATCH = 64
+#: what fixes missing calibration images (the zoo nets and CIFAR-10 32x32 models use the bundled set unasked)
+CALIB_HINT = ("pass --calib-data PATH (training images of the model's size: an official cifar-10-batches-py folder, "
+              "an image-folder root or its .tar.gz), or set CIFARBENCH_CALIB_DATA=PATH once")
 #: ops whose second input is a weight matrix or filter bank: the layers int8 quantization is about
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 #: why a layer stays fp32, by the role :func:`quantize` excluded it for (stored in the artifact's metadata)
@@ -49,11 +52,15 @@ ORT_REASON = "ONNX Runtime's quantizer left it fp32 (cifarbench did not exclude 
 
 def calibration_images(data: str, n: int, seed: int = 0, data_dir=None) -> torch.Tensor:
     """``n`` training images in [0, 1], a seeded random subset of ``load_split(data, "train")``."""
-    from ..data import load_split
+    from ..data import OFFLINE_HINT, load_split
 
     if n < 1:
         raise UserError(f"--calib must be at least 1, got {n}")
-    train = load_split(data, "train", data_dir)
+    try:
+        train = load_split(data, "train", data_dir)
+    except UserError as exc:
+        # the loader's hint names --data, which does not reach calibration: name what does
+        raise UserError(f"INT8 calibration: {str(exc).replace(OFFLINE_HINT, CALIB_HINT)}") from None
     g = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(train), generator=g)[:n]
     return train.subset(index).float_images()

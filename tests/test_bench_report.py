@@ -80,7 +80,8 @@ def test_json_rows_grouped_with_ratios(capsys, write):
 
 def test_table_names_every_benchmark(capsys, write):
     code, out, err = run_cli(capsys, "bench", "--from", write("cpu.json", CPU_RUN))
-    assert code == 0 and out == ""
+    assert code == 0 and err == ""  # the report is the result: stdout
+    err = out
     assert "pytest-benchmark on box: Test CPU x2 (2026-12-01T10:00:00)" in err
     for b in CPU_RUN["benchmarks"]:
         assert b["name"] in err  # whole, brackets included: names are not rich markup
@@ -95,7 +96,7 @@ def test_table_names_every_benchmark(capsys, write):
 
 def test_real_gpu_run_renders_whole_at_120_columns(capsys):
     doc = json.loads(REAL.read_text())
-    code, _, err = run_cli(capsys, "bench", "--from", REAL)
+    code, err, _ = run_cli(capsys, "bench", "--from", REAL)  # the report: stdout
     assert code == 0 and "NVIDIA H200" in err and "Intel(R) Xeon(R) Processor x16" in err
     assert all(b["name"] in err for b in doc["benchmarks"])
     assert "bf16-autocast" in err and "\N{HORIZONTAL ELLIPSIS}" not in err  # nothing cut to fit
@@ -132,7 +133,7 @@ def test_compare_matches_fullnames(capsys, write):
     assert (a["base_mean_s"], a["other_mean_s"]) == (0.5, 0.25)
     assert a["speedup"] == pytest.approx(2.0) and a["time_ratio"] == pytest.approx(0.5)
     assert b["speedup"] == pytest.approx(0.5) and b["time_ratio"] == pytest.approx(2.0)
-    code, _, err = run_cli(capsys, "bench", "--from", base, "--compare", other)
+    code, err, _ = run_cli(capsys, "bench", "--from", base, "--compare", other)  # the comparison: stdout
     assert code == 0 and "test_a[x]" in err and "2.00x" in err and "0.50x" in err and "only_in" not in err
 
 
@@ -173,3 +174,21 @@ def test_render_errors(capsys, write, content, match):
 
 def test_missing_file(capsys):
     assert_user_error(capsys, "bench", "--from", "nowhere.json", match="no such benchmark results file")
+
+
+def test_report_redirected_to_a_file_is_whole(tmp_path):
+    """``cifarbench bench --from run.json > report.txt``: the report lands in the file, lines whole (not cut to
+    80 columns), nothing of it on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    with open(tmp_path / "report.txt", "w") as f:
+        done = subprocess.run([sys.executable, "-m", "cifarbench.cli", "bench", "--from", str(REAL)], stdout=f,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    text = (tmp_path / "report.txt").read_text()
+    doc = json.loads(REAL.read_text())
+    assert "…" not in text and all(b["name"] in text for b in doc["benchmarks"])
+    assert max(len(line) for line in text.splitlines()) > 80

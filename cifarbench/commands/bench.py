@@ -54,12 +54,15 @@ def register(app: typer.Typer) -> None:
         """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
         import torch
 
-        from ..console import console, emit_json
+        from ..console import console, emit_json, make_console
         from ..errors import UserError
         from ..io import output_file
         from ..timing import compare, compare_table, load_results, results_table
 
         if from_ is not None:
+            # a rendered report is the command's result: stdout (``bench --from run.json > report.txt``), whole
+            # lines when that is a file or pipe; measuring runs keep their tables on stderr beside the progress
+            report = make_console(stderr=False)
             if model is not None:
                 raise UserError("give either MODEL (to measure) or --from (to render a saved run), not both")
             from .. import bench_report
@@ -70,7 +73,7 @@ def register(app: typer.Typer) -> None:
                 if json:
                     emit_json(bench_report.report(doc) if pytest_json else doc)
                 else:
-                    console.print(bench_report.report_table(doc) if pytest_json else results_table(doc))
+                    report.print(bench_report.report_table(doc) if pytest_json else results_table(doc))
                 return
             other = load_results(compare_)
             if bench_report.is_pytest_benchmark(other) != pytest_json:
@@ -82,7 +85,7 @@ def register(app: typer.Typer) -> None:
                 emit_json({"base": str(from_), "other": str(compare_), "rows": rows})
             else:
                 table = bench_report.compare_table if pytest_json else compare_table
-                console.print(table(rows, str(from_), str(compare_)))
+                report.print(table(rows, str(from_), str(compare_)))
             return
         if compare_ is not None:
             raise UserError("--compare needs --from (the run to compare against)")

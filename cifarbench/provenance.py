@@ -131,6 +131,17 @@ def provenance(command_line=None, model=None, data=None, backend=None, precision
     return out
 
 
+def data_label(identity) -> str:
+    """A data identity as a title names it, in words that wrap: ``imagefolder:cifar10-jpeg75.tar.gz:3dfec350…:test``
+    reads ``cifar10-jpeg75.tar.gz test (3dfec350)``, ``synthetic:200:test`` reads ``synthetic:200 test``."""
+    import re
+
+    parts = str(identity).split(":")
+    if len(parts) >= 4 and re.fullmatch(r"[0-9a-f]{8,}", parts[-2]):
+        return f"{':'.join(parts[1:-2])} {parts[-1]} ({parts[-2][:8]})"
+    return f"{':'.join(parts[:-1])} {parts[-1]}" if len(parts) >= 2 else str(identity)
+
+
 def caption(prov: dict, changed: str | None = None) -> str:
     """One line for a figure: ``net1 (a1b2c3d4) · cifar10:test · torch fp32 cpu · <what changed>``."""
     model = prov.get("model") or {}

@@ -58,3 +58,4 @@ def test_calibration_offline_names_calib_data_not_data(tmp_path, monkeypatch):
     message = str(info.value)
     assert message.startswith("INT8 calibration:") and "--calib-data PATH" in message
     assert "CIFARBENCH_CALIB_DATA" in message and "--data PATH" not in message
+

@@ -220,7 +220,11 @@ def register(app: typer.Typer) -> None:
         resume: ResumeOpt = False,
     ) -> None:
         """Zero filters and compare per-class accuracy and confusion matrices before and after (the report's
-        Table 1), or sweep every filter of a layer and rank the filters by accuracy drop."""
+        Table 1), or sweep every filter of a layer and rank the filters by accuracy drop.
+
+        Examples: cifarbench ablate net1 --filters conv1:0,3 --out ablation;
+        cifarbench ablate net4 --sweep conv2 --data test.tar.gz --json
+        """
         from ..errors import UserError
         from ..filters import all_filters, resolve_layers, resolve_selection
 

@@ -51,7 +51,11 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
         classes: ClassesOpt = None, input_size: InputSizeOpt = None,
     ) -> None:
-        """Benchmark MODEL, or render (--from) and compare (--compare) saved runs."""
+        """Benchmark MODEL, or render (--from) and compare (--compare) saved runs.
+
+        Examples: cifarbench bench net4 --backends torch,onnx,onnx-int8 --batch 1,64 --out bench;
+        cifarbench bench --from bench.json > report.txt; cifarbench bench --from cpu.json --compare gpu.json
+        """
         import torch
 
         from ..console import console, emit_json, make_console

@@ -13,7 +13,11 @@ def register(app: typer.Typer) -> None:
                      backend: BackendOpt = "auto", device: DeviceOpt = None, out: OutOpt = None,
                      json: JsonOpt = False, arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None,
                      std: StdOpt = None, classes: ClassesOpt = None, input_size: InputSizeOpt = None) -> None:
-        """Test-set accuracy, per-class accuracy and confusion matrix (CSV and PNG under --out)."""
+        """Test-set accuracy, per-class accuracy and confusion matrix (CSV and PNG under --out).
+
+        Examples: cifarbench eval net4 --data cifar10-test.tar.gz --out eval;
+        cifarbench eval my.onnx --classes a,b,c,d,e,f,g,h,i,j --backend onnx-int8 --json
+        """
         from ..io import output_folder
 
         # --out is checked before the model is opened: no run ends in a refusal after the work is done
@@ -54,7 +58,12 @@ def _evaluate(source, data, data_dir, backend, device, out, json) -> None:
         return
     from rich.table import Table
 
-    table = Table(title=f"{source.name} on {test.identity} ({runtime.name})")
+    from rich.markup import escape
+
+    from ..provenance import data_label
+
+    # words, not the identity string: a title wraps at spaces, and the identity has none
+    table = Table(title=escape(f"{source.name} on {data_label(test.identity)}, {len(test):,} images ({runtime.name})"))
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for cls, acc in result["per_class"].items():

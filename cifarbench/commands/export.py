@@ -57,7 +57,11 @@ def register(app: typer.Typer) -> None:
         arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
         classes: ClassesOpt = None, input_size: InputSizeOpt = None,
     ) -> None:
-        """Export MODEL; onnx-int8 also reports test accuracy of the int8 model next to fp32."""
+        """Export MODEL; onnx-int8 also reports test accuracy of the int8 model next to fp32.
+
+        Examples: cifarbench export net4 --to onnx --out net4.onnx;
+        cifarbench export net4 --to onnx-int8 --calib-method percentile --eval-images 1000 --data test.tar.gz
+        """
         from ..checkpoint import file_sha256
         from ..console import console, emit_json, progress
         from ..errors import UserError

@@ -13,7 +13,10 @@ def register(app: typer.Typer) -> None:
                    mean: MeanOpt = None, std: StdOpt = None, classes: ClassesOpt = None,
                    input_size: InputSizeOpt = None) -> None:
         """Conv layers: name (what --filters takes), filters (output channels), kernel, stride, output size and
-        receptive field in input pixels (max over paths where branches join)."""
+        receptive field in input pixels (max over paths where branches join).
+
+        Examples: cifarbench layers net4; cifarbench layers resnet.pt --arch mymodels:resnet20 --json
+        """
         from ..console import console, emit_json
         from ..filters import layer_table
 

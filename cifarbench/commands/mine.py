@@ -126,7 +126,11 @@ def register(app: typer.Typer) -> None:
         resume: ResumeOpt = False,
     ) -> None:
         """Mine the test images that excite each filter most (response: spatial sum of the pre-ReLU map), with
-        their receptive-field patches, and list the net's filters that never activate."""
+        their receptive-field patches, and list the net's filters that never activate.
+
+        Examples: cifarbench mine net1 --filters conv2:0-5 --data test.tar.gz --out mining;
+        cifarbench mine net4 --filters conv1 --top 9 --json
+        """
         from ..errors import UserError
         from ..filters import resolve_selection
 

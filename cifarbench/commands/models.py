@@ -10,7 +10,10 @@ def register(app: typer.Typer) -> None:
     @app.command("models")
     def models(json: JsonOpt = False) -> None:
         """List the nets of the report with parameter counts, FLOPs and bundled weights, and which data and caches
-        every command uses by default."""
+        every command uses by default.
+
+        Examples: cifarbench models; cifarbench models --json
+        """
         from ..console import console, emit_json
         from ..data import data_settings
         from ..nets import count_flops, count_parameters

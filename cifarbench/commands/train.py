@@ -38,7 +38,11 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = None,
         json: JsonOpt = False,
     ) -> None:
-        """Train a net; writes config.json, metrics.csv, best/last checkpoints and results.json to --out."""
+        """Train a net; writes config.json, metrics.csv, best/last checkpoints and results.json to --out.
+
+        Examples: cifarbench train net1 --epochs 15 --data train.tar.gz --out runs/net1;
+        cifarbench train net4 --recipe fast --device cuda; cifarbench train net1 --resume runs/net1 --epochs 30
+        """
         from ..console import console, emit_json
         from ..errors import UserError
         from ..train import TrainConfig, resume_config, train

@@ -62,7 +62,10 @@ def register(app: typer.Typer) -> None:
         json: JsonOpt = False,
         out: OutOpt = None,
     ) -> None:
-        """Per backend: max abs and rel error of logits and probabilities, top-1 agreement, pass/fail."""
+        """Per backend: max abs and rel error of logits and probabilities, top-1 agreement, pass/fail.
+
+        Examples: cifarbench verify net4 --images 500; cifarbench verify my.onnx --backends onnx,onnx-int8 --json
+        """
         from ..console import emit_json
         from ..errors import UserError
         from ..options import model_source

@@ -1,0 +1,44 @@
+"""CLI polish (issue 15): every command's help shows examples using only options it has; the eval table's title
+names the data in words, so it wraps between words rather than inside the identity string."""
+from __future__ import annotations
+
+import pytest
+
+from cli_helpers import run_cli
+
+
+@pytest.mark.parametrize("command", ["models", "train", "eval", "export", "verify", "bench", "occlude", "ablate",
+                                     "mine", "layers", "sweep"])
+def test_every_command_help_has_examples_that_parse(command, capsys):
+    """Each command's help shows examples, and every option an example uses is one the command has."""
+    import re
+
+    code, out, err = run_cli(capsys, command, "-h")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "Examples: cifarbench" in text, command
+    examples = re.findall(rf"cifarbench {command}\b[^;]*", text.split("Examples:", 1)[1].split("╭", 1)[0])
+    assert examples
+    for ex in examples:
+        for option in re.findall(r"(?<=\s)(--[a-z][a-z0-9-]*)", ex):
+            assert re.search(rf"{option}\b", text.split("Examples:", 1)[0] + text.split("╭", 1)[1]), (command, option)
+
+
+def test_eval_title_wraps_between_words(capsys, monkeypatch):
+    from cifarbench.provenance import data_label
+
+    assert data_label("imagefolder:cifar10-jpeg75.tar.gz:3dfec3500d918393:test") == \
+        "cifar10-jpeg75.tar.gz test (3dfec350)"
+    assert data_label("synthetic:200:test") == "synthetic:200 test"
+    monkeypatch.setenv("COLUMNS", "40")
+    code, _, err = run_cli(capsys, "eval", "net1", "--data", "synthetic:300", "--backend", "torch", "--device", "cpu")
+    assert code == 0, err
+    title = []
+    for line in err.splitlines():
+        if "┏" in line:
+            break
+        title += line.split()
+    joined = " ".join(title)
+    assert joined.startswith("net1 on synthetic:300 test, ") and joined.endswith(" images (torch)"), err
+    assert all(word in ("net1", "on", "synthetic:300", "test,", "images", "(torch)") or
+               word.replace(",", "").isdigit() for word in title), title   # every word whole, none cut

@@ -68,11 +68,15 @@ def image():
 def test_modules_run_incremental_and_dense_equal_to_the_naive_loop(models, image, name):
     model = models[name]
     ref, target = naive_map(model, image, 8, 8)
+    # auto times both exact engines where the FLOP rule is not clear-cut (ResNet-20 at stride 8: 16 positions, so
+    # either may win here); whichever it picks, the map is the definition's
     auto = occlusion_map(model, image, 8, stride=8, backend="torch", device="cpu")
-    assert auto.engine["engine"] == "incremental-graph" and auto.engine["why"].startswith("auto:")
+    assert auto.engine["engine"] in ("incremental-graph", "dense") and auto.engine["why"].startswith("auto:")
+    incremental = occlusion_map(model, image, 8, stride=8, mode="incremental", backend="torch", device="cpu")
+    assert incremental.engine["engine"] == "incremental-graph"
     dense = occlusion_map(model, image, 8, stride=8, mode="dense", backend="torch", device="cpu")
     assert dense.engine["engine"] == "dense"
-    for r in (auto, dense):
+    for r in (auto, incremental, dense):
         assert r.map.shape == (4, 4) and r.target == target
         assert np.abs(r.map - ref).max() <= 1e-5
 
@@ -142,9 +146,9 @@ def test_state_dict_with_arch_class_names_and_label(files, models, tmp_path, cap
     (r,) = doc["results"]
     assert r["target"] == 3 and r["target_class"] == "c3" and r["predicted_class"].startswith("c")
     assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
-    assert r["engine"]["engine"] == "incremental-graph" and "auto" in r["engine"]["why"]
+    assert r["engine"]["engine"] in ("incremental-graph", "dense") and "auto" in r["engine"]["why"]
     prov = doc["provenance"]
-    assert prov["k"] == [8] and prov["stride"] == 8 and prov["engine"] == "incremental-graph"
+    assert prov["k"] == [8] and prov["stride"] == 8 and prov["engine"] == r["engine"]["engine"]
     assert prov["model"]["digest"] and (tmp_path / "o" / "index.html").is_file()
 
 

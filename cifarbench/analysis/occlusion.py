@@ -585,7 +585,7 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
         return cache["incremental"]
     from ..kernels.graph import UnsupportedOp
 
-    engine, why = None, ""
+    engine, why, translated = None, "", False
     runtime = cache.get("runtime")
     module = None
     if not cache.get("given_runtime") and backend == "auto" and source.module is not None:
@@ -593,7 +593,15 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
     else:
         runtime = _runtime(cache, source, backend, device, runtime_options)
         module = runtime.torch_module() if runtime.precision == "fp32" else None
-        if module is None and runtime.precision == "int8" and runtime.onnx_graph() is not None:
+        if module is None and runtime.precision == "fp32" and source.module is None and \
+                runtime.onnx_graph() is not None:
+            # an fp32 ONNX file: the layer-graph engine runs its graph translated to torch (a torch source on an
+            # explicit graph backend is not translated: that backend runs it, dense)
+            try:
+                module, translated = _onnx_module(source, runtime.onnx_graph()), True
+            except Exception as exc:  # noqa: BLE001  (UnsupportedOp names the op; auto must still run dense)
+                why = f"the incremental engine cannot run {source.name}'s ONNX graph: {_first_line(exc)}"
+        elif module is None and runtime.precision == "int8" and runtime.onnx_graph() is not None:
             if runtime.device.type != "cpu":
                 why = f"the int8 incremental engine runs on the CPU, not {runtime.device}"
             else:
@@ -606,10 +614,12 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
                    f"(--backend onnx-int8); "
                    f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
     if module is not None:
-        module = _traceable(source, module)
+        module = module if translated else _traceable(source, module)
         try:
             engine = IncrementalEngine(module, runtime.device if runtime is not None else device, chunk,
                                        source.input_size, source.classes)
+            if translated:
+                _says_onnx(engine)
         except UnsupportedOp as exc:
             why = f"the incremental engine cannot run {source.name}: {exc}"
         except Exception as exc:  # noqa: BLE001  (a graph the IR mis-reads: auto must still run dense)
@@ -626,30 +636,54 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
     knobs = {key: options.pop(key, None) for key in ("tau", "coarse", "approx_precision")}
     if "approx" in cache:
         return cache["approx"]
-    if backend not in ("auto", "torch") or source.module is None:
-        raise UserError(f"--mode approx runs on a torch model (--backend auto or torch), not {source.name} on "
-                        f"--backend {backend}; use --mode incremental or dense")
+    onnx = source.kind == "onnx" and backend in ("auto", "onnxruntime")
+    if not onnx and (backend not in ("auto", "torch") or source.module is None):
+        raise UserError(f"--mode approx runs on a torch model (--backend auto or torch) or an fp32 ONNX file "
+                        f"(--backend auto or onnxruntime), not {source.name} on --backend {backend}; use --mode "
+                        f"incremental or dense")
     try:
-        engine = ApproxEngine(_traceable(source, source.torch_module()), device, source.input_size, source.classes,
-                              knobs["tau"], knobs["coarse"], knobs["approx_precision"])
+        if onnx:
+            from ..formats import graph_precision, load_onnx
+
+            proto = load_onnx(source.onnx_path)
+            if graph_precision(proto) != "fp32":
+                raise UserError(f"--mode approx runs on fp32 graphs; {source.name} is {graph_precision(proto)}; "
+                                f"use --mode incremental or dense")
+            try:
+                module = _onnx_module(source, proto)
+            except UnsupportedOp:
+                raise
+            except Exception as exc:  # noqa: BLE001  (a graph the translation mis-reads: one line, not a traceback)
+                raise UserError(f"the approximate engine cannot run {source.name}'s ONNX graph: "
+                                f"{_first_line(exc)}; use --mode dense") from None
+        else:
+            module = _traceable(source, source.torch_module())
+        engine = ApproxEngine(module, device, source.input_size, source.classes, knobs["tau"], knobs["coarse"],
+                              knobs["approx_precision"])
     except UnsupportedOp as exc:
         raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
+    if onnx:
+        _says_onnx(engine)
     cache["approx"] = engine
     return engine
 
 
-def _traceable(source, module):
-    """``module`` (a torch module on [0, 1] pixels) as the graph IR can trace it. A source with ``mean``/``std``
-    gives a wrapper whose forward casts its buffers to ``x.dtype``, which the IR reads as image-dependent (op
-    ``sub``); the same ``(x - mean) / std`` with float32 constants traces as one pointwise node."""
-    if source.mean is None or source.module is None:
+def _traceable(source, module, own_input: bool = False):
+    """``module`` as the graph IR can trace it, taking [0, 1] pixels. By default ``module`` already takes [0, 1]
+    pixels (``torch_module()``); a source with ``mean``/``std`` then gives a wrapper whose forward casts its
+    buffers to ``x.dtype``, which the IR reads as image-dependent (op ``sub``), so ``source.module`` is wrapped
+    again with the same ``(x - mean) / std`` as float32 constants, which trace as one pointwise node.
+    ``own_input``: ``module`` takes the model's own input (an ONNX graph translated to torch): that wrapper goes in
+    front of ``module`` itself where the source has ``mean``/``std``."""
+    inner = module if own_input else source.module
+    if source.mean is None or inner is None:
         return module
     from torch import nn
 
     class Normalized(nn.Module):
         def __init__(self):
             super().__init__()
-            self.model = source.module
+            self.model = inner
             self.register_buffer("mean", torch.tensor(source.mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(source.std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -657,6 +691,28 @@ def _traceable(source, module):
             return self.model((x - self.mean) / self.std)
 
     return Normalized().eval()
+
+
+def _onnx_module(source, proto):
+    """An fp32 ONNX graph of ``source`` translated to torch (:mod:`cifarbench.kernels.onnx_module`), on [0, 1]
+    pixels; raises ``UnsupportedOp`` naming an op it cannot translate."""
+    from ..kernels.onnx_module import onnx_module
+
+    return _traceable(source, onnx_module(proto), own_input=True)
+
+
+def _says_onnx(engine) -> None:
+    """``engine.describe()`` says what it runs: the ONNX graph translated to torch, not a torch source."""
+    describe = engine.describe
+    engine.describe = lambda: {**describe(), "graph": "ONNX graph translated to torch"}
+
+
+def _first_line(exc: Exception) -> str:
+    """``UnsupportedOp``'s message as it is (it names the op); any other error with its type."""
+    from ..kernels.graph import UnsupportedOp
+
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return text if isinstance(exc, UnsupportedOp) else f"{type(exc).__name__}: {text}"
 
 
 def _runtime(cache: dict, source, backend: str, device, runtime_options: dict):

@@ -431,36 +431,82 @@ def table_name(keys) -> str:
     return "__".join(keys)
 
 
+#: grouped CSVs: accuracies (fractions) to 6 decimals and overfit% (percentage points) to 4 -- both 1e-4
+#: percentage points, below which the float32 test accuracy's noise lies (an overfit% of -1.49e-07 is 0) --, every
+#: other float to 6 significant digits; whole numbers as integers
+CSV_DECIMALS = {"train_accuracy": 6, "test_accuracy": 6, "overfit%": 4}
+CSV_DIGITS = 6
+
+
+def tidy_number(value, column: str | None = None):
+    """A grouped table's number as a CSV shows it (:data:`CSV_DECIMALS`): ``72302.0`` -> ``72302``,
+    ``-1.49e-07`` (overfit%) -> ``0``, ``2.3033089447021484`` -> ``2.30331``; never ``-0``."""
+    if value is None or isinstance(value, (bool, int)) or not isinstance(value, float) or not math.isfinite(value):
+        return value
+    if column in CSV_DECIMALS:
+        value = round(value, CSV_DECIMALS[column])
+    elif value:
+        value = round(value, CSV_DIGITS - 1 - math.floor(math.log10(abs(value))))
+    value += 0.0  # -0.0 -> 0.0
+    return int(value) if value.is_integer() and abs(value) < 2 ** 53 else value
+
+
+def tidy_rows(rows: list[dict], columns) -> list[dict]:
+    """``rows`` with the numbers of ``columns`` tidied (:func:`tidy_number`); other cells as they are."""
+    return [{k: tidy_number(v, k) if k in columns else v for k, v in r.items()} for r in rows]
+
+
+def grid_text(grid: dict) -> str:
+    """``{"l1_oc": ["8", "16"], "kernel_size": [3, 5]}`` -> ``l1_oc=8,16 kernel_size=3,5`` (as typed on the
+    command line)."""
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, (list, tuple)) else v}" for k, v in grid.items())
+
+
+def data_name(data: str | None) -> str:
+    """The data as a figure names it: ``synthetic:200``, ``cifar10``, a path's file name."""
+    data = str(data or "")
+    return Path(data).name if ("/" in data or "\\" in data) else data
+
+
 def write_outputs(out: str | Path, summary: dict, rows: list[dict]) -> dict[str, str]:
-    """metrics.csv, summary.json, grouped/<keys>.csv and plots/*.png under ``out``; returns what was written."""
+    """metrics.csv, summary.json, grouped/<keys>.csv and plots/*.png under ``out``; returns what was written.
+
+    metrics.csv holds the raw per-epoch rows (the report's columns); the grouped CSVs the means rounded for a
+    reader (:func:`tidy_number`); summary.json the exact means."""
     from .sweep_plots import plot_curves, plot_grouped
     from .train import metric_columns, rows_csv
 
     out = Path(out)
     files = {}
     prov = summary.get("provenance") or {}
-    net = (prov.get("model") or {}).get("name") or "sweep"
+    net = (prov.get("model") or {}).get("name") or summary.get("net") or "sweep"
     net = net.split(" ")[0]
+    # the figures' one title: model and data here, what is drawn added by the plot
+    subject = " · ".join(p for p in (net, data_name(summary.get("data") or (prov.get("data") or {}).get("identity")))
+                         if p)
     cap = None
     if prov:
         from .provenance import caption
 
-        cap = caption(prov, "grid " + ", ".join(f"{k}={v}" for k, v in (prov.get("grid") or {}).items()))
+        # the data by its file name, as in the title (the full path stays in the provenance)
+        data = prov.get("data") or {}
+        shown = {**prov, "data": {**data, "identity": data_name(data.get("identity"))}} if data else prov
+        cap = caption(shown, f"grid {grid_text(prov.get('grid') or summary.get('grid') or {})}")
     if rows:
         hparams = {k: None for k in HPARAMS}
         files["metrics"] = out / "metrics.csv"
         write_text(files["metrics"], rows_csv(rows, metric_columns(hparams) + ["name"]))
         files["curves"] = out / "plots" / "test_accuracy.png"
-        plot_curves(rows, files["curves"], title=f"{net}: test accuracy per epoch, one line per run", caption=cap)
+        plot_curves(rows, files["curves"], title=subject, caption=cap)
     for group in summary["grouped"]:
         if not group["rows"]:
             continue
         name = table_name(group["by"])
         files[f"grouped:{name}"] = out / "grouped" / f"{name}.csv"
-        write_text(files[f"grouped:{name}"], rows_csv(group["rows"], group["by"] + ["runs", *GROUP_METRICS]))
+        write_text(files[f"grouped:{name}"], rows_csv(tidy_rows(group["rows"], GROUP_METRICS),
+                                                      group["by"] + ["runs", *GROUP_METRICS]))
         files[f"plot:{name}"] = out / "plots" / f"grouped_{name}.png"
-        plot_grouped(group["rows"], group["by"], files[f"plot:{name}"],
-                     title=f"{net}: means over all epochs of all runs, by {' x '.join(group['by'])}", caption=cap)
+        plot_grouped(group["rows"], group["by"], files[f"plot:{name}"], title=subject, caption=cap)
     files = {k: str(v) for k, v in files.items()}
     files["summary"] = str(out / "summary.json")
     write_json(out / "summary.json", {**summary, "files": files})

@@ -11,6 +11,8 @@ trap 'rm -rf "$work"' EXIT
 cifarbench occlude --model net4 --k 4 --k 8 --k 12 examples/cat.png --out "$work/occ" 2>/dev/null
 cifarbench ablate net4 --filters conv1:0-7 --data "$DATA" --limit 500 --out "$work/abl" 2>/dev/null
 cifarbench mine net4 --filters conv4:3 --data "$DATA" --limit 1000 --top 6 --show 6 --out "$work/mine" 2>/dev/null
+# four tiny nets trained for 2 epochs each (about 6 minutes on 2 CPU cores)
+cifarbench sweep net1 --grid l1_oc=6,12 --grid kernel_size=3,5 --epochs 2 --data "$DATA" --out "$work/sweep" 2>/dev/null
 
 # READMEs want small files: scale to at most 1000 px wide and keep the PNG's Title/Description (what it shows)
 python - "$work" <<'PY'
@@ -21,7 +23,8 @@ from PIL import Image, PngImagePlugin
 
 work = Path(sys.argv[1])
 for src, name in ((work / "occ/cat_occlusion.png", "occlusion.png"), (work / "abl/confusion.png", "ablation.png"),
-                  (work / "mine/filters/conv4_filter3.png", "mining.png")):
+                  (work / "mine/filters/conv4_filter3.png", "mining.png"),
+                  (work / "sweep/plots/test_accuracy.png", "sweep.png")):
     with Image.open(src) as im:
         info = PngImagePlugin.PngInfo()
         for key, value in im.text.items():

@@ -94,24 +94,79 @@ def _sweep(sw, trials, values, executor, address, ray_cpus, cpus_per_trial, gpus
     console.print(f"sweep saved in {out} (metrics.csv, summary.json, grouped/, plots/)")
 
 
+# One convention for a person, in the summary tables here and on index.html: accuracies in percent (and overfit%,
+# already in percentage points) rounded to 2 decimals, never -0.00; parameters whole; one header style.
+PERCENT_DECIMALS = 2
+
+
+def as_percent(fraction):
+    """An accuracy (a fraction, as in the JSON) as a table shows it: ``0.11250000260770321`` -> ``11.25``."""
+    return None if fraction is None else round(100 * float(fraction), PERCENT_DECIMALS) + 0.0
+
+
+def as_points(points):
+    """overfit% (percentage points already): ``-1.49e-07`` -> ``0.0``."""
+    return None if points is None else round(float(points), PERCENT_DECIMALS) + 0.0
+
+
+def as_whole(value):
+    """A count that a mean made a float: ``72302.0`` -> ``72302``."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+#: (header, key in the JSON, how the table shows it) for the grouped means, the best run and the runs
+METRIC_COLUMNS = (("loss", "loss", None), ("train acc %", "train_accuracy", as_percent),
+                  ("test acc %", "test_accuracy", as_percent), ("overfit %", "overfit%", as_points),
+                  ("parameters", "total_parameters", as_whole))
+RUN_COLUMNS = (("run", "run", None), ("grid point", "name", None), ("status", "status", None),
+               ("best epoch", "best_epoch", None), ("best test acc %", "best_test_accuracy", as_percent),
+               ("final test acc %", "final_test_accuracy", as_percent), ("parameters", "total_parameters", as_whole),
+               ("train s", "train_seconds", None), ("error", "error", None))
+
+
+def _cells(row: dict, columns) -> list:
+    return [row.get(key) if show is None or row.get(key) is None else show(row[key]) for _, key, show in columns]
+
+
+def summary_tables(summary: dict) -> list[tuple[str, dict]]:
+    """The summary's tables as a person reads them, ``(title, {"columns", "rows"})``: the best run and epoch, the
+    grouped means and every run (numbers rounded by one rule for the terminal and index.html)."""
+    tables = []
+    best = summary.get("best")
+    if best:
+        columns = (("run", "run", None), ("grid point", "name", None), ("epoch", "epoch", None), *METRIC_COLUMNS)
+        tables.append(("Best run and epoch (by test accuracy)",
+                       {"columns": [c[0] for c in columns], "rows": [_cells(best, columns)]}))
+    for group in summary["grouped"]:
+        if group["rows"]:
+            columns = (*((k, k, None) for k in group["by"]), ("runs", "runs", None), *METRIC_COLUMNS)
+            tables.append((f"Mean over all epochs of all runs, by {' × '.join(group['by'])}",
+                           {"columns": [c[0] for c in columns], "rows": [_cells(r, columns) for r in group["rows"]]}))
+    tables.append(("Runs", {"columns": [c[0] for c in RUN_COLUMNS],
+                            "rows": [_cells(r, RUN_COLUMNS) for r in summary["runs"]]}))
+    return tables
+
+
+def _figure_title(path) -> str:
+    """The title a sweep figure carries in its PNG metadata (what it shows, model and data)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.text.get("Title", "")
+    except (OSError, ImportError):
+        return ""
+
+
 def write_page(out, summary: dict, files: dict):
-    """``out/index.html``: the plots, the best run, the grouped means (percent as in the live table) and every run."""
+    """``out/index.html``: the plots, the best run, the grouped means and every run (as the terminal tables)."""
     from .publish import write_page as page
 
     prov = summary["provenance"]
-    figures = [{"path": v, "caption": k} for k, v in files.items() if str(v).endswith(".png")]
+    figures = [{"path": v, "caption": _figure_title(v) or Path(v).name} for v in files.values()
+               if str(v).endswith(".png") and Path(v).is_file()]
     sections = [{"title": "Plots", "figures": figures}]
-    best = summary.get("best")
-    if best:
-        sections.append({"title": "Best run", "table": [{k: v for k, v in best.items()
-                                                          if not isinstance(v, (dict, list))}]})
-    for group in summary["grouped"]:
-        if group["rows"]:
-            sections.append({"title": f"Means over all epochs of all runs, by {' x '.join(group['by'])}",
-                             "table": [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-                                       for r in group["rows"]]})
-    sections.append({"title": "Runs", "table": [{k: v for k, v in r.items() if not isinstance(v, (dict, list))}
-                                                for r in summary["runs"]]})
+    sections += [{"title": title, "table": table} for title, table in summary_tables(summary)]
     return page(out, f"sweep: {prov['model']['name']}", prov, sections, summary)
 
 
@@ -198,8 +253,20 @@ class Board:
         return table
 
 
+def _text(value) -> str:
+    """A number in a terminal table as index.html writes it (report_html.format_number: floats to 4 significant
+    digits, integers with thousands separators); percents are written by the caller, with 2 decimals."""
+    from ..report_html import format_number
+
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return format_number(value)
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
 def render_summary(summary: dict, console) -> None:
-    """The report's tables: best run and epoch, then the grouped means."""
+    """The report's tables: best run and epoch, then the grouped means (the numbers as on index.html)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -212,22 +279,16 @@ def render_summary(summary: dict, console) -> None:
     else:
         point = ", ".join(f"{k}={best[k]}" for k in summary["grid"])
         console.print(f"[bold]best[/]: run {best['run']} ({point}) epoch {best['epoch']}: test accuracy "
-                      f"{best['test_accuracy']:.2%}, train {best['train_accuracy']:.2%}, loss {best['loss']:.4f}, "
-                      f"{best['total_parameters']:,} parameters", soft_wrap=True)
-    for group in summary["grouped"]:
-        if not group["rows"]:
-            continue
-        table = Table(title=f"mean over all epochs of all runs, by {' x '.join(group['by'])}", title_justify="left")
-        # one convention with the live table: accuracies in percent, everything rounded for a person
-        metrics = {"loss": lambda v: f"{v:.4f}", "train_accuracy": lambda v: f"{100 * v:.2f}",
-                   "test_accuracy": lambda v: f"{100 * v:.2f}", "overfit%": lambda v: f"{v:.2f}",
-                   "total_parameters": lambda v: f"{v:,.0f}"}
-        heads = {"train_accuracy": "train_accuracy %", "test_accuracy": "test_accuracy %"}
-        for col in (*group["by"], "runs", *(heads.get(m, m) for m in metrics)):
+                      f"{as_percent(best['test_accuracy']):.2f}%, train {as_percent(best['train_accuracy']):.2f}%, "
+                      f"loss {_text(float(best['loss']))}, {best['total_parameters']:,} parameters", soft_wrap=True)
+    percent_heads = {c[0] for c in (*METRIC_COLUMNS, *RUN_COLUMNS) if c[2] in (as_percent, as_points)}
+    for title, spec in summary_tables(summary)[1 if best else 0:-1]:  # the grouped means
+        table = Table(title=title[0].lower() + title[1:], title_justify="left")
+        for col in spec["columns"]:
             table.add_column(col, justify="right")
-        for r in group["rows"]:
-            table.add_row(*(str(r[k]) for k in group["by"]), str(r["runs"]),
-                          *("" if r[m] is None else fmt(r[m]) for m, fmt in metrics.items()))
+        for row in spec["rows"]:
+            table.add_row(*("" if v is None else f"{v:.2f}" if col in percent_heads else _text(v)
+                            for col, v in zip(spec["columns"], row)))
         console.print(table)
     for run in summary["runs"]:
         if run["status"] == "failed":

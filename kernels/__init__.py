@@ -7,7 +7,9 @@ nodes in topological order -- ``input``, ``conv`` (any kernel / stride / padding
 normalization) -- each with per-axis geometry ``Axis(k, s, p, d)`` and fused ``post`` activations, plus a *dense
 tail* (``fx.GraphModule``: global pooling, flatten, linear, ...) that starts at the first op mixing all positions.
 An op it cannot represent raises ``UnsupportedOp`` naming it (callers then go dense, or refuse in one line). The
-engine knows node kinds and geometry only, never a net class.
+engine knows node kinds and geometry only, never a net class. An fp32 ONNX graph reaches the IR through
+:mod:`.onnx_module`, which translates it to an fx-traceable torch module (weights as buffers); an int8 graph goes
+to :mod:`.incremental_int8` instead.
 
 **The plan** (:mod:`.incremental_graph`). For every patch position, each node's changed rectangle follows from
 its inputs' (per axis: kernel widens it, stride shrinks it; adds and concats take the union), rounded up to a

@@ -72,7 +72,9 @@ def test_local_sweep_writes_the_reports_tables(local_sweep):
             for metric in ("loss", "train_accuracy", "test_accuracy", "overfit%", "total_parameters"):
                 naive = fmean(float(r[metric]) for r in members)
                 assert entry[metric] == pytest.approx(naive, rel=1e-12)
-                assert float(line[metric]) == pytest.approx(naive, rel=1e-12)
+                # the grouped CSVs are rounded for a reader (accuracies to 6 decimals, overfit% to 4); the JSON
+                # above keeps the exact means
+                assert float(line[metric]) == pytest.approx(naive, rel=1e-5, abs=1e-4)
     for png in ["test_accuracy.png", *(f"grouped_{'__'.join(k)}.png" for k in by)]:
         assert (out / "plots" / png).read_bytes()[:8] == PNG
     assert "run 4/4 l1_oc=4,lr=0.02,batch_size=16 done epoch 2/2" in log  # the live log, on stderr
@@ -140,7 +142,7 @@ def test_a_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     assert code == 0 and stdout == ""
     best = summary["best"]
     assert f"best: run {best['run']} (l1_oc={best['l1_oc']}, batch_size=16, lr=0.05) epoch {best['epoch']}" in stderr
-    assert "by l1_oc" in stderr and "train_accuracy" in stderr and "3 runs done" not in stderr
+    assert "by l1_oc" in stderr and "train acc %" in stderr and "3 runs done" not in stderr
     assert json.loads((out / "summary.json").read_text())["best"] == best
 
 

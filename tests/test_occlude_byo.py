@@ -152,12 +152,20 @@ def test_state_dict_with_arch_class_names_and_label(files, models, tmp_path, cap
     assert prov["model"]["digest"] and (tmp_path / "o" / "index.html").is_file()
 
 
-def test_fixed_batch_onnx_runs_dense(files, models, tmp_path, capsys):
-    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["onnx"])
+def test_fixed_batch_onnx_runs_incremental_on_its_graph_and_dense_when_asked(files, models, tmp_path, capsys):
+    """A fixed-batch (1) ONNX MobileNetV2: auto runs the layer-graph engine on the graph translated to torch (any
+    batch; its plan is a quarter of dense's FLOPs); --mode dense feeds onnxruntime exactly its batch. Both equal
+    the naive loop."""
     ref, _ = naive_map(models["mobilenetv2_tiny"], files["pixels"], 8, 8)
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["onnx"])
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "incremental-graph" and "ONNX graph" in r["engine"]["why"]
+    assert r["engine"]["why"].startswith("auto: incremental")
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+    doc = occlude_json(capsys, tmp_path / "dense", files["image"], "--model", files["onnx"], "--mode", "dense")
     (r,) = doc["results"]
     assert r["engine"]["engine"] == "dense" and r["engine"]["fixed_batch"] == 1
-    assert r["engine"]["why"].startswith("auto: dense") and r["engine"]["backend"] == "onnxruntime"
+    assert r["engine"]["backend"] == "onnxruntime"
     assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
 
 

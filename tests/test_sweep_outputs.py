@@ -217,8 +217,15 @@ def test_grouped_csvs_are_rounded_for_a_reader_and_metrics_csv_stays_raw(sweep):
         reader = csv.DictReader(f)
         assert reader.fieldnames == metric_columns({k: None for k in HPARAMS}) + ["name"]
         raw = list(reader)
-    # the raw per-epoch rows keep their full precision (float32 test accuracy read as a double)
-    assert any(len(r["test_accuracy"]) > 8 for r in raw), [r["test_accuracy"] for r in raw]
+    # the raw per-epoch rows keep full precision: the loss (a mean over images) is not cut to 6 digits, and the
+    # accuracies are exact fractions of the test set (correct / images)
+    assert any(len(r["loss"].replace(".", "").lstrip("0")) > 6 for r in raw), [r["loss"] for r in raw]
+    from cifarbench.data import load_split
+
+    test_images = len(load_split(ARGS[ARGS.index("--data") + 1], "test"))
+    for r in raw:
+        correct = float(r["test_accuracy"]) * test_images
+        assert correct == pytest.approx(round(correct), abs=1e-9), r["test_accuracy"]
 
 
 def test_terminal_tables_use_one_header_style_and_no_negative_zero(sweep, capsys):

@@ -15,8 +15,9 @@ capabilities), never by its name:
   equal within 1 %: net4, K=8, one map, 5 interleaved runs on a loaded 2-core machine, min 4.73 s chain vs
   4.78 s graph, medians 5.26 s vs 5.30 s); any other module runs
   on the layer-graph engine :mod:`cifarbench.kernels.incremental_graph` (residual adds, depthwise convs, any
-  geometry). A graph it cannot represent raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses
-  in one line naming the op.
+  geometry). An fp32 ONNX file reaches the same engine through its graph translated to torch
+  (:mod:`cifarbench.kernels.onnx_module`; ``engine["graph"]`` and ``why`` say so). A graph it cannot represent
+  raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses in one line naming the op.
 * ``incremental`` on an int8 ONNX graph (``runtime.precision == "int8"`` and ``runtime.onnx_graph()``, on the
   CPU): the same plan on that graph's int8 convolutions (:mod:`cifarbench.kernels.incremental_int8`), giving that
   runtime's dense maps.
@@ -40,6 +41,9 @@ from .occlusion_result import OcclusionResult  # noqa: F401 (its home is torch-f
 IMAGE_SIZE = 32
 MAX_K = 32  # K is bounded by the input side S; this is S for CIFAR-sized models
 MODES = ("auto", "dense", "incremental", "approx")
+#: what an engine on an fp32 ONNX file runs (its ``graph`` field and ``why``): the layer-graph engines need a torch
+#: module, so the graph is translated (:mod:`cifarbench.kernels.onnx_module`)
+TRANSLATED = "ONNX graph translated to torch"
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
 #: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
@@ -210,9 +214,13 @@ class IncrementalEngine:
         self.engine = GraphOcclusion(self.module, self.device, chunk=chunk, size=self.size)
         self.module = self.engine.module
 
+    #: what the module was made from when it is not the source's own (an ONNX graph translated to torch)
+    graph: str | None = None
+
     def describe(self) -> dict:
         return {"mode": self.mode, "engine": self.kind, "backend": "torch", "precision": "fp32",
-                "device": str(self.device), "triton_first_layer": bool(self.engine.use_triton)}
+                "device": str(self.device), "triton_first_layer": bool(self.engine.use_triton),
+                **({"graph": self.graph} if self.graph else {})}
 
     @torch.inference_mode()
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -297,9 +305,12 @@ class ApproxEngine:
         self.module = self.engine.engine.module
         self.last_info: dict = {}
 
+    graph: str | None = None  # as IncrementalEngine.graph
+
     def describe(self) -> dict:
         return {"mode": self.mode, "engine": self.kind, "backend": "torch", "precision": "fp32",
-                "device": str(self.device), **self.engine.knobs(), **self.last_info}
+                "device": str(self.device), **self.engine.knobs(), **self.last_info,
+                **({"graph": self.graph} if self.graph else {})}
 
     @torch.inference_mode()
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -619,7 +630,7 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
             engine = IncrementalEngine(module, runtime.device if runtime is not None else device, chunk,
                                        source.input_size, source.classes)
             if translated:
-                _says_onnx(engine)
+                engine.graph = TRANSLATED
         except UnsupportedOp as exc:
             why = f"the incremental engine cannot run {source.name}: {exc}"
         except Exception as exc:  # noqa: BLE001  (a graph the IR mis-reads: auto must still run dense)
@@ -663,7 +674,7 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
     except UnsupportedOp as exc:
         raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
     if onnx:
-        _says_onnx(engine)
+        engine.graph = TRANSLATED
     cache["approx"] = engine
     return engine
 
@@ -701,12 +712,6 @@ def _onnx_module(source, proto):
     return _traceable(source, onnx_module(proto), own_input=True)
 
 
-def _says_onnx(engine) -> None:
-    """``engine.describe()`` says what it runs: the ONNX graph translated to torch, not a torch source."""
-    describe = engine.describe
-    engine.describe = lambda: {**describe(), "graph": "ONNX graph translated to torch"}
-
-
 def _first_line(exc: Exception) -> str:
     """``UnsupportedOp``'s message as it is (it names the op); any other error with its type."""
     from ..kernels.graph import UnsupportedOp
@@ -728,9 +733,11 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     """An engine for ``model``: a :class:`~cifarbench.source.ModelSource`, a :class:`Runtime`, or anything
     :func:`~cifarbench.source.resolve_source` takes (torch module, zoo name, checkpoint, TorchScript, ``.pt2``,
     state_dict with ``arch=``, ONNX file). ``mode``: ``dense`` runs on every runtime; ``incremental`` runs on a
-    torch module (``backend`` auto or torch) or an int8 ONNX graph on the CPU, and is one :class:`UserError`
-    naming why elsewhere; ``auto`` takes incremental where it can run and costs fewer FLOPs, else dense, and
-    never fails where dense works. The engine's ``describe()`` says which ran and why.
+    torch module (``backend`` auto or torch), an fp32 ONNX file's graph translated to torch (``backend`` auto or
+    onnxruntime) or an int8 ONNX graph on the CPU, and is one :class:`UserError` naming why elsewhere; ``auto``
+    takes the faster exact engine (the FLOP rule where it is clear-cut, else a cached timing, see
+    :func:`_auto_choice`) and never fails where dense works; ``approx`` (``tau``, ``coarse``, ``approx_precision``
+    in ``options``) runs :mod:`cifarbench.kernels.approx`. The engine's ``describe()`` says which ran and why.
 
     ``device``: cpu, cuda or cuda:N (anything else is a UserError). ``cache`` (a dict kept by the caller) reuses
     the source, runtime and engines across K. ``options``: the source's contract (``arch``, ``arch_kw``, ``mean``,
@@ -762,15 +769,17 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
         choose_backend(source, backend, device)  # an unknown or impossible backend fails before any work
     chosen, auto = None, None
     if mode == "approx":
-        chosen = ChosenEngine(_approx(cache, source, backend, device, options), "--mode approx")
+        engine = _approx(cache, source, backend, device, options)
+        chosen = ChosenEngine(engine, "--mode approx" + (f" on the {TRANSLATED}" if engine.graph else ""))
         cache[key] = chosen
         return chosen
     if mode != "dense":
         engine, why_not = _candidate(cache, source, backend, device, chunk, options)
         if engine is None and mode == "incremental":
             raise UserError(f"{why_not or 'the incremental engine cannot run this model'}; use --mode dense")
+        on = f" on the {TRANSLATED}" if getattr(engine, "graph", None) else ""
         if engine is not None and mode == "incremental":
-            chosen = ChosenEngine(engine, "--mode incremental")
+            chosen = ChosenEngine(engine, f"--mode incremental{on}")
         elif engine is not None:
             concrete = cache["runtime"].name if "runtime" in cache else choose_backend(source, backend, device)
             speed = _DENSE_SPEED.get(device.type, {}).get(concrete, 1.0)
@@ -778,7 +787,7 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
             picked, why, auto = _auto_choice(cache, source, backend, concrete, device, engine, k, stride, ratio,
                                              chunk, options)
             if picked == "incremental":
-                chosen = ChosenEngine(engine, why, auto)
+                chosen = ChosenEngine(engine, why + on, auto)
         elif why_not:
             why = f"auto: dense, as {why_not}"
         else:

@@ -41,7 +41,11 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         json: JsonOpt = False,
     ) -> None:
-        """Train every point of a grid; writes metrics.csv, summary.json, grouped/*.csv and plots/*.png to --out."""
+        """Train every point of a grid; writes metrics.csv, summary.json, grouped/*.csv and plots/*.png to --out.
+
+        Examples: cifarbench sweep net1 --grid l1_oc=6,12 --grid kernel_size=3,5 --epochs 2 --out sweep;
+        cifarbench sweep net2 --executor ray --cpus-per-trial 2 --resume --out sweep
+        """
         from .. import sweep as sw
 
         values = sw.parse_grid(grid) if grid else sw.default_grid(net)
@@ -80,9 +84,13 @@ def _sweep(sw, trials, values, executor, address, ray_cpus, cpus_per_trial, gpus
     from .publish import command_provenance
 
     cfg = trials[0].config
+    from ..runtime import default_device
+
+    # what train() picked: the given device, else cuda when present (here, or on each Ray worker)
+    device = cfg.device or (str(default_device()) if executor == "local" else "each worker's cuda, else cpu")
     summary["provenance"] = command_provenance(
         model=f"{cfg.net} (trained from scratch per grid point)", data=cfg.data, backend="torch (training)",
-        precision="fp32", device=cfg.device or "default",
+        precision="fp32", device=device,
         extra={"grid": {k: list(v) for k, v in values.items()}, "recipe": cfg.recipe, "seed": cfg.seed,
                "executor": executor})
     files = sw.write_outputs(out, summary, sw.sweep_rows(trials, results))

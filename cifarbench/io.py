@@ -395,6 +395,36 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
                 pass
 
 
+def active_guards() -> list[tuple]:
+    """The guarded output folders of the running command, as picklable specs for :func:`guarded`: a process
+    that writes into them on this command's behalf (the figure worker) checks and logs its files the same way."""
+    return [(str(g.root), tuple(sorted(g.dirs)), g.option, g.files) for g in _guards]
+
+
+@contextmanager
+def guarded(specs: list[tuple]):
+    """Guard the folders of :func:`active_guards` ``specs`` for the block, in this process: writes into them are
+    checked and logged in their manifests as in the command itself (appends: safe beside the command's own)."""
+    made = []
+    for root, dirs, option, files in specs:
+        guard = _Guard(Path(root), (), option, files)
+        guard.dirs = set(dirs)
+        made.append(guard)
+    _guards.extend(made)
+    try:
+        yield
+    finally:
+        for guard in made:
+            _guards.remove(guard)
+
+
+def reload_manifests() -> None:
+    """Forget what the active guards read of their manifests: another process (the figure worker) logged files
+    there, which the next check, and ``compact`` at the end, must see."""
+    for guard in _guards:
+        guard.known = None
+
+
 def check_outputs(paths) -> None:
     """Check, before the work that makes them, files whose names become known inside an ``output_folder`` block
     (mine's per-filter figures): each must be ours to write. Paths outside every guarded folder pass."""

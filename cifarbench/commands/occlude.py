@@ -267,7 +267,13 @@ def _run(images, data, indices, data_dir, model, out, st: Settings) -> None:
     # --out is checked (a writable folder, no file of the user's under an output name) before any image is read
     # or any model built; for --data the names are known only once the dataset is open, and each write checks
     with output_folder(out, names, subdirs=("shards",)):
-        _occlude(images, data, indices, data_dir, model, out, st, bases if images else None)
+        try:
+            _occlude(images, data, indices, data_dir, model, out, st, bases if images else None)
+        except BaseException:
+            draw = getattr(st, "draw", None)
+            if draw is not None:
+                draw.close(abort=True)  # the worker stops writing before the output folder is closed
+            raise
 
 
 def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -> None:

@@ -415,11 +415,13 @@ def _cpu_model() -> str:
 
 
 def auto_key(source, engine, backend: str, device: torch.device, k: int, stride: int,
-             runtime_options: dict | None = None) -> dict:
+             runtime_options: dict | None = None, dense_chunk: int | None = None) -> dict:
     """What a measured ``auto`` decision depends on: the model's content (and the normalization its source adds),
-    the incremental engine, K, stride, input size, the dense backend, the device, and the machine (CPU model,
-    threads, workers) and software (torch, cifarbench) that ran it."""
+    the incremental engine, K, stride, input size, the dense backend and its chunk, the device, and the machine
+    (CPU model, threads, workers) and software (torch, onnx, onnxruntime, cifarbench: the dense side is often
+    ONNX Runtime) that ran it."""
     from .. import __version__
+    from ..artifacts import toolchain_versions
     from ..kernels.incremental import cpu_workers
 
     device = torch.device(device)
@@ -429,7 +431,8 @@ def auto_key(source, engine, backend: str, device: torch.device, k: int, stride:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": _cpu_model(),
             "threads": torch.get_num_threads(), "workers": cpu_workers(),
             "runtime_threads": (runtime_options or {}).get("threads"), "torch": torch.__version__,
-            "cifarbench": __version__}
+            "cifarbench": __version__, "toolchain": toolchain_versions(),
+            "dense_chunk": dense_chunk}
 
 
 def auto_cache_path(key: dict) -> Path:
@@ -456,7 +459,9 @@ def _read_decision(path: Path, key: dict) -> dict | None:
         ok = (isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key, default=str))
               and record.get("choice") in ("incremental", "dense")
               and all(isinstance(record.get(f), (int, float)) and math.isfinite(record[f]) and record[f] > 0
-                      for f in ("incremental_ms", "dense_ms")))
+                      for f in ("incremental_ms", "dense_ms"))
+              # the choice must be what its own times say (a torn or hand-edited record is measured again)
+              and record["choice"] == ("incremental" if record["incremental_ms"] < record["dense_ms"] else "dense"))
     except (OSError, ValueError):
         ok = False
     if not ok:
@@ -513,7 +518,10 @@ def measure_auto(incremental, dense, k: int, stride: int) -> dict:
         runs = {"incremental": lambda: timer.logits(image, base, k, stride, positions=positions),
                 "fixed": lambda: timer.logits(image, base, k, stride, positions=positions[:0]),
                 "dense": lambda: dense.logits(image, base, k, stride, span=(0, count))}
-    runs["incremental"]()  # plans and buffers for these positions; dense needs none
+    # one untimed run each: the incremental plans and buffers for these positions, the dense backend's first-call
+    # costs (ONNX Runtime's arena, cuDNN's algorithm search); a cold engine would lose and the loss be cached
+    runs["incremental"]()
+    runs["dense"]()
     best = {name: float("inf") for name in runs}
     repeats = 0
     while repeats < CALIB_REPEATS:
@@ -557,7 +565,8 @@ def _auto_choice(cache: dict, source, backend: str, concrete: str, device, engin
         reason = f"the {engine.kind} engine cannot time a subset of positions"
     if reason is not None:
         return rule, f"auto: {rule}, as {flops} ({reason})", {"policy": "flops", "flop_ratio": round(ratio, 4)}
-    key = auto_key(source, engine, concrete, device, k, stride, options)
+    key = auto_key(source, engine, concrete, device, k, stride, options,
+                   dense_chunk=chunk or DENSE_CHUNK.get(torch.device(device).type))
     path = auto_cache_path(key)
     record = _read_decision(path, key)
     cached = record is not None
@@ -568,6 +577,10 @@ def _auto_choice(cache: dict, source, backend: str, concrete: str, device, engin
             measured = measure_auto(engine, cache["dense"], k, stride)
         except _Untimeable as exc:
             return rule, f"auto: {rule}, as {flops} ({exc})", {"policy": "flops", "flop_ratio": round(ratio, 4)}
+        except Exception as exc:  # noqa: BLE001  (e.g. out of memory timing a whole map: auto must not fail)
+            return rule, (f"auto: {rule}, as {flops} (timing failed: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"), \
+                {"policy": "flops", "flop_ratio": round(ratio, 4)}
         record = {"key": key, **measured, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
             write_json(path, record)

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path, scratch_dir
-from . import CALIB_METHODS
+from . import CALIB_METHODS, check_calib_method
 
 CALIB_BATCH = 64
 #: what fixes missing calibration images (the zoo nets and CIFAR-10 32x32 models use the bundled set unasked)
@@ -123,8 +123,7 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
     from . import images_sha256
     from .onnx import graph_io, graph_precision, read_metadata, set_metadata
 
-    if calibrate_method not in CALIB_METHODS:
-        raise UserError(f"unknown calibration method {calibrate_method!r}; choose one of {', '.join(CALIB_METHODS)}")
+    check_calib_method(calibrate_method)
     meta = read_metadata(proto)
     precision = graph_precision(proto)  # the graph, not its metadata, says whether it is quantized already
     if precision != "fp32":

@@ -68,6 +68,9 @@ DEFAULT_SHARD = {"occlusion": 64, "ablation": 2000, "mining": 5000}
 DEFAULT_FILTERS_PER_SHARD = 256
 #: images per occlusion engine call, as ``cifarbench occlude --data`` (commands/occlude.DATA_BATCH)
 OCCLUSION_BATCH = 8
+#: arguments that do not change a shard's result: the filter selection (each shard's key names its own group) and
+#: the driver's words for an auto decision (the decision itself, ``modes``, is in the key)
+NOT_IN_KEY = ("selection", "auto_why")
 #: ``mode="approx"``'s knobs (:mod:`cifarbench.kernels.approx`): occlusion settings, so in every shard key
 APPROX_KNOBS = ("tau", "coarse", "approx_precision")
 ANALYSIS_BATCH = 250  # as analysis.ablation/mining DEFAULT_BATCH (not imported: they import torch)
@@ -376,7 +379,8 @@ def _occlusion_shard(opened: dict, images, shard: Shard, args: dict) -> dict:
     knobs = {key: args[key] for key in APPROX_KNOBS if key in args}
     out = {}
     for k in args["ks"]:
-        engine = make_engine(opened["spec"], k, args["stride"], args["backend"], args["mode"], args["device"],
+        mode = args.get("modes", {}).get(str(k), args["mode"])  # auto decided on the driver (_decide_auto)
+        engine = make_engine(opened["spec"], k, args["stride"], args["backend"], mode, args["device"],
                              cache=opened["engines"], **opened["runtime_options"], **knobs)
         results, positions, exact = [], 0, 0
         for i in range(0, len(images), args["batch"]):
@@ -525,6 +529,24 @@ def _approx_knobs(mode: str, knobs: dict, device: str | None) -> dict:
     return {"tau": tau, "coarse": coarse, "approx_precision": precision}
 
 
+def _decide_auto(model, args: dict, model_options: dict | None) -> None:
+    """``mode="auto"`` on Ray is decided here, once per K, and the shards get the concrete mode: each Ray worker
+    would otherwise time the engines while its siblings load the same cores (and cache that), and could pick
+    differently from them. ``args["modes"]`` (in the shard keys) holds the choice, ``args["auto_why"]`` (not in
+    them: its words change with the cache) the driver's reason, which the merged results report."""
+    from .analysis.occlusion import make_engine
+
+    cache: dict = {}
+    options = {**(model_options or {}), **({"calib_data": args["calib_data"]} if args.get("calib_data") else {})}
+    modes, why = {}, {}
+    for k in args["ks"]:
+        engine = make_engine(model, k, args["stride"], args["backend"], "auto", args["device"], cache=cache,
+                             **options)
+        modes[str(k)], why[str(k)] = engine.mode, engine.describe()["why"]
+    args["modes"] = modes
+    args["auto_why"] = why
+
+
 def _check_device(device: str | None, executor: str, gpus_per_task: float) -> None:
     """A device the shards cannot have fails here, not as a torch error inside every task."""
     if device is None or not device.startswith("cuda"):
@@ -569,7 +591,7 @@ def plan_shards(kind: str, data, args: dict, model_digest: str, shard_size: int 
     images = data.images.numpy() if hasattr(data.images, "numpy") else np.asarray(data.images)
     labels = data.labels.numpy() if hasattr(data.labels, "numpy") else np.asarray(data.labels)
     settings = json.dumps({"kind": kind, "format": SHARD_FORMAT, "model": model_digest, "classes": list(data.classes),
-                           **{k: v for k, v in args.items() if k != "selection"}}, sort_keys=True, default=str)
+                           **{k: v for k, v in args.items() if k not in NOT_IN_KEY}}, sort_keys=True, default=str)
     shards = []
     for start in range(0, n, size):
         stop = min(n, start + size)
@@ -612,6 +634,8 @@ def run_sharded(kind: str, model, data, *, executor: str = "local", address: str
         raise UserError("--resume needs --out (the folder that holds the finished shards)")
     args = analysis_args(kind, data, analysis)
     _check_device(args["device"], executor, gpus_per_task)
+    if kind == "occlusion" and args["mode"] == "auto" and executor == "ray":
+        _decide_auto(model, args, model_options)
     if names is not None and len(names) != len(data):
         raise UserError(f"{len(names)} names for {len(data)} images")
     if len(data) == 0:
@@ -763,6 +787,8 @@ def _merge_occlusion(ordered, args: dict, n: int, names) -> list[list]:
             engine = json.loads(str(p[f"engine_k{k}"]))
             if "exact_positions" in engine:  # approx: the count is the shard's, so say which shard
                 engine["shard"] = [s.start, s.stop]
+            if str(k) in args.get("auto_why", {}):
+                engine["why"] = f"{args['auto_why'][str(k)]}; decided once on the driver for every shard"
             for j in range(s.images):
                 i = s.start + j
                 per_image[i].append(OcclusionResult(

@@ -118,3 +118,24 @@ def test_knobs_travel_to_ray_workers(slice_, tmp_path):
     for (r,), ref in zip(run.result, refs):
         assert r.engine["mode"] == "approx" and r.engine["coarse"] == 3 and r.engine["tau"] == 0.0
         assert np.abs(r.map - ref).max() <= 1e-4
+
+
+def test_auto_on_ray_is_decided_once_on_the_driver(slice_, tmp_path, monkeypatch):
+    """mode="auto" on Ray: the driver decides per K (one calibration, cached in its cache folder) and every shard
+    runs that mode; the merged results carry the driver's reason. Maps equal the definition either way."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
+    from cifarbench import data as data_mod
+
+    monkeypatch.setattr(data_mod, "CACHE_DIR", tmp_path / "cache")
+    sub, refs, _ = slice_
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    try:
+        run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
+                          backend="torch", device="cpu", mode="auto")
+    finally:
+        ray.shutdown()
+    engines = {r.engine["engine"] for (r,) in run.result}
+    assert len(engines) == 1   # every shard ran the same engine
+    for (r,), ref in zip(run.result, refs):
+        assert r.engine["why"].startswith("auto:") and "decided once on the driver" in r.engine["why"]
+        assert np.abs(r.map - ref).max() <= 1e-4

@@ -54,3 +54,15 @@ def test_eval_title_wraps_between_words(capsys, monkeypatch):
     assert joined.startswith("net1 on synthetic:300 test, ") and joined.endswith(" images (torch)"), err
     assert all(word in ("net1", "on", "synthetic:300", "test,", "images", "(torch)") or
                word.replace(",", "").isdigit() for word in title), title   # every word whole, none cut
+
+
+@pytest.mark.parametrize("args", [["models"], ["layers", "net1"]])
+def test_listing_commands_json_carries_provenance(args, capsys):
+    import json
+
+    code, out, err = run_cli(capsys, *args, "--json")
+    assert code == 0, err
+    prov = json.loads(out)["provenance"]
+    assert prov["command"] == "cifarbench " + " ".join([*args, "--json"]) and prov["cifarbench"] and prov["date"]
+    if args[0] == "layers":
+        assert prov["model"]["name"] == "net1" and prov["model"]["digest"]

@@ -240,6 +240,9 @@ def sweep_fig(result: dict, top: int = 30, *, title: str | None = None, caption:
     ax2.hist([100 * r["drop"] for r in rows], bins=40, color="tab:gray")
     ax2.set_xlabel("accuracy drop (percentage points)")
     ax2.set_ylabel("filters")
+    from matplotlib.ticker import MaxNLocator
+
+    ax2.yaxis.set_major_locator(MaxNLocator(integer=True))  # a count of filters: no 0.25 steps
     ax2.set_title(f"all swept filters ({', '.join(result['layers'])})")
     head = f"each filter of {', '.join(result['layers'])} zeroed on its own: accuracy drop (before − after)"
     fig.suptitle(f"{title}: {head}" if title else head)

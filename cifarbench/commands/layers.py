@@ -24,6 +24,9 @@ def register(app: typer.Typer) -> None:
         table = layer_table(source)
         doc = {**table.to_json(), "source": source.kind}
         if json:
+            from .publish import command_provenance
+
+            doc["provenance"] = command_provenance(model=source)
             emit_json(doc)
             return
         from rich.table import Table

@@ -37,7 +37,9 @@ def register(app: typer.Typer) -> None:
                 "description": spec["description"],
             })
         if json:
-            emit_json({"models": rows, "settings": data_settings()})
+            from .publish import command_provenance
+
+            emit_json({"models": rows, "settings": data_settings(), "provenance": command_provenance()})
             return
         from rich.table import Table
 

@@ -48,9 +48,12 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
         write_text(out / fname, _csv(rows))
         paths.append(out / fname)
     write_json(out / "mining.json", result)
-    figures = [p for p in paths if p.suffix == ".png"]
+    # each figure with its caption on the page: the filter it shows and the run's provenance line
+    shown = result["filters"] if show >= 1 else []
+    figures = [{"path": str(p), "caption": f"{f['layer']} filter {f['filter']}: {figure_caption(prov)}"}
+               for p, f in zip((p for p in paths if p.suffix == ".png"), shown)]
     negative = [f"{n['layer']}:{n['filter']}" for n in result.get("negative_filters", ())]
-    page = write_page(out, f"mine: {name}, {len(result['filters'])} filters", prov, [
+    page = write_page(out, f"mine: {name}, {_count(len(result['filters']), 'filter')}", prov, [
         {"title": "Responses", "text": "Response: the spatial sum of a filter's pre-ReLU map over an image.",
          "table": {"columns": ["layer", "filter", "max class", "mean top response", "max response"],
                    "rows": [[f["layer"], f["filter"], f["max_class"], f["mean_top_response"], f["max_response"]]
@@ -59,13 +62,17 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
          "text": "" if len(figures) <= 200 else f"the first 200 of {len(figures)} figures; all are in filters/"},
         {"title": "Receptive fields", "table": {"columns": ["layer", "receptive field"],
                                                 "rows": [[k, v] for k, v in result["receptive_fields"].items()]}},
-        {"title": "Dead filters", "text": f"{len(result['dead_filters'])} filters whose pre-ReLU map is <= 0 "
-                                          f"everywhere on every image."},
+        {"title": "Dead filters", "text": f"{_count(len(result['dead_filters']), 'filter')} whose pre-ReLU map "
+                                          f"is <= 0 everywhere on every image."},
         {"title": "Filters with only negative top responses",
-         "text": f"{len(negative)} filters whose largest response is below 0, so their top images are only the "
-                 f"least negative ones" + (": " + ", ".join(negative[:200]) if negative else ".")},
+         "text": f"{_count(len(negative), 'filter')} whose largest response is below 0, so their top images are "
+                 f"only the least negative ones" + (": " + ", ".join(negative[:200]) if negative else ".")},
     ], result)
     return [*paths, out / "mining.json", page]
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def show_mining(result: dict, classes) -> None:

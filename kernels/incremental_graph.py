@@ -361,6 +361,13 @@ class GraphOcclusion:
         """Conv FLOPs of one whole-image forward pass (the spatial part)."""
         return dense_flops(self.graph(size))
 
+    def step_positions(self, k: int, stride: int, size: int | tuple[int, int]) -> int:
+        """Positions of one image per step (one chunk of work) at this K and stride: the full map runs in steps of
+        this many, ``workers`` of them at a time on the CPU. A timing that stands for a whole map must take that
+        path, i.e. cover at least ``workers`` steps (see ``analysis.occlusion.measure_auto``)."""
+        g = self.graph(size)
+        return max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)))
+
     def _step_cost(self, g: Graph, k: int, stride: int) -> int:
         """Elements one (image, position) pair needs in buffers and gathers, on average over positions."""
         wr, wc = axis_windows(g, 0, k, stride, self.buckets), axis_windows(g, 1, k, stride, self.buckets)

@@ -376,17 +376,17 @@ AUTO_POLICIES = ("measure", "flops")
 #: 0.65 / 0.75 at 0.51 / 0.51 (net2, ResNet-20): below 0.5 the rule is right by a wide margin, in between the
 #: ratio says little about which engine wins on a given machine, so it is timed
 FLOPS_CLEAR = (0.5, 1.5)
-#: CPU calibration: a CALIB_SIDE x CALIB_SIDE lattice of positions spread evenly over the map (rows and columns:
-#: an edge position's windows are smaller than a central one's): 49 of net4's 625 at K=8. Fewer positions leave the
-#: incremental side's fixed cost per call (the clean pass, 5-20 % of a 25-position subset) too large a share to
-#: subtract reliably on a loaded machine. A smaller map, and any map on a GPU (where a map takes milliseconds and
-#: small batches would starve it), is timed whole
+#: CPU calibration: the dense side times CALIB_SIDE^2 positions (49 of net4's 625 at K=8) and the incremental side
+#: at least as many (see :func:`measure_auto`); a map of at most CALIB_SIDE rows, and any map on a GPU (where a map
+#: takes milliseconds and small batches would starve it), is timed whole
 CALIB_SIDE = 7
 #: timed rounds after the incremental engine's warm-up run (it builds the subset's plans); each round times every
 #: run once, alternating engines so that a load spike hits both, and each run's best round counts
 CALIB_REPEATS = 2
 #: a first round slower than this is not repeated (a large net: the calibration stays within a few seconds)
 CALIB_SLOW_S = 1.0
+#: a first round whose estimates differ by more than this factor is not repeated: the choice is clear
+CALIB_CLEAR = 1.5
 #: format of the cached decision (in its key: a new format never reads an old record)
 CALIB_FORMAT = 1
 #: measurements made by this process (tests read it: a cached decision must time nothing)
@@ -486,11 +486,15 @@ def measure_auto(incremental, dense, k: int, stride: int) -> dict:
     """Time ``incremental`` and ``dense`` (both built for the same model and device) on the same positions of one
     image and estimate each one's time per full map, in ms.
 
-    On the CPU the positions are a :data:`CALIB_SIDE` x :data:`CALIB_SIDE` lattice over the map, the incremental
-    side on :meth:`IncrementalEngine.subset_engine`; its fixed cost per call (the clean pass, timed with no
-    positions) is counted once per map, the rest scaled by map positions / timed positions. A dense engine costs
-    the same at every position: its first positions are timed and scaled. Runs alternate between the engines (a
-    load spike hits both) and each engine's best run counts."""
+    On the CPU the incremental side runs on :meth:`IncrementalEngine.subset_engine`, on positions spread evenly over
+    the map (raster order), as many as the full map's first parallel round: ``workers`` steps of
+    :meth:`GraphOcclusion.step_positions` each (fewer, a 7 x 7 lattice, overestimated a map 2.5-4.4x on the small
+    nets -- one step on one worker, small batches -- and chose dense for a ResNet-20 that ran 1.2x faster
+    incremental); its fixed cost per call (the clean pass, timed with no positions) is counted once per map, the
+    rest scaled by map positions / timed positions. A dense engine costs the same at every position: a
+    :data:`CALIB_SIDE` x :data:`CALIB_SIDE` lattice's worth is timed and scaled (within 6 % of a map on the zoo).
+    Runs alternate between the engines (a load spike hits both) and each engine's best run counts; a second
+    round is skipped when the first already says one engine is :data:`CALIB_CLEAR` times faster."""
     size = int(dense.size)
     device = torch.device(dense.device)
     n = (size - k) // stride + 1
@@ -512,32 +516,38 @@ def measure_auto(incremental, dense, k: int, stride: int) -> dict:
         runs = {"incremental": lambda: incremental.logits(image, base, k, stride),
                 "dense": lambda: dense.logits(image, base, k, stride)}
     else:
-        idx = np.unique(np.linspace(0, n - 1, CALIB_SIDE).round().astype(np.int64))
-        positions = (idx[:, None] * n + idx[None, :]).reshape(-1)
+        workers = max(1, int(getattr(timer, "workers", 1)))
+        count = min(total, max(CALIB_SIDE * CALIB_SIDE, workers * timer.step_positions(k, stride, size)))
+        positions = np.unique(np.linspace(0, total - 1, count).round().astype(np.int64))
         count = len(positions)
+        dense_count = min(total, CALIB_SIDE * CALIB_SIDE)
         runs = {"incremental": lambda: timer.logits(image, base, k, stride, positions=positions),
                 "fixed": lambda: timer.logits(image, base, k, stride, positions=positions[:0]),
-                "dense": lambda: dense.logits(image, base, k, stride, span=(0, count))}
+                "dense": lambda: dense.logits(image, base, k, stride, span=(0, dense_count))}
     # one untimed run each: the incremental plans and buffers for these positions, the dense backend's first-call
     # costs (ONNX Runtime's arena, cuDNN's algorithm search); a cold engine would lose and the loss be cached
     runs["incremental"]()
     runs["dense"]()
     best = {name: float("inf") for name in runs}
+
+    def estimates() -> tuple[float, float]:
+        """(incremental, dense) seconds per full map from the best runs so far."""
+        if timer is None:
+            return best["incremental"], best["dense"]
+        fixed = min(best["fixed"], best["incremental"])
+        return fixed + (best["incremental"] - fixed) * total / count, best["dense"] * total / dense_count
+
     repeats = 0
     while repeats < CALIB_REPEATS:
         took = time.perf_counter()
         for name, fn in runs.items():
             best[name] = min(best[name], _timed(fn, device))
         repeats += 1
-        if time.perf_counter() - took > CALIB_SLOW_S:
+        inc_s, dense_s = estimates()
+        if time.perf_counter() - took > CALIB_SLOW_S or max(inc_s, dense_s) > CALIB_CLEAR * min(inc_s, dense_s):
             break
     CALIBRATIONS["runs"] += 1
-    scale = total / count
-    if timer is None:
-        inc_s, dense_s = best["incremental"], best["dense"]
-    else:
-        fixed = min(best["fixed"], best["incremental"])
-        inc_s, dense_s = fixed + (best["incremental"] - fixed) * scale, best["dense"] * scale
+    inc_s, dense_s = estimates()
     return {"choice": "incremental" if inc_s < dense_s else "dense", "incremental_ms": round(inc_s * 1e3, 3),
             "dense_ms": round(dense_s * 1e3, 3), "positions": int(count), "map_positions": int(total),
             "repeats": repeats, "calibration_ms": round((time.perf_counter() - started) * 1e3, 1),

@@ -105,35 +105,34 @@ def test_knobs_without_approx_are_one_line_for_data(shared_data, tmp_path, capsy
     assert exc.value.code == 2 and len(err) == 1 and "--mode approx" in err[0]
 
 
-def test_knobs_travel_to_ray_workers(slice_, tmp_path):
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray for the Ray tests here (starting one costs seconds); run_sharded finds it initialized."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
-    sub, refs, _ = slice_
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    try:
-        run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
-                          backend="torch", device="cpu", mode="approx", tau=0.0, coarse=3, approx_precision="fp32")
-    finally:
-        ray.shutdown()
+    yield ray
+    ray.shutdown()
+
+
+def test_knobs_travel_to_ray_workers(slice_, tmp_path, ray_local):
+    sub, refs, _ = slice_
+    run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
+                      backend="torch", device="cpu", mode="approx", tau=0.0, coarse=3, approx_precision="fp32")
     assert run.executed == 2
     for (r,), ref in zip(run.result, refs):
         assert r.engine["mode"] == "approx" and r.engine["coarse"] == 3 and r.engine["tau"] == 0.0
         assert np.abs(r.map - ref).max() <= 1e-4
 
 
-def test_auto_on_ray_is_decided_once_on_the_driver(slice_, tmp_path, monkeypatch):
+def test_auto_on_ray_is_decided_once_on_the_driver(slice_, tmp_path, monkeypatch, ray_local):
     """mode="auto" on Ray: the driver decides per K (one calibration, cached in its cache folder) and every shard
     runs that mode; the merged results carry the driver's reason. Maps equal the definition either way."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
     from cifarbench import data as data_mod
 
     monkeypatch.setattr(data_mod, "CACHE_DIR", tmp_path / "cache")
     sub, refs, _ = slice_
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    try:
-        run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
-                          backend="torch", device="cpu", mode="auto")
-    finally:
-        ray.shutdown()
+    run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
+                      backend="torch", device="cpu", mode="auto")
     engines = {r.engine["engine"] for (r,) in run.result}
     assert len(engines) == 1   # every shard ran the same engine
     for (r,), ref in zip(run.result, refs):

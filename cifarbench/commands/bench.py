@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         """
         import torch
 
-        from ..console import console, emit_json, make_console
+        from ..console import emit_json, make_console
         from ..errors import UserError
         from ..io import output_file
         from ..timing import compare, compare_table, load_results, results_table

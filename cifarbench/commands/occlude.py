@@ -58,9 +58,10 @@ def register(app: typer.Typer) -> None:
         input_size: InputSizeOpt = None,
         backend: BackendOpt = "auto",
         mode: Annotated[str, typer.Option(help="dense | incremental | auto (the faster exact one here) | approx; "
-                                          "incremental runs on any torch model the layer-graph IR represents "
-                                          "(exact fp32) or on onnx-int8's int8 convs; approx (torch models) "
-                                          "computes a coarse grid exactly, refines where the map "
+                                          "incremental runs on any torch model or fp32 ONNX file the "
+                                          "layer-graph IR represents (exact fp32) or on onnx-int8's int8 convs; "
+                                          "approx (the same models) computes a coarse grid exactly, refines "
+                                          "where the map "
                                           "varies by >= --tau and interpolates the rest, windows in bf16 on "
                                           "AMX CPUs: never the default.")] = "auto",
         tau: Annotated[Optional[float], typer.Option(

@@ -51,3 +51,15 @@ def random_model(name: str, seed: int = 0, **overrides):
             m.weight.data.uniform_(0.5, 1.5)
             m.bias.data.uniform_(-0.2, 0.2)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray with 2 CPUs per test module that asks for it (starting Ray costs seconds); run_sharded and
+    the commands find it initialized and use it as is."""
+    import logging
+
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray
+    ray.shutdown()

@@ -2,7 +2,6 @@
 resume after an interrupted driver, the model shipped by content, and the Ray errors of ``sweep``."""
 from __future__ import annotations
 
-import logging
 import sys
 import time
 
@@ -26,15 +25,6 @@ SEL = (("conv1", 0), ("conv2", 3))
 @pytest.fixture(scope="module")
 def data():
     return load_split("synthetic:300", "test")  # 60 images
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray with 2 CPUs for the whole module (starting Ray costs seconds); run_sharded uses it as is."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,8 @@
 """``--mode approx`` on a dataset slice (``occlude --data D --indices A:B``): the knobs travel to the shards (local
-and Ray), the JSON names them, a resume with other knobs computes anew; maps against a naive loop written here."""
+and Ray), the JSON names them, a resume with other knobs computes anew; maps against the naive loop of test_occlude_approx_cli."""
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pytest
@@ -13,22 +12,10 @@ from cifarbench.cli import main
 from cifarbench.distributed import run_sharded
 from cifarbench.kernels.approx import DEFAULT_COARSE
 from cifarbench.zoo import load_model
+from test_occlude_approx_cli import naive_map  # the definition, one copy
 
 K, STRIDE = 8, 4  # a 7x7 map: the naive loop stays short
 INDICES = [3, 17, 42, 250]
-
-
-def naive_map(model, image, k, stride, target):
-    """The definition: for each position copy the image, fill the patch with the gray baseline, softmax prob."""
-    n = (image.shape[-1] - k) // stride + 1
-    out = np.empty((n, n), np.float32)
-    with torch.no_grad():
-        for i in range(n):
-            for j in range(n):
-                x = image.clone()
-                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = 0.5
-                out[i, j] = torch.softmax(model(x[None]), 1)[0, target]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +92,7 @@ def test_knobs_without_approx_are_one_line_for_data(shared_data, tmp_path, capsy
     assert exc.value.code == 2 and len(err) == 1 and "--mode approx" in err[0]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """One local Ray for the Ray tests here (starting one costs seconds); run_sharded finds it initialized."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield ray
-    ray.shutdown()
-
-
-def test_knobs_travel_to_ray_workers(slice_, tmp_path, ray_local):
+def test_knobs_travel_to_ray_workers(slice_, tmp_path, ray_cluster):
     sub, refs, _ = slice_
     run = run_sharded("occlusion", "net1", sub, executor="ray", shard_size=2, k=K, stride=STRIDE,
                       backend="torch", device="cpu", mode="approx", tau=0.0, coarse=3, approx_precision="fp32")
@@ -124,7 +102,7 @@ def test_knobs_travel_to_ray_workers(slice_, tmp_path, ray_local):
         assert np.abs(r.map - ref).max() <= 1e-4
 
 
-def test_auto_on_ray_is_decided_once_on_the_driver(slice_, tmp_path, monkeypatch, ray_local):
+def test_auto_on_ray_is_decided_once_on_the_driver(slice_, tmp_path, monkeypatch, ray_cluster):
     """mode="auto" on Ray: the driver decides per K (one calibration, cached in its cache folder) and every shard
     runs that mode; the merged results carry the driver's reason. Maps equal the definition either way."""
     from cifarbench import data as data_mod

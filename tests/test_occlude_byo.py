@@ -226,17 +226,6 @@ def test_a_64x64_state_dict_on_the_cli(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------------ Ray
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray with 2 CPUs for the module; occlude --executor ray uses it as is."""
-    import logging
-
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield ray
-    ray.shutdown()
-
-
 def test_ray_executor_equals_local(ray_cluster, tmp_path, capsys):
     args = ("--data", "synthetic:60", "--indices", "0:6", "--k", "16", "--stride", "16", "--model", "net1")
     local = occlude_json(capsys, tmp_path / "local", *args)

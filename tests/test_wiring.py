@@ -3,7 +3,6 @@ result, names the model, data and what changed; a sharded run on Ray equals the 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -112,15 +111,6 @@ def test_data_default_comes_from_cifarbench_data(ckpt, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ Ray
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray (2 CPUs) for every test here; the commands find it initialized and use it as is."""
-    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'cifarbench[ray]')")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-    yield ray
-    ray.shutdown()
-
-
 def _strip(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "provenance"}
 

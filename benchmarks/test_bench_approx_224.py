@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_bench_graph_occlusion import _big_model  # the same random-weight nets as the exact benchmark
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BIG = os.environ.get("CIFARBENCH_BENCH_BIG") == "1"
@@ -35,16 +36,6 @@ PPE = (16, 64)
 LOGIT_STD = 4.0
 #: (precision, coarse, tau); coarse 1 with tau 0 is "reduced-precision windows only" (every position computed)
 CURVE = (("bf16", 1, 0.0), ("bf16", 2, 0.1), ("bf16", 2, 0.05), ("bf16", 4, 0.1), ("fp32", 2, 0.1))
-
-
-def _model(name: str):
-    torch.manual_seed(0)
-    if name == "vgg16":
-        import torchvision
-
-        return torchvision.models.vgg16(weights=None).eval()
-    timm = pytest.importorskip("timm")
-    return timm.create_model("resnet18", pretrained=False).eval()
 
 
 class _Scaled(torch.nn.Module):
@@ -85,7 +76,7 @@ def test_approx_curve_224(benchmark, record, device, net):
     from cifarbench.kernels.incremental_graph import GraphOcclusion
 
     x = _images(IMAGES).to(device)
-    model = _confident(_model(net), x).to(device)
+    model = _confident(_big_model(net), x).to(device)
     bases = torch.full((len(x), 3), 0.5)
     with torch.no_grad():
         targets = model(x).argmax(1)

@@ -373,7 +373,7 @@ def run_shard(kind: str, package: ModelPackage, shard: Shard, images, labels, cl
 def _occlusion_shard(opened: dict, images, shard: Shard, args: dict) -> dict:
     import numpy as np
 
-    from .analysis.occlusion import make_engine, occlusion_maps
+    from .analysis.occlusion import add_exact_counts, make_engine, occlusion_maps
 
     target = args["target"]
     knobs = {key: args[key] for key in APPROX_KNOBS if key in args}
@@ -382,18 +382,14 @@ def _occlusion_shard(opened: dict, images, shard: Shard, args: dict) -> dict:
         mode = args.get("modes", {}).get(str(k), args["mode"])  # auto decided on the driver (_decide_auto)
         engine = make_engine(opened["spec"], k, args["stride"], args["backend"], mode, args["device"],
                              cache=opened["engines"], **opened["runtime_options"], **knobs)
-        results, positions, exact = [], 0, 0
+        results, counts = [], {}
         for i in range(0, len(images), args["batch"]):
             t = target[shard.start + i:shard.start + i + args["batch"]] if isinstance(target, list) else target
             batch = occlusion_maps(engine, images[i:i + args["batch"]].float().div_(255), k,
                                    stride=args["stride"], baseline=args["baseline"], targets=t)
-            if batch and "exact_positions" in batch[0].engine:  # approx: each call's count, summed per shard
-                positions += int(batch[0].engine["positions"])
-                exact += int(batch[0].engine["exact_positions"])
+            add_exact_counts(counts, batch)  # approx: each call's count, summed per shard
             results += batch
-        described = dict(results[0].engine) if results else {}
-        if "exact_positions" in described:
-            described.update(positions=positions, exact_positions=exact)
+        described = {**(results[0].engine if results else {}), **counts}
         out[f"map_k{k}"] = np.stack([r.map for r in results]).astype(np.float32)
         out[f"clean_k{k}"] = np.array([r.clean_prob for r in results], np.float64)
         out[f"target_k{k}"] = np.array([r.target for r in results], np.int64)

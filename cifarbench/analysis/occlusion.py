@@ -400,20 +400,6 @@ def auto_policy() -> str:
     return policy
 
 
-def _cpu_model() -> str:
-    """The CPU's model string (``/proc/cpuinfo``'s model name on Linux, else the platform's)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def auto_key(source, engine, backend: str, device: torch.device, k: int, stride: int,
              runtime_options: dict | None = None, dense_chunk: int | None = None) -> dict:
     """What a measured ``auto`` decision depends on: the model's content (and the normalization its source adds),
@@ -423,16 +409,16 @@ def auto_key(source, engine, backend: str, device: torch.device, k: int, stride:
     from .. import __version__
     from ..artifacts import toolchain_versions
     from ..kernels.incremental import cpu_workers
+    from ..timing import cpu_name
 
     device = torch.device(device)
     return {"format": CALIB_FORMAT, "model": source.digest, "mean": source.mean, "std": source.std,
             "engine": engine.kind, "chunk": getattr(getattr(engine, "engine", None), "chunk", None), "k": int(k),
             "stride": int(stride), "size": int(engine.size), "backend": backend, "device": device.type,
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": _cpu_model(),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "workers": cpu_workers(),
             "runtime_threads": (runtime_options or {}).get("threads"), "torch": torch.__version__,
-            "cifarbench": __version__, "toolchain": toolchain_versions(),
-            "dense_chunk": dense_chunk}
+            "cifarbench": __version__, "toolchain": toolchain_versions(), "dense_chunk": dense_chunk}
 
 
 def auto_cache_path(key: dict) -> Path:
@@ -588,8 +574,7 @@ def _auto_choice(cache: dict, source, backend: str, concrete: str, device, engin
         except _Untimeable as exc:
             return rule, f"auto: {rule}, as {flops} ({exc})", {"policy": "flops", "flop_ratio": round(ratio, 4)}
         except Exception as exc:  # noqa: BLE001  (e.g. out of memory timing a whole map: auto must not fail)
-            return rule, (f"auto: {rule}, as {flops} (timing failed: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"), \
+            return rule, f"auto: {rule}, as {flops} (timing failed: {_first_line(exc)})", \
                 {"policy": "flops", "flop_ratio": round(ratio, 4)}
         record = {"key": key, **measured, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
@@ -863,6 +848,14 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     return [OcclusionResult(maps[b].numpy().astype(np.float32), float(clean[b, tgt[b]]), int(tgt[b]),
                             int(predicted[b]), int(k), int(stride), [round(float(v), 6) for v in bases[b]],
                             names[b], dict(described), kept) for b in range(len(images))]
+
+
+def add_exact_counts(counts: dict, maps: list) -> None:
+    """``--mode approx``: add one :func:`occlusion_maps` call's ``positions`` and ``exact_positions`` (every result
+    of a call carries the call's counts) to ``counts``; nothing for the exact engines."""
+    if maps and "exact_positions" in maps[0].engine:
+        for key in ("positions", "exact_positions"):
+            counts[key] = counts.get(key, 0) + int(maps[0].engine[key])
 
 
 def occlusion_map(model, image, k: int, *, stride: int = 1, baseline="gray", target=None, backend=None,

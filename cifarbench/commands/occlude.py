@@ -430,13 +430,13 @@ def _image_maps(source, items, bases, target, st: Settings, options):
     """Maps of image files, in this process: per K one engine (reused across K where it can be)."""
     import torch
 
-    from ..analysis.occlusion import make_engine, occlusion_maps
+    from ..analysis.occlusion import add_exact_counts, make_engine, occlusion_maps
     from ..console import progress
 
     cache: dict = {}
     results: dict[str, list] = {b: [] for b in bases}
     info = {}
-    positions = exact = 0
+    counts: dict = {}
     with progress() as bar:
         task = bar.add_task("occlusion", total=len(items) * len(st.ks), status="")
         for kk in st.ks:
@@ -448,14 +448,11 @@ def _image_maps(source, items, bases, target, st: Settings, options):
                 batch = torch.stack([img for _, img, _ in chunk])
                 maps = occlusion_maps(engine, batch, kk, stride=st.stride, baseline=st.baseline, targets=target,
                                       names=[n for n, _, _ in chunk])
-                if maps and "exact_positions" in maps[0].engine:  # approx: this call's count
-                    positions += int(maps[0].engine["positions"])
-                    exact += int(maps[0].engine["exact_positions"])
+                add_exact_counts(counts, maps)  # approx: over every map of the run
                 for base, r in zip(bases[i:i + DATA_BATCH], maps):
                     results[base].append(r)
                 bar.advance(task, len(chunk))
-    if positions:  # approx: over every map of the run
-        info.update(positions=positions, exact_positions=exact)
+    info.update(counts)
     return results, info
 
 

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from .errors import UserError
-from .export import DEFAULT_CALIB, RECIPES, SUFFIXES, check_calib_method, check_target, images_sha256
+from .export import DEFAULT_CALIB, DEFAULT_CALIB_METHOD, RECIPES, SUFFIXES, check_calib_method, check_target, images_sha256
 
 #: distributions whose versions go into every cache key
 TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
@@ -99,7 +99,7 @@ def cached_artifact(model, to: str, **options) -> Path:
                                  options.get("seed", 0), options.get("data_dir"))
         key_opts.update(calib=len(images), seed=options.get("seed", 0), calib_sha256=images_sha256(images))
     if to == "onnx-int8":
-        int8_opts = {"calib_method": options.get("calib_method", "minmax"),
+        int8_opts = {"calib_method": options.get("calib_method", DEFAULT_CALIB_METHOD),
                      "quantize_head": bool(options.get("quantize_head", False))}
         check_calib_method(int8_opts["calib_method"])
         key_opts.update(int8_opts)

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from ..checkpoint import file_sha256
         from ..console import console, emit_json, progress
         from ..errors import UserError
-        from ..export import SUFFIXES, check_calib_method, check_target, export
+        from ..export import DEFAULT_CALIB_METHOD, SUFFIXES, check_calib_method, check_target, export
         from ..io import output_file
         from ..runtime import default_device
 
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
                 calib_data = data   # a model of other classes or size calibrates on the user's --data
             int8_options = {}
             if to == "onnx-int8":
-                int8_options = {"calib_method": calib_method or "minmax", "quantize_head": quantize_head}
+                int8_options = {"calib_method": calib_method or DEFAULT_CALIB_METHOD, "quantize_head": quantize_head}
             with progress() as bar:
                 task = bar.add_task("calibrate", total=None, status=int8_options.get("calib_method", ""),
                                     visible=to == "onnx-int8")

@@ -24,6 +24,7 @@ SUFFIXES = {"onnx": ".onnx", "onnx-int8": ".onnx", "aoti": ".pt2", "tensorrt": "
 DEFAULT_CALIB = 512
 #: ``--calib-method`` names (the first is the default) and ONNX Runtime's ``CalibrationMethod`` member for each
 CALIB_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+DEFAULT_CALIB_METHOD = next(iter(CALIB_METHODS))
 #: bumped when the quantization recipe changes, so cached INT8 models from an older recipe are not reused
 INT8_RECIPE = "v3"
 #: the exporter's own recipe per target (bump one when its code changes what it writes)
@@ -93,7 +94,7 @@ def calibration_set(source, calib: int = DEFAULT_CALIB, calib_data: str | None =
 def export(model, to: str = "onnx", out: str | Path | None = None, precision: str = "fp32",
            device="cpu", calib: int = DEFAULT_CALIB, calib_data: str | None = None,
            data_dir=None, seed: int = 0, max_batch: int | None = None, opt_batch: int | None = None,
-           calib_images=None, onnx_path: str | Path | None = None, calib_method: str = "minmax",
+           calib_images=None, onnx_path: str | Path | None = None, calib_method: str = DEFAULT_CALIB_METHOD,
            quantize_head: bool = False, progress=None, **contract) -> Path:
     """Write ``model`` as a ``to`` artifact at ``out`` and return the path.
 

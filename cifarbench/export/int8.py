@@ -32,7 +32,7 @@ import torch
 
 from ..errors import UserError
 from ..io import atomic_path, scratch_dir
-from . import CALIB_METHODS, check_calib_method
+from . import CALIB_METHODS, DEFAULT_CALIB_METHOD, check_calib_method
 
 CALIB_BATCH = 64
 #: what fixes missing calibration images (the zoo nets and CIFAR-10 32x32 models use the bundled set unasked)
@@ -105,7 +105,7 @@ def _temporaries_in(folder: Path):
 
 
 def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_head: bool = True,
-             per_channel: bool = True, calibrate_method: str = "minmax", keep_logits: bool = True,
+             per_channel: bool = True, calibrate_method: str = DEFAULT_CALIB_METHOD, keep_logits: bool = True,
              progress=None) -> "onnx.ModelProto":  # noqa: F821
     """A QDQ int8 copy of the fp32 ONNX ``proto``, calibrated on ``images`` (the graph's own input: normalized
     already where the model expects it), with cifarbench metadata. Any input name and a fixed batch work.

@@ -456,7 +456,7 @@ class GraphOcclusion:
             reps, clean_images = 1, n_img
         if positions is not None and total == 0:
             return torch.empty(reps, 0, clean_logits.shape[-1], device=self.device)
-        per = max(1, min(self.chunk, self.step_elements // self._step_cost(g, k, stride)) // reps)
+        per = max(1, self.step_positions(k, stride, g.size) // reps)
         out = torch.empty(reps, total, clean_logits.shape[-1], device=self.device)
         token = object()  # a new call: buffers' clean rows must be copied again
 

@@ -398,18 +398,15 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
 def active_guards() -> list[tuple]:
     """The guarded output folders of the running command, as picklable specs for :func:`guarded`: a process
     that writes into them on this command's behalf (the figure worker) checks and logs its files the same way."""
-    return [(str(g.root), tuple(sorted(g.dirs)), g.option, g.files) for g in _guards]
+    return [(str(g.root), tuple(sorted(os.path.relpath(d, os.path.abspath(g.root)) for d in g.dirs)), g.option,
+             g.files) for g in _guards]
 
 
 @contextmanager
 def guarded(specs: list[tuple]):
     """Guard the folders of :func:`active_guards` ``specs`` for the block, in this process: writes into them are
     checked and logged in their manifests as in the command itself (appends: safe beside the command's own)."""
-    made = []
-    for root, dirs, option, files in specs:
-        guard = _Guard(Path(root), (), option, files)
-        guard.dirs = set(dirs)
-        made.append(guard)
+    made = [_Guard(Path(root), subdirs, option, files) for root, subdirs, option, files in specs]
     _guards.extend(made)
     try:
         yield

@@ -59,3 +59,10 @@ def test_calibration_offline_names_calib_data_not_data(tmp_path, monkeypatch):
     assert message.startswith("INT8 calibration:") and "--calib-data PATH" in message
     assert "CIFARBENCH_CALIB_DATA" in message and "--data PATH" not in message
 
+
+def test_a_negative_eval_images_is_one_line_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "q.onnx"
+    code, _, err = run_cli(capsys, "export", "net1", "--to", "onnx-int8", "--out", out, "--eval-images", "-3")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and lines == ["error: --eval-images must be 0 (no accuracy check) or more, got -3"]
+    assert not out.exists()

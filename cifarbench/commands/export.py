@@ -74,6 +74,8 @@ def register(app: typer.Typer) -> None:
             check_calib_method(calib_method)
         if (calib_method is not None or quantize_head) and to != "onnx-int8":
             raise UserError("--calib-method and --quantize-head apply to --to onnx-int8")
+        if eval_images < 0:
+            raise UserError(f"--eval-images must be 0 (no accuracy check) or more, got {eval_images}")
         if fp16 and int8:
             raise UserError("--fp16 and --int8 are exclusive")
         if (fp16 and to not in ("tensorrt", "aoti")) or (int8 and to != "tensorrt"):

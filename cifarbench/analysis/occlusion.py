@@ -268,6 +268,10 @@ class Int8IncrementalEngine(DenseEngine):
             raise ValueError(f"it runs {CHAIN_SIZE}x{CHAIN_SIZE} conv/pool chains, not {self.size}x{self.size} inputs")
         self.engine = Int8IncrementalOcclusion(runtime.onnx_graph(), chunk=chunk or INCREMENTAL_CHUNK["cpu"])
 
+    def describe(self) -> dict:
+        # which library ran the int8 convs (oneDNN where torch has it): the same integers either way
+        return {**super().describe(), "int8_convs": self.engine.int8_convs}
+
     def logits(self, images, baselines, k, stride):
         return self.engine.logits(images, baselines, k, stride)
 

@@ -30,7 +30,17 @@ region whose spread was below ``tau``; ``tau=0`` is exact. bf16 windows add abou
 Fidelity is measured, not bounded analytically: benchmarks/test_bench_approx.py publishes tau x speed x SSIM x
 error on 100 test images.
 
+**The window convolutions.** fp32 windows of wide (>= 128 input channels) 3x3 stride-1 convs run on Winograd
+F(2x2, 3x3) on the CPU (:mod:`.winograd`: 2.25x fewer multiplications, rounding at the direct method's level),
+the others on oneDNN / cuDNN. At 32 px the exact engine is FLOP-bound, and this is what moved net4's exact map
+from 2.5x to ~3.5x Captum.
+
 Older engines: :mod:`.incremental` (the CifarNet chain engine the graph engine generalises; also the GPU path
-with :mod:`.triton_occlusion`'s fused first layer), :mod:`.incremental_int8` (the same plan on ONNX Runtime int8
-convs of an ``onnx-int8`` artifact), :mod:`.bn_fold` (BN folding).
+with :mod:`.triton_occlusion`'s fused first layer), :mod:`.incremental_int8` (the same plan on the int8 convs
+of an ``onnx-int8`` artifact, on oneDNN or ONNX Runtime, the same integers either way), :mod:`.bn_fold` (BN
+folding).
 """
+
+#: bumped whenever an engine's speed changes for the same model (a new conv algorithm, a new backend), so that
+#: ``auto``'s cached timings (their key holds it) are taken again: 2 = Winograd windows, oneDNN int8 convs
+ENGINES_REVISION = 2

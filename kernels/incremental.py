@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bn_fold import folded_conv_params
+from .winograd import Winograd3x3
+from .winograd import fits as winograd_fits
 
 IMAGE_SIZE = 32
 
@@ -207,19 +209,25 @@ def build_plan(specs: tuple[LayerSpec, ...], k: int, stride: int, p0: int, p1: i
 
 
 class TorchConv:
-    """One conv layer (BN folded) + ReLU on torch's conv backend (oneDNN on CPU, cuDNN on CUDA)."""
+    """One conv layer (BN folded) + ReLU on torch's conv backend (oneDNN on CPU, cuDNN on CUDA); its windows on
+    Winograd F(2x2, 3x3) where that is faster (:mod:`cifarbench.kernels.winograd`: wide 3x3 stride-1 convs on the
+    CPU) unless ``winograd`` is False."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, stride: int, padding: int, winograd: bool = True):
         self.weight = weight.contiguous(memory_format=torch.channels_last)
         self.bias, self.s, self.q, self.c_out = bias, stride, padding, weight.shape[0]
+        self.winograd = Winograd3x3(weight, bias) if winograd and winograd_fits(weight, stride, 1, 1) else None
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         """The whole map, with the layer's padding: ``[N, C, H, W]`` in and out (channels-last memory)."""
         return F.relu(F.conv2d(x, self.weight, self.bias, stride=self.s, padding=self.q))
 
-    def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def window(self, x: torch.Tensor, out: torch.Tensor, scratch: dict | None = None) -> None:
         """Windows without padding (the gather already placed it): NHWC ``x`` ``[R, hin, win, C]`` into NHWC
-        ``out`` ``[R, h, w, Cout]``."""
+        ``out`` ``[R, h, w, Cout]``; ``scratch``: the calling worker's buffers, which Winograd needs."""
+        if self.winograd is not None and scratch is not None:
+            self.winograd(x, out, scratch, relu=True)
+            return
         y = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, stride=self.s)
         torch.clamp_min(y, 0, out=out.permute(0, 3, 1, 2))
 
@@ -301,10 +309,10 @@ class IncrementalOcclusion:
     """
 
     def __init__(self, model, device: str | torch.device | None = None, chunk: int = 160, buckets: int = 3,
-                 first_layer: str = "auto", workers: int | None = None):
+                 first_layer: str = "auto", workers: int | None = None, winograd: bool = True):
         device = torch.device(device) if device is not None else next(model.parameters()).device
         specs = layer_specs(model)
-        convs = [TorchConv(w.to(device), b.to(device), ly.s, ly.q)
+        convs = [TorchConv(w.to(device), b.to(device), ly.s, ly.q, winograd)
                  for (w, b), ly in zip(map(folded_conv_params, model.conv_blocks().values()),
                                        [ly for ly in specs if ly.kind == "conv"])]
         linears = [(m.weight.detach().to(device), m.bias.detach().to(device))
@@ -451,7 +459,7 @@ class IncrementalOcclusion:
                 xg = gathered[g.start:g.start + rows * g.hin * g.win].view(rows, g.hin, g.win, ly.c_in)
                 dst = buf[head_rows + g.out:head_rows + g.out + rows * g.h * g.w].view(rows, g.h, g.w, ly.c_out)
                 if conv is not None:
-                    conv.window(xg, dst)
+                    conv.window(xg, dst, scratch)
                 else:
                     max_pool_nhwc(xg, out=dst)
             prev = buf

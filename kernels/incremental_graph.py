@@ -42,6 +42,8 @@ import torch.nn.functional as F
 
 from .graph import Graph, UnsupportedOp, build_graph, relu  # noqa: F401  (UnsupportedOp: part of this API)
 from .incremental import cpu_workers, single_threaded_ops
+from .winograd import Winograd3x3
+from .winograd import fits as winograd_fits
 
 #: rows before a buffer's clean activation: the zero row (padding of convs and average pools) and the -inf row
 #: (padding of max pools)
@@ -264,7 +266,7 @@ class GraphOcclusion:
 
     def __init__(self, module, device=None, chunk: int = 160, buckets: int = 3, workers: int | None = None,
                  size: int | tuple[int, int] = 32, step_elements: int | None = None,
-                 window_dtype: torch.dtype = torch.float32):
+                 window_dtype: torch.dtype = torch.float32, winograd: bool = True):
         from .graph import trace
 
         if window_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -284,6 +286,9 @@ class GraphOcclusion:
         self.workers = workers or cpu_workers()
         self._graphs: dict[tuple[int, int], Graph] = {}
         self._scales: dict[tuple[int, int], dict] = {}
+        # per input size, the conv nodes whose fp32 windows run on Winograd F(2x2, 3x3) (kernels.winograd)
+        self.winograd = winograd
+        self._winograd: dict[tuple[int, int], dict[int, Winograd3x3]] = {}
         self._plans: OrderedDict = OrderedDict()
         self._scratch: list[dict] = []
         self.graph(size)
@@ -324,6 +329,10 @@ class GraphOcclusion:
                     node.bias = None if node.bias is None else node.bias.to(self.window_dtype)
                 wnodes.append(node)
             self._wnodes[size] = wnodes
+            self._winograd[size] = {
+                v: Winograd3x3(node.weight, node.bias) for v, node in enumerate(wnodes)
+                if self.winograd and node.kind == "conv" and node.weight.dtype == torch.float32 and winograd_fits(
+                    node.weight, (node.axes[0].s, node.axes[1].s), (node.axes[0].d, node.axes[1].d), node.groups)}
         return self._graphs[size]
 
     def _avgpool_scales(self, g: Graph) -> dict:
@@ -516,7 +525,7 @@ class GraphOcclusion:
     def _run_plan(self, g: Graph, plan: Plan, clean, base, scratch: dict, token) -> torch.Tensor:
         new_call = scratch.get("token") is not token
         scratch["token"] = token
-        wnodes = self._wnodes[g.size]
+        wnodes, winograd = self._wnodes[g.size], self._winograd[g.size]
         bufs = []
         for v, node in enumerate(g.nodes):
             c = node.shape[0] if v else clean[0].shape[1]
@@ -540,7 +549,10 @@ class GraphOcclusion:
                     xs.append(gathered.view(rows, hin, win, cu).permute(0, 3, 1, 2))
                 dst = buf[head_rows + grp.out:head_rows + grp.out + rows * grp.h * grp.w] \
                     .view(rows, grp.h, grp.w, c).permute(0, 3, 1, 2)
-                self._window(wnodes[v], xs, grp, dst)
+                if v in winograd:
+                    _winograd_window(winograd[v], wnodes[v].post, xs[0], dst, scratch)
+                else:
+                    self._window(wnodes[v], xs, grp, dst)
         outs = []
         for f, index in zip(g.frontier, plan.head_index):
             cf, hf, wf = g.nodes[f].shape
@@ -569,6 +581,18 @@ class GraphOcclusion:
                 y = f(y)
             torch.clamp_min(y, 0, out=dst)
             return
+        for f in post:
+            y = f(y)
+        dst.copy_(y)
+
+
+def _winograd_window(conv: Winograd3x3, post: list, x: torch.Tensor, dst: torch.Tensor, scratch: dict) -> None:
+    """A conv node's windows on Winograd: NCHW views ``x`` and ``dst`` of NHWC rows, its fused ops after it (a
+    lone ReLU fused into the output pass)."""
+    out = dst.permute(0, 2, 3, 1)
+    conv(x.permute(0, 2, 3, 1), out, scratch, relu=post == [relu])
+    if post and post != [relu]:
+        y = dst
         for f in post:
             y = f(y)
         dst.copy_(y)

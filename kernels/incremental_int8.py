@@ -82,8 +82,9 @@ class OnednnQConv:
         self.packed = torch.ops.onednn.qconv_prepack(torch.from_numpy(np.array(weight, np.int8)), self.ones, 1.0, 0,
                                                      [stride] * 2, [0, 0], [1, 1], 1, None)
 
-    def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``."""
+    def window(self, x: torch.Tensor, out: torch.Tensor, scratch: dict | None = None) -> None:
+        """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``; no ``scratch``
+        needed."""
         if self.float_input:  # QuantizeLinear: divide, round half to even, saturate
             x = torch.div(x, float(self.x_scale)).round_().clamp_(0, 255).to(torch.uint8)
         y = torch.ops.onednn.qconv2d_pointwise(x.permute(0, 3, 1, 2), 1.0, 0, self.packed, self.ones, self.zeros,
@@ -149,9 +150,9 @@ class OrtQLinearConv:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self._local = threading.local()  # a session runs from several workers at once; a binding is per call
 
-    def window(self, x: torch.Tensor, out: torch.Tensor) -> None:
+    def window(self, x: torch.Tensor, out: torch.Tensor, scratch: dict | None = None) -> None:
         """NHWC ``x`` ``[R, hin, win, C]`` (padding already in it) into NHWC uint8 ``out``: both contiguous CPU
-        tensors; ONNX Runtime reads and writes their memory directly."""
+        tensors; ONNX Runtime reads and writes their memory directly. ``scratch`` is not needed."""
         assert x.is_contiguous() and out.is_contiguous(), "IOBinding needs contiguous buffers"
         b = getattr(self._local, "binding", None)
         if b is None:

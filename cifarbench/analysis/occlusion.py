@@ -409,9 +409,10 @@ def auto_key(source, engine, backend: str, device: torch.device, k: int, stride:
     """What a measured ``auto`` decision depends on: the model's content (and the normalization its source adds),
     the incremental engine, K, stride, input size, the dense backend and its chunk, the device, and the machine
     (CPU model, threads, workers) and software (torch, onnx, onnxruntime, cifarbench: the dense side is often
-    ONNX Runtime) that ran it."""
+    ONNX Runtime; the engines' revision) that ran it."""
     from .. import __version__
     from ..artifacts import toolchain_versions
+    from ..kernels import ENGINES_REVISION
     from ..kernels.incremental import cpu_workers
     from ..timing import cpu_name
 
@@ -422,7 +423,8 @@ def auto_key(source, engine, backend: str, device: torch.device, k: int, stride:
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "cpu": cpu_name(),
             "threads": torch.get_num_threads(), "workers": cpu_workers(),
             "runtime_threads": (runtime_options or {}).get("threads"), "torch": torch.__version__,
-            "cifarbench": __version__, "toolchain": toolchain_versions(), "dense_chunk": dense_chunk}
+            "cifarbench": __version__, "toolchain": toolchain_versions(), "dense_chunk": dense_chunk,
+            "engines": ENGINES_REVISION}
 
 
 def auto_cache_path(key: dict) -> Path:

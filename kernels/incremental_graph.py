@@ -589,9 +589,9 @@ class GraphOcclusion:
 def _winograd_window(conv: Winograd3x3, post: list, x: torch.Tensor, dst: torch.Tensor, scratch: dict) -> None:
     """A conv node's windows on Winograd: NCHW views ``x`` and ``dst`` of NHWC rows, its fused ops after it (a
     lone ReLU fused into the output pass)."""
-    out = dst.permute(0, 2, 3, 1)
-    conv(x.permute(0, 2, 3, 1), out, scratch, relu=post == [relu])
-    if post and post != [relu]:
+    fused = len(post) == 1 and post[0] is relu
+    conv(x.permute(0, 2, 3, 1), dst.permute(0, 2, 3, 1), scratch, relu=fused)
+    if post and not fused:
         y = dst
         for f in post:
             y = f(y)

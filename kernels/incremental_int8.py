@@ -42,14 +42,19 @@ CONV_BACKENDS = ("auto", "onednn", "onnxruntime")
 
 @functools.lru_cache(maxsize=1)
 def onednn_available() -> bool:
-    """Whether this torch runs oneDNN's int8 convolution on this CPU (``onednn::qconv2d_pointwise``, x86 builds):
-    probed once with a tiny conv, since an ARM build or an old torch lacks it."""
+    """Whether oneDNN's int8 convolution runs here with ONNX Runtime's integers: a CPU with AVX512-VNNI (AMX-INT8
+    CPUs have it too), where both libraries accumulate u8 x s8 products exactly in int32; without VNNI both fall
+    back to ``vpmaddubsw``, whose int16 pair sums saturate, each library pairing differently. Then a tiny conv
+    through ``onednn::qconv2d_pointwise``, since an ARM build or an old torch lacks it. Probed once."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
     try:
+        if vnni is None or not vnni():
+            return False
         OnednnQConv(np.ones((1, 1, 1, 1), np.int8), np.float32(1), np.int8(0), np.zeros(1, np.int32), 1.0, 0, 1.0,
                     1, 0, float_input=False, threads=1).window(torch.ones(1, 1, 1, 1, dtype=torch.uint8),
                                                                  torch.empty(1, 1, 1, 1, dtype=torch.uint8))
         return True
-    except (AttributeError, RuntimeError, NotImplementedError):
+    except Exception:  # noqa: BLE001 -- whatever a missing or different op raises, the answer is "not here"
         return False
 
 
@@ -59,7 +64,9 @@ class OnednnQConv:
     point 0 out (its saturation is the ReLU).
 
     Bit-identical to ``QLinearConv`` (checked per layer in the tests): oneDNN runs with unit scales and the int32
-    bias as a float, so its float output is ``float(acc + bias)`` exactly (while ``|acc + bias| < 2**24``), and
+    bias as a float, so its float output is ``float(acc + bias)`` exactly (while ``|acc + bias| < 2**24``; a conv
+    whose sums could pass that where it matters is refused with ``ValueError``, and ``auto`` runs it on ONNX
+    Runtime), and
     the requantization is ORT's own: ``round_half_even(float(acc + bias) * s)``, saturated, with
     ``s = x_scale * w_scale / y_scale`` in float32 as ORT computes it. Letting oneDNN requantize instead (scaled
     sum plus a float bias) is ~1.5x faster on the largest layer but differs in 5e-7 of the outputs by one step,
@@ -76,7 +83,14 @@ class OnednnQConv:
         if np.any(np.asarray(w_zero) != 0) or int(x_zero) != 0:
             raise ValueError("oneDNN's int8 conv here takes zero points of 0 only")
         w_scale = np.broadcast_to(np.asarray(w_scale, np.float32), (self.c_out,))
-        self.scale = torch.from_numpy(self.x_scale * w_scale / np.float32(y_scale)).view(1, -1, 1, 1)
+        scale = self.x_scale * w_scale / np.float32(y_scale)
+        # float(acc) + float(bias) is float(acc + bias) while sums stay below 2**24 (float32's exact integers);
+        # beyond, the two round differently, which matters only where the scale lets such a sum land below 255.5
+        reach = 255 * np.abs(np.asarray(weight, np.int64)).reshape(self.c_out, -1).sum(1) + \
+            np.abs(np.asarray(bias, np.int64))
+        if np.any((reach >= 2 ** 24) & (scale.astype(np.float64) * 2 ** 24 < 256)):
+            raise ValueError("int32 sums beyond float32's exact integers at a small output scale")
+        self.scale = torch.from_numpy(scale).view(1, -1, 1, 1)
         self.ones, self.zeros = torch.ones(self.c_out), torch.zeros(self.c_out, dtype=torch.long)
         self.bias = torch.from_numpy(np.asarray(bias, np.int32).astype(np.float32))
         self.packed = torch.ops.onednn.qconv_prepack(torch.from_numpy(np.array(weight, np.int8)), self.ones, 1.0, 0,
@@ -288,10 +302,11 @@ class Int8Graph:
         args = (self.const(wq.input[0]), w_scale, w_zero, bias, x_scale, x_zero, y_scale, s, q)
         try:
             return self.conv_class(*args, float_input=not quantized_input, threads=self.threads)
-        except ValueError:
+        except (ValueError, RuntimeError):
             if self.conv_backend != "auto":
                 raise
-            # a conv oneDNN cannot take as it is (asymmetric weights) runs on ONNX Runtime, the others stay
+            # a conv oneDNN cannot take as it is (asymmetric weights, sums too large for exact float, an op
+            # that rejects it) runs on ONNX Runtime, the others stay
             return OrtQLinearConv(*args, float_input=not quantized_input, threads=self.threads)
 
     def head(self, previous: str, last: LayerSpec, in_scale: float) -> list:

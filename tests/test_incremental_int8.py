@@ -102,6 +102,12 @@ def test_int8_conv_backends_are_chosen_and_named():
     with pytest.raises(ValueError, match="zero points of 0"):
         OnednnQConv(*_qconv_args(np.random.default_rng(0), 4, 4, 3, True)[:2], np.ones(4, np.int8),
                     *_qconv_args(np.random.default_rng(0), 4, 4, 3, True)[3:], 1, 0, float_input=False, threads=1)
+    # int32 sums that can pass 2**24 (float32's exact integers) where the scale keeps them below saturation
+    big = (np.full((4, 1024, 3, 3), 127, np.int8), np.float32(1e-3), np.int8(0), np.zeros(4, np.int32),
+           np.float32(1e-3))
+    with pytest.raises(ValueError, match="exact integers"):
+        OnednnQConv(*big, np.uint8(0), np.float32(1.0), 1, 0, float_input=False, threads=1)
+    OnednnQConv(*big, np.uint8(0), np.float32(1e-3), 1, 0, float_input=False, threads=1)  # there they saturate
     _, runtime = int8_runtime("net1", seed=25)
     engine = Int8IncrementalOcclusion(runtime.proto, conv_backend="onnxruntime")
     assert engine.int8_convs == "onnxruntime"

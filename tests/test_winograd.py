@@ -83,8 +83,9 @@ def test_chain_engine_with_winograd_equals_the_naive_loop():
 
 
 class WideBlocks(nn.Module):
-    """128-channel 3x3 convs with a residual add, a SiLU after a conv (a fused op other than ReLU) and a conv
-    without a bias, at an odd map size: Winograd's paths in the graph engine."""
+    """128-channel 3x3 convs at an odd map size, each of Winograd's paths in the graph engine: a conv + BN (folded)
+    + SiLU (a fused op other than ReLU), a conv feeding a residual add (no fused op), a conv + ReLU (fused into
+    Winograd's output pass)."""
 
     def __init__(self):
         super().__init__()
@@ -92,12 +93,14 @@ class WideBlocks(nn.Module):
         self.a = nn.Conv2d(128, 128, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(128)
         self.b = nn.Conv2d(128, 128, 3, padding=1)
+        self.c = nn.Conv2d(128, 128, 3, padding=1)
         self.head = nn.Linear(128, 10)
 
     def forward(self, x):
         x = torch.relu(self.stem(x))
         y = F.silu(self.bn(self.a(x)))
         x = torch.relu(x + self.b(y))
+        x = torch.relu(self.c(x))
         return self.head(x.mean((2, 3)))
 
 
@@ -105,4 +108,7 @@ def test_graph_engine_with_winograd_equals_the_naive_loop():
     torch.manual_seed(5)
     model = randomize_bn(WideBlocks())
     engine = check_exact(model, 7, 4, size=27)
-    assert len(engine._winograd[(27, 27)]) == 2  # a and b; the 3-channel stem stays direct
+    g = engine.graph(27)
+    on_winograd = {g.nodes[v].name: g.nodes[v].post_names for v in engine._winograd[(27, 27)]}
+    # the 3-channel stem stays direct; BN folded into a's weights (a label, not a post op), SiLU after it
+    assert on_winograd == {"a": ["bn(folded)", "silu"], "b": [], "c": ["relu"]}

@@ -19,7 +19,7 @@ import torch
 from cli_helpers import assert_user_error, run_cli
 from PIL import Image
 
-from cifarbench.io import atomic_path, scratch_dir, write_json, write_text
+from cifarbench.io import MANIFEST, atomic_path, scratch_dir, write_json, write_text
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -140,6 +140,24 @@ def test_eval_and_export_refuse_to_replace_a_user_file(tmp_path, capsys):
     target.write_bytes(b"not ours")
     assert_user_error(capsys, "export", "net1", "--out", target, match="net1.onnx")
     assert target.read_bytes() == b"not ours"
+
+
+def test_train_refuses_to_replace_a_user_file_and_guards_what_it_writes(tmp_path, capsys):
+    """A new run's --out is guarded like every other command's: a user's file named like a run file stops it
+    before training; a clean run logs its files in the manifest, and --resume continues in place."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.csv").write_text("my numbers\n")
+    args = ("train", "net1", "--data", "synthetic:64", "--epochs", "1", "--batch-size", "32")
+    assert_user_error(capsys, *args, "--out", tmp_path / "mine", match="metrics.csv")
+    assert (tmp_path / "mine" / "metrics.csv").read_text() == "my numbers\n"
+    assert not (tmp_path / "mine" / "config.json").exists()  # refused before anything was written
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, *args, "--out", run)
+    assert code == 0, err
+    manifest = (run / MANIFEST).read_text()
+    assert all(name in manifest for name in ("config.json", "metrics.csv", "best.safetensors", "results.json"))
+    code, _, err = run_cli(capsys, "train", "net1", "--resume", run, "--epochs", "2")
+    assert code == 0, err
 
 
 # ----------------------------------------------------------------------------------------- --out mistakes

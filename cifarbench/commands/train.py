@@ -11,6 +11,8 @@ from ..options import DataDirOpt, DeviceOpt, JsonOpt, OutOpt, SetOpt, parse_sets
 # Every setting defaults to None here so a resumed run can tell what the user gave (which must agree with the
 # saved run) from what they left out (taken from the saved run); TrainConfig fills a new run's defaults.
 _RESUME_NOTE = "With --resume: the saved run's; giving another value is an error."
+#: what a run writes into its folder (cifarbench.train)
+RUN_FILES = ("config.json", "metrics.csv", "best.safetensors", "last.safetensors", "last.state.pt", "results.json")
 
 
 def register(app: typer.Typer) -> None:
@@ -63,8 +65,12 @@ def register(app: typer.Typer) -> None:
             if (Path(out) / "config.json").exists():
                 raise UserError(f"{out} already holds a run; use --resume {out} or another --out")
         from .. import cli
+        from ..io import output_folder
 
-        summary = train(config, out, resume=resume is not None, command_line=cli.COMMAND_LINE)
+        # a new run's folder is guarded (a user's file named like a run file is refused before training, and
+        # every file written is logged in its manifest); a resumed one was checked as a cifarbench run above
+        with output_folder(None if resume is not None else out, RUN_FILES):
+            summary = train(config, out, resume=resume is not None, command_line=cli.COMMAND_LINE)
         if json:
             emit_json(summary)
         else:

@@ -169,15 +169,48 @@ def test_fixed_batch_onnx_runs_incremental_on_its_graph_and_dense_when_asked(fil
     assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
 
 
-def test_torchscript_runs_dense_and_incremental_is_one_line(files, models, tmp_path, capsys):
-    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["torchscript"])
+def test_torchscript_runs_incremental_on_its_graph_exported_to_onnx(files, models, tmp_path, capsys):
+    """torch.fx cannot trace TorchScript; its graph goes through ONNX to the layer-graph engine, exact."""
     ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8)
+    for mode in ("incremental", "auto"):
+        doc = occlude_json(capsys, tmp_path / mode, files["image"], "--model", files["torchscript"], "--mode", mode)
+        (r,) = doc["results"]
+        assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+        if r["engine"]["engine"] != "dense":  # auto may time dense faster on ResNet-20 at stride 8
+            assert r["engine"]["engine"] == "incremental-graph"
+            assert r["engine"]["graph"] == "TorchScript graph exported to ONNX, translated to torch"
+            assert r["engine"]["graph"] in r["engine"]["why"]
+    assert doc["results"][0]["engine"]["why"].startswith("auto: ")
+
+
+class Branchy(nn.Module):
+    """Control flow on the data: TorchScript keeps it (an ONNX ``If`` on a mean over every axis), which the
+    layer-graph IR cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if bool(y.mean() > 0.5):
+            y = y * 2
+        return self.fc(y.mean((2, 3)))
+
+
+def test_torchscript_the_ir_cannot_run_goes_dense_under_auto_and_is_one_line_under_incremental(files, tmp_path,
+                                                                                                capsys):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Branchy().eval()), str(tmp_path / "branchy.pt"))
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "branchy.pt")
     (r,) = doc["results"]
-    assert r["engine"]["engine"] == "dense" and "TorchScript" in r["engine"]["why"]
-    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
-    line = assert_user_error(capsys, "occlude", files["image"], "--model", files["torchscript"], "--mode",
+    assert r["engine"]["engine"] == "dense" and "TorchScript graph" in r["engine"]["why"]
+    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "branchy.pt", "--mode",
                              "incremental", "--out", tmp_path / "x", match="--mode dense")
-    assert "TorchScript" in line
+    assert "TorchScript graph" in line and " op " in line  # it names the first op it cannot run
 
 
 class Rolled(nn.Module):

@@ -16,8 +16,9 @@ capabilities), never by its name:
   4.78 s graph, medians 5.26 s vs 5.30 s); any other module runs
   on the layer-graph engine :mod:`cifarbench.kernels.incremental_graph` (residual adds, depthwise convs, any
   geometry). An fp32 ONNX file reaches the same engine through its graph translated to torch
-  (:mod:`cifarbench.kernels.onnx_module`; ``engine["graph"]`` and ``why`` say so). A graph it cannot represent
-  raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses in one line naming the op.
+  (:mod:`cifarbench.kernels.onnx_module`; ``engine["graph"]`` and ``why`` say so), and a TorchScript file, which
+  torch.fx cannot trace, through its graph exported to ONNX first (:func:`_scripted_module`). A graph it cannot
+  represent raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses in one line naming the op.
 * ``incremental`` on an int8 ONNX graph (``runtime.precision == "int8"`` and ``runtime.onnx_graph()``, on the
   CPU): the same plan on that graph's int8 convolutions (:mod:`cifarbench.kernels.incremental_int8`), giving that
   runtime's dense maps.
@@ -44,6 +45,7 @@ MODES = ("auto", "dense", "incremental", "approx")
 #: what an engine on an fp32 ONNX file runs (its ``graph`` field and ``why``): the layer-graph engines need a torch
 #: module, so the graph is translated (:mod:`cifarbench.kernels.onnx_module`)
 TRANSLATED = "ONNX graph translated to torch"
+SCRIPTED = "TorchScript graph exported to ONNX, translated to torch"
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
 #: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
@@ -638,13 +640,19 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
             why = (f"the incremental engine needs a torch module (--backend torch) or an int8 ONNX graph "
                    f"(--backend onnx-int8); "
                    f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
+    graph = TRANSLATED if translated else None
+    if module is not None and source.kind == "torchscript" and not translated:
+        try:
+            module, translated, graph = _scripted_module(source), True, SCRIPTED
+        except Exception as exc:  # noqa: BLE001  (an op either step cannot represent: auto must still run dense)
+            module, why = None, f"the incremental engine cannot run {source.name}'s TorchScript graph: " \
+                                f"{_first_line(exc)}"
     if module is not None:
         module = module if translated else _traceable(source, module)
         try:
             engine = IncrementalEngine(module, runtime.device if runtime is not None else device, chunk,
                                        source.input_size, source.classes)
-            if translated:
-                engine.graph = TRANSLATED
+            engine.graph = graph
         except UnsupportedOp as exc:
             why = f"the incremental engine cannot run {source.name}: {exc}"
         except Exception as exc:  # noqa: BLE001  (a graph the IR mis-reads: auto must still run dense)
@@ -681,14 +689,22 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
             except Exception as exc:  # noqa: BLE001  (a graph the translation mis-reads: one line, not a traceback)
                 raise UserError(f"the approximate engine cannot run {source.name}'s ONNX graph: "
                                 f"{_first_line(exc)}; use --mode dense") from None
+        elif source.kind == "torchscript":
+            try:
+                module = _scripted_module(source)
+            except UnsupportedOp:
+                raise
+            except Exception as exc:  # noqa: BLE001  (an op the exporter refuses: one line, not a traceback)
+                raise UserError(f"the approximate engine cannot run {source.name}'s TorchScript graph: "
+                                f"{_first_line(exc)}; use --mode dense") from None
         else:
             module = _traceable(source, source.torch_module())
         engine = ApproxEngine(module, device, source.input_size, source.classes, knobs["tau"], knobs["coarse"],
                               knobs["approx_precision"])
     except UnsupportedOp as exc:
         raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
-    if onnx:
-        engine.graph = TRANSLATED
+    if onnx or source.kind == "torchscript":
+        engine.graph = TRANSLATED if onnx else SCRIPTED
     cache["approx"] = engine
     return engine
 
@@ -724,6 +740,25 @@ def _onnx_module(source, proto):
     from ..kernels.onnx_module import onnx_module
 
     return _traceable(source, onnx_module(proto), own_input=True)
+
+
+def _scripted_module(source):
+    """A TorchScript model as the layer-graph IR reads it, on [0, 1] pixels: torch.fx cannot trace TorchScript,
+    so its graph is exported to ONNX in memory (torch's TorchScript-based exporter reads the scripted graph; no
+    Python of the user's runs) and translated to torch as an ONNX file is. Raises where either step cannot
+    represent an op (the translation's ``UnsupportedOp`` names it)."""
+    import io
+    import warnings
+
+    import onnx
+
+    buffer = io.BytesIO()
+    x = torch.zeros(1, 3, source.input_size, source.input_size)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated upstream, and says so
+        torch.onnx.export(source.module.cpu(), (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return _onnx_module(source, onnx.load_from_string(buffer.getvalue()))
 
 
 def _first_line(exc: Exception) -> str:
@@ -784,14 +819,14 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     chosen, auto = None, None
     if mode == "approx":
         engine = _approx(cache, source, backend, device, options)
-        chosen = ChosenEngine(engine, "--mode approx" + (f" on the {TRANSLATED}" if engine.graph else ""))
+        chosen = ChosenEngine(engine, "--mode approx" + (f" on the {engine.graph}" if engine.graph else ""))
         cache[key] = chosen
         return chosen
     if mode != "dense":
         engine, why_not = _candidate(cache, source, backend, device, chunk, options)
         if engine is None and mode == "incremental":
             raise UserError(f"{why_not or 'the incremental engine cannot run this model'}; use --mode dense")
-        on = f" on the {TRANSLATED}" if getattr(engine, "graph", None) else ""
+        on = f" on the {engine.graph}" if getattr(engine, "graph", None) else ""
         if engine is not None and mode == "incremental":
             chosen = ChosenEngine(engine, f"--mode incremental{on}")
         elif engine is not None:

@@ -126,7 +126,11 @@ def files(tmp_path_factory, models):
         # the legacy exporter's file has a fixed batch of 1: the dense engine must feed it one image at a time
         torch.onnx.export(models["mobilenetv2_tiny"], (torch.zeros(1, 3, 32, 32),), str(root / "mobilenet.onnx"),
                           dynamo=False, input_names=["x"])
+        program = torch.export.export(models["resnet20"], (torch.zeros(2, 3, 32, 32),),
+                                      dynamic_shapes=({0: torch.export.Dim("n")},))
+        torch.export.save(program, str(root / "resnet20.pt2"))
     out["torchscript"] = root / "resnet20-ts.pt"
+    out["exported"] = root / "resnet20.pt2"
     out["onnx"] = root / "mobilenet.onnx"
     out["image"], out["pixels"] = png(root / "img.png", 32, seed=5)
     return out
@@ -169,17 +173,22 @@ def test_fixed_batch_onnx_runs_incremental_on_its_graph_and_dense_when_asked(fil
     assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
 
 
-def test_torchscript_runs_incremental_on_its_graph_exported_to_onnx(files, models, tmp_path, capsys):
-    """torch.fx cannot trace TorchScript; its graph goes through ONNX to the layer-graph engine, exact."""
+@pytest.mark.parametrize("fmt,graph", [("torchscript", "TorchScript graph"), ("exported", "torch.export graph")])
+def test_torchscript_and_export_run_incremental_on_their_graph_exported_to_onnx(files, models, tmp_path, capsys,
+                                                                               fmt, graph):
+    """torch.fx cannot trace TorchScript, and a torch.export program is aten ops the IR does not map: their graphs
+    go through ONNX to the layer-graph engine, exact."""
     ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8)
     for mode in ("incremental", "auto"):
-        doc = occlude_json(capsys, tmp_path / mode, files["image"], "--model", files["torchscript"], "--mode", mode)
+        doc = occlude_json(capsys, tmp_path / mode, files["image"], "--model", files[fmt], "--mode", mode)
         (r,) = doc["results"]
         assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
         if r["engine"]["engine"] != "dense":  # auto may time dense faster on ResNet-20 at stride 8
             assert r["engine"]["engine"] == "incremental-graph"
-            assert r["engine"]["graph"] == "TorchScript graph exported to ONNX, translated to torch"
+            assert r["engine"]["graph"] == f"{graph} exported to ONNX, translated to torch"
             assert r["engine"]["graph"] in r["engine"]["why"]
+        else:
+            assert mode == "auto"
     assert doc["results"][0]["engine"]["why"].startswith("auto: ")
 
 

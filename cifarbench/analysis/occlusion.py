@@ -17,8 +17,9 @@ capabilities), never by its name:
   on the layer-graph engine :mod:`cifarbench.kernels.incremental_graph` (residual adds, depthwise convs, any
   geometry). An fp32 ONNX file reaches the same engine through its graph translated to torch
   (:mod:`cifarbench.kernels.onnx_module`; ``engine["graph"]`` and ``why`` say so), and a TorchScript file, which
-  torch.fx cannot trace, through its graph exported to ONNX first (:func:`_scripted_module`). A graph it cannot
-  represent raises ``UnsupportedOp``: ``auto`` goes dense, ``incremental`` refuses in one line naming the op.
+  torch.fx cannot trace, or a ``torch.export`` ``.pt2``, through its graph exported to ONNX first
+  (:func:`_module_via_onnx`). A graph it cannot represent raises ``UnsupportedOp``: ``auto`` goes dense,
+  ``incremental`` refuses in one line naming the op.
 * ``incremental`` on an int8 ONNX graph (``runtime.precision == "int8"`` and ``runtime.onnx_graph()``, on the
   CPU): the same plan on that graph's int8 convolutions (:mod:`cifarbench.kernels.incremental_int8`), giving that
   runtime's dense maps.
@@ -45,7 +46,10 @@ MODES = ("auto", "dense", "incremental", "approx")
 #: what an engine on an fp32 ONNX file runs (its ``graph`` field and ``why``): the layer-graph engines need a torch
 #: module, so the graph is translated (:mod:`cifarbench.kernels.onnx_module`)
 TRANSLATED = "ONNX graph translated to torch"
-SCRIPTED = "TorchScript graph exported to ONNX, translated to torch"
+#: the sources whose graphs torch.fx cannot read (TorchScript) or reads as aten ops the IR does not know (a
+#: ``torch.export`` program): the layer-graph engines read them through ONNX, and say so
+VIA_ONNX = {"torchscript": "TorchScript graph exported to ONNX, translated to torch",
+            "exported-program": "torch.export graph exported to ONNX, translated to torch"}
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
 #: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
@@ -641,11 +645,11 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
                    f"(--backend onnx-int8); "
                    f"{runtime.name} {runtime.precision} on {runtime.device} has neither")
     graph = TRANSLATED if translated else None
-    if module is not None and source.kind == "torchscript" and not translated:
+    if module is not None and source.kind in VIA_ONNX and not translated:
         try:
-            module, translated, graph = _scripted_module(source), True, SCRIPTED
+            module, translated, graph = _module_via_onnx(source), True, VIA_ONNX[source.kind]
         except Exception as exc:  # noqa: BLE001  (an op either step cannot represent: auto must still run dense)
-            module, why = None, f"the incremental engine cannot run {source.name}'s TorchScript graph: " \
+            module, why = None, f"the incremental engine cannot run {source.name}'s {_graph_kind(source)}: " \
                                 f"{_first_line(exc)}"
     if module is not None:
         module = module if translated else _traceable(source, module)
@@ -689,13 +693,13 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
             except Exception as exc:  # noqa: BLE001  (a graph the translation mis-reads: one line, not a traceback)
                 raise UserError(f"the approximate engine cannot run {source.name}'s ONNX graph: "
                                 f"{_first_line(exc)}; use --mode dense") from None
-        elif source.kind == "torchscript":
+        elif source.kind in VIA_ONNX:
             try:
-                module = _scripted_module(source)
+                module = _module_via_onnx(source)
             except UnsupportedOp:
                 raise
             except Exception as exc:  # noqa: BLE001  (an op the exporter refuses: one line, not a traceback)
-                raise UserError(f"the approximate engine cannot run {source.name}'s TorchScript graph: "
+                raise UserError(f"the approximate engine cannot run {source.name}'s {_graph_kind(source)}: "
                                 f"{_first_line(exc)}; use --mode dense") from None
         else:
             module = _traceable(source, source.torch_module())
@@ -703,8 +707,8 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
                               knobs["approx_precision"])
     except UnsupportedOp as exc:
         raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
-    if onnx or source.kind == "torchscript":
-        engine.graph = TRANSLATED if onnx else SCRIPTED
+    if onnx or source.kind in VIA_ONNX:
+        engine.graph = TRANSLATED if onnx else VIA_ONNX[source.kind]
     cache["approx"] = engine
     return engine
 
@@ -742,18 +746,24 @@ def _onnx_module(source, proto):
     return _traceable(source, onnx_module(proto), own_input=True)
 
 
-def _scripted_module(source):
-    """A TorchScript model as the layer-graph IR reads it, on [0, 1] pixels: torch.fx cannot trace TorchScript,
-    so its graph is exported to ONNX in memory (torch's TorchScript-based exporter reads the scripted graph; no
-    Python of the user's runs) and translated to torch as an ONNX file is. Raises where either step cannot
-    represent an op (the translation's ``UnsupportedOp`` names it)."""
+def _graph_kind(source) -> str:
+    """"TorchScript graph" or "torch.export graph": what :data:`VIA_ONNX` reads, for messages."""
+    return VIA_ONNX[source.kind].split(" exported")[0]
+
+
+def _module_via_onnx(source):
+    """A TorchScript or ``torch.export`` model (:data:`VIA_ONNX`) as the layer-graph IR reads it, on [0, 1]
+    pixels: torch.fx cannot trace TorchScript, and a ``torch.export`` program is a graph of aten ops the IR does
+    not map, so either is exported to ONNX in memory with torch's TorchScript-based exporter (it runs the model
+    once on zeros, in torch's interpreter; no Python of the user's) and translated to torch as an ONNX file is.
+    Raises where either step cannot represent an op (the translation's ``UnsupportedOp`` names it)."""
     import io
     import warnings
 
     import onnx
 
     buffer = io.BytesIO()
-    x = torch.zeros(1, 3, source.input_size, source.input_size)
+    x = torch.zeros(source.fixed_batch or 1, 3, source.input_size, source.input_size)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated upstream, and says so
         torch.onnx.export(source.module.cpu(), (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],

@@ -763,10 +763,13 @@ def _module_via_onnx(source):
     import onnx
 
     buffer = io.BytesIO()
-    x = torch.zeros(source.fixed_batch or 1, 3, source.input_size, source.input_size)
+    # on the module's own device: moving it would move the source a dense runtime may share
+    weights = next(iter(source.module.parameters()), None)
+    x = torch.zeros(source.fixed_batch or 1, 3, source.input_size, source.input_size,
+                    device=weights.device if weights is not None else "cpu")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated upstream, and says so
-        torch.onnx.export(source.module.cpu(), (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
+        torch.onnx.export(source.module, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
                           output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
     return _onnx_module(source, onnx.load_from_string(buffer.getvalue()))
 

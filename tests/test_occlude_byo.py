@@ -222,6 +222,57 @@ def test_torchscript_the_ir_cannot_run_goes_dense_under_auto_and_is_one_line_und
     assert "TorchScript graph" in line and " op " in line  # it names the first op it cannot run
 
 
+class SumPooled(nn.Module):
+    """A sum pool (``divisor_override=1``): torch's TorchScript-based ONNX exporter drops the override without a
+    word, so its ONNX graph is a different model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AvgPool2d(2, divisor_override=1)
+        self.fc = nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
+
+
+class Viewed(nn.Module):
+    """``x.view(x.size(0), -1)`` after a conv: fails on channels-last maps, which the torch runtime prefers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+def test_a_torchscript_export_that_changes_the_model_is_never_run_as_exact(files, tmp_path, capsys):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(SumPooled().eval()), str(tmp_path / "sum.pt"))
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "sum.pt")
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "dense" and "does not reproduce" in r["engine"]["why"]
+    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "sum.pt", "--mode",
+                             "incremental", "--out", tmp_path / "x", match="does not reproduce")
+    assert "TorchScript graph" in line
+
+
+def test_a_model_that_views_its_maps_runs_dense_and_incremental(files, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = Viewed().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), str(tmp_path / "view.pt"))
+    ref, _ = naive_map(model, files["pixels"], 8, 8)
+    for mode in ("dense", "incremental"):
+        doc = occlude_json(capsys, tmp_path / mode, files["image"], "--model", tmp_path / "view.pt", "--mode", mode)
+        assert np.abs(np.array(doc["results"][0]["map"]) - ref).max() <= 1e-5
+
+
 class Rolled(nn.Module):
     """A spatial op the layer-graph IR cannot represent (a roll of the feature map)."""
 

@@ -765,13 +765,38 @@ def _module_via_onnx(source):
     buffer = io.BytesIO()
     # on the module's own device: moving it would move the source a dense runtime may share
     weights = next(iter(source.module.parameters()), None)
-    x = torch.zeros(source.fixed_batch or 1, 3, source.input_size, source.input_size,
-                    device=weights.device if weights is not None else "cpu")
+    device = weights.device if weights is not None else torch.device("cpu")
+    x = torch.zeros(source.fixed_batch or 1, 3, source.input_size, source.input_size, device=device)
+    # a fixed-batch program keeps its batch (a dynamic axis would hide that its reshapes bake it in)
+    dynamic = {} if source.fixed_batch else {"dynamic_axes": {"x": {0: "n"}, "y": {0: "n"}}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript-based exporter is deprecated upstream, and says so
         torch.onnx.export(source.module, (x,), buffer, dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
-    return _onnx_module(source, onnx.load_from_string(buffer.getvalue()))
+                          output_names=["y"], **dynamic)
+    module = _onnx_module(source, onnx.load_from_string(buffer.getvalue()))
+    _check_reproduces(source, module, device)
+    return module
+
+
+def _check_reproduces(source, module, device) -> None:
+    """Raise ``ValueError`` unless ``module`` (a translation of ``source``'s exported graph) gives the source's
+    own logits on probe images: random ones, black, white, and one with a gray patch. The exporter drops some
+    arguments without a word (``AvgPool2d(divisor_override=...)``, ``softplus``'s ``beta`` and ``threshold``
+    were found so), and a map from a different model must never be called exact."""
+    s, n = source.input_size, source.fixed_batch or 4
+    x = torch.rand(n, 3, s, s, generator=torch.Generator().manual_seed(0))
+    for i, fill in enumerate((0.0, 1.0)[:n - 1]):
+        x[i + 1] = fill
+    x[-1, :, s // 4:s // 2, s // 4:s // 2] = 0.5
+    with torch.no_grad():
+        want = source.torch_module()(x.to(device)).float().cpu()
+        got = module(x).float()
+    if got.shape != want.shape:
+        raise ValueError(f"its ONNX export gives outputs of shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+    diff = float((got - want).abs().max())
+    if not diff <= 1e-4 * (1 + float(want.abs().max())):
+        raise ValueError(f"its ONNX export does not reproduce it (logits differ by up to {diff:.3g}: the exporter "
+                         f"dropped or changed an op's arguments)")
 
 
 def _first_line(exc: Exception) -> str:

@@ -68,4 +68,12 @@ class TorchRuntime(Runtime):
 
     @torch.inference_mode()
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            try:
+                return self.model(self._prepare(batch)).float()
+            except RuntimeError:
+                # a model written for contiguous maps (``x.view(x.size(0), -1)`` after a conv) cannot take
+                # channels-last ones: from now on it runs as written; an error of its own is raised again below
+                self.channels_last = False
+                self.model = self.model.to(memory_format=torch.contiguous_format)
         return self.model(self._prepare(batch)).float()

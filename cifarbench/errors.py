@@ -17,3 +17,10 @@ def warn(message: str) -> None:
     """Print ``warning: <message>`` as one line on stderr (newlines in ``message`` become spaces)."""
     text = " ".join(str(message).split("\n"))
     print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def error_reason(exc: BaseException, limit: int = 300) -> str:
+    """The line of ``exc``'s message that says what went wrong: its first, except for TorchScript's errors,
+    which put a preamble and the scripted traceback first and the model's own error last."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0])[:limit]

@@ -273,6 +273,34 @@ def test_a_model_that_views_its_maps_runs_dense_and_incremental(files, tmp_path,
         assert np.abs(np.array(doc["results"][0]["map"]) - ref).max() <= 1e-5
 
 
+class Picky(nn.Module):
+    """Refuses inputs outside [0, 1] in its forward, as some users' models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        if bool(x.min() < 0):
+            raise ValueError("inputs must be in [0, 1]")
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["dense", "auto", "incremental"])
+def test_a_model_that_raises_in_its_forward_is_one_line_naming_its_error(files, tmp_path, capsys, mode):
+    """Its own error, in one line, whichever engine: never a traceback, never a map of input it refuses (the ONNX
+    export drops the check, the probe of the export catches it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(Picky().eval()), str(tmp_path / "picky.pt"))
+    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "picky.pt", "--mean",
+                             "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--mode", mode, "--out", tmp_path / mode,
+                             match="inputs must be in")
+    assert "TorchScript interpreter" not in line
+    assert not (tmp_path / mode / "img_k8.npy").exists()
+
+
 class Rolled(nn.Module):
     """A spatial op the layer-graph IR cannot represent (a roll of the feature map)."""
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, error_reason
 from .occlusion_result import OcclusionResult  # noqa: F401 (its home is torch-free; re-exported here)
 
 #: the side of CIFAR images, the default input size (a model's own comes from its source)
@@ -803,7 +803,7 @@ def _first_line(exc: Exception) -> str:
     """``UnsupportedOp``'s message as it is (it names the op); any other error with its type."""
     from ..kernels.graph import UnsupportedOp
 
-    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    text = error_reason(exc)
     return text if isinstance(exc, UnsupportedOp) else f"{type(exc).__name__}: {text}"
 
 

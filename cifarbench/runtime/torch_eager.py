@@ -7,10 +7,11 @@ so it takes [0, 1] pixels like every runtime. Built from a :class:`~cifarbench.s
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, error_reason
 from .base import Runtime
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -51,11 +52,11 @@ class TorchRuntime(Runtime):
         module = self.source.torch_module()
         if self._dtype != torch.float32 or getattr(module, "training", False):
             module = copy.deepcopy(module)  # never change the caller's module behind its back
-        self.model = module.eval().to(self.device, self._dtype)
+        self.model = _moved(module.eval(), self.device, self._dtype)
         self.fixed_batch = self.source.fixed_batch
         self.channels_last = channels_last
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = _moved(self.model, memory_format=torch.channels_last)
 
     def torch_module(self):
         return self.model
@@ -66,14 +67,35 @@ class TorchRuntime(Runtime):
             batch = batch.contiguous(memory_format=torch.channels_last)
         return batch
 
-    @torch.inference_mode()
     def _run(self, batch: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             try:
-                return self.model(self._prepare(batch)).float()
+                return self._forward(batch)
             except RuntimeError:
                 # a model written for contiguous maps (``x.view(x.size(0), -1)`` after a conv) cannot take
-                # channels-last ones: from now on it runs as written; an error of its own is raised again below
+                # channels-last ones: from now on it runs as written (its weights converted outside inference
+                # mode, so they stay ordinary tensors); an error of its own is raised again below
                 self.channels_last = False
-                self.model = self.model.to(memory_format=torch.contiguous_format)
-        return self.model(self._prepare(batch)).float()
+                self.model = _moved(self.model, memory_format=torch.contiguous_format)
+            except Exception as exc:  # noqa: BLE001  (TorchScript's errors are not RuntimeErrors)
+                raise self._failed(exc, batch) from None
+        try:
+            return self._forward(batch)
+        except Exception as exc:  # noqa: BLE001  (the model's own code failed: the user's to fix, in one line)
+            raise self._failed(exc, batch) from None
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model(self._prepare(batch)).float()
+
+    def _failed(self, exc: Exception, batch: torch.Tensor) -> UserError:
+        return UserError(f"{self.source.name} failed on a batch of {tuple(batch.shape)}: "
+                         f"{type(exc).__name__}: {error_reason(exc)}")
+
+
+def _moved(module, *args, **kwargs):
+    """``module.to(*args, **kwargs)``, without the warning torch gives for a TorchScript module's parameters
+    (it reads their ``.grad``, which says nothing to a cifarbench user)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+        return module.to(*args, **kwargs)

@@ -367,13 +367,15 @@ def _guard_for(path: Path) -> _Guard | None:
 
 
 @contextmanager
-def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), option: str = "--out"):
+def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), option: str = "--out",
+                  adopt=()):
     """Guard the output folder ``path`` for the block: every ``atomic_path`` write into it (or into ``subdirs``)
     must target a file that is absent or a previous cifarbench output, and is logged in its manifest.
 
     Checks now, before any work: ``path`` can be a writable folder, and each of ``names`` known up front is ours
-    to write. Yields ``path``; the folder itself is made by the first write. ``path`` None (no ``--out``) guards
-    nothing and yields None."""
+    to write. ``adopt``: names of files already there that the caller has verified as cifarbench's own (a run
+    being resumed, perhaps written before manifests existed): logged as ours first. Yields ``path``; the folder
+    itself is made by the first write. ``path`` None (no ``--out``) guards nothing and yields None."""
     if path is None:
         yield None
         return
@@ -381,6 +383,9 @@ def output_folder(path: str | Path, names=(), subdirs: tuple[str, ...] = (), opt
     guard = _Guard(path, tuple(subdirs), option)
     for folder in guard.dirs:  # temporaries of a killed earlier run go now, even if this run writes nothing
         _sweep_once(folder)
+    for name in adopt:
+        if (path / name).is_file() and not (path / name).is_symlink():
+            guard.record(path / name, path / name)
     for name in names:
         guard.check(path / name)
     _guards.append(guard)

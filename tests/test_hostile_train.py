@@ -448,7 +448,8 @@ def file_size_limit():
 @pytest.mark.parametrize("limit,failing,changed", [
     (64 * 1024, "best.safetensors", set()),  # checkpoints are ~185 KB: the first checkpoint write fails
     # the weights (185 KB) fit, the state (weights + momentum, ~375 KB) does not: the state stays the old one
-    (256 * 1024, "last.state.pt", {"best.safetensors", "last.safetensors"}),
+    # (the manifest logs the two checkpoints that were written)
+    (256 * 1024, "last.state.pt", {"best.safetensors", "last.safetensors", ".cifarbench-outputs.jsonl"}),
 ])
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_old_files(base_run, tmp_path, capsys, file_size_limit,
                                                                        limit, failing, changed):

@@ -143,8 +143,8 @@ def test_eval_and_export_refuse_to_replace_a_user_file(tmp_path, capsys):
 
 
 def test_train_refuses_to_replace_a_user_file_and_guards_what_it_writes(tmp_path, capsys):
-    """A new run's --out is guarded like every other command's: a user's file named like a run file stops it
-    before training; a clean run logs its files in the manifest, and --resume continues in place."""
+    """A run's --out is guarded like every other command's: a user's file named like a run file stops it before
+    training; a clean run logs its files in the manifest; --resume continues in place and logs what it writes."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "metrics.csv").write_text("my numbers\n")
     args = ("train", "net1", "--data", "synthetic:64", "--epochs", "1", "--batch-size", "32")
@@ -156,7 +156,13 @@ def test_train_refuses_to_replace_a_user_file_and_guards_what_it_writes(tmp_path
     assert code == 0, err
     manifest = (run / MANIFEST).read_text()
     assert all(name in manifest for name in ("config.json", "metrics.csv", "best.safetensors", "results.json"))
+    (run / MANIFEST).unlink()  # a run from before manifests: resuming it adopts its files
     code, _, err = run_cli(capsys, "train", "net1", "--resume", run, "--epochs", "2")
+    assert code == 0, err
+    logged = {json.loads(line)["name"] for line in (run / MANIFEST).read_text().splitlines()}
+    assert {"metrics.csv", "last.safetensors", "results.json"} <= logged
+    (run / "config.json").unlink()  # what the resumed run wrote is cifarbench's: a new run may replace it
+    code, _, err = run_cli(capsys, *args, "--out", run)
     assert code == 0, err
 
 

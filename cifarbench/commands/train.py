@@ -67,9 +67,10 @@ def register(app: typer.Typer) -> None:
         from .. import cli
         from ..io import output_folder
 
-        # a new run's folder is guarded (a user's file named like a run file is refused before training, and
-        # every file written is logged in its manifest); a resumed one was checked as a cifarbench run above
-        with output_folder(None if resume is not None else out, RUN_FILES):
+        # the run's folder is guarded: a user's file named like a run file is refused before training, and every
+        # file written is logged in its manifest. A resumed run's files were checked as a cifarbench run above
+        # (config.json, checkpoint metadata), so they are adopted as ours, manifest or not
+        with output_folder(out, RUN_FILES, adopt=RUN_FILES if resume is not None else ()):
             summary = train(config, out, resume=resume is not None, command_line=cli.COMMAND_LINE)
         if json:
             emit_json(summary)

@@ -418,7 +418,9 @@ def test_torchvision_vgg16_224_exact():
     tv = pytest.importorskip("torchvision")
     torch.manual_seed(8)
     model = tv.models.vgg16(weights=None).eval()
-    check_exact(model, 32, 32, size=224, images=1, chunk=16, maps=False)  # stride = K: a 7x7 naive loop
+    # a 4x4 naive loop (K=32, stride 64, the last patch on the border): 49 VGG-16 passes took 14 s of the suite;
+    # the benchmark checks full grids
+    check_exact(model, 32, 64, size=224, images=1, chunk=16, maps=False)
 
 
 @pytest.mark.slow

@@ -66,10 +66,9 @@ class OnednnQConv:
     Bit-identical to ``QLinearConv`` (checked per layer in the tests): oneDNN runs with unit scales and the int32
     bias as a float, so its float output is ``float(acc + bias)`` exactly (while ``|acc + bias| < 2**24``; a conv
     whose sums could pass that where it matters is refused with ``ValueError``, and ``auto`` runs it on ONNX
-    Runtime), and
-    the requantization is ORT's own: ``round_half_even(float(acc + bias) * s)``, saturated, with
+    Runtime), and the requantization is ORT's own: ``round_half_even(float(acc + bias) * s)``, saturated, with
     ``s = x_scale * w_scale / y_scale`` in float32 as ORT computes it. Letting oneDNN requantize instead (scaled
-    sum plus a float bias) is ~1.5x faster on the largest layer but differs in 5e-7 of the outputs by one step,
+    sum plus a float bias) is 1.65x faster on the largest layer but differs in 5e-7 of the outputs by one step,
     and on a real image those steps spread to 0.2 % of the last layer and 1e-3 of the map."""
 
     int8_output = True
@@ -122,7 +121,8 @@ def int8_conv_class(backend: str = "auto"):
     if backend not in CONV_BACKENDS:
         raise ValueError(f"int8 conv backend {backend!r}: choose from {', '.join(CONV_BACKENDS)}")
     if backend == "onednn" and not onednn_available():
-        raise ValueError("this torch has no oneDNN quantized convolution")
+        raise ValueError("oneDNN's int8 conv does not run here with ONNX Runtime's integers (it needs an x86 CPU "
+                         "with AVX512-VNNI and torch's onednn ops)")
     if backend == "onnxruntime" or (backend == "auto" and not onednn_available()):
         return OrtQLinearConv
     return OnednnQConv

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from .graph import Graph, UnsupportedOp, build_graph, relu  # noqa: F401  (UnsupportedOp: part of this API)
 from .incremental import cpu_workers, single_threaded_ops
+from .scratch import scratch_buffer
 from .winograd import Winograd3x3
 from .winograd import fits as winograd_fits
 
@@ -514,13 +515,9 @@ class GraphOcclusion:
         return probs.gather(2, t)[..., 0].view(len(images), h, -1)
 
     def _buffer(self, scratch: dict, key, rows: int, cols: int, dtype) -> tuple[torch.Tensor, bool]:
-        """A ``[rows, cols]`` buffer kept between chunks and calls (fresh ones cost page faults on the CPU), and
-        whether it is new (its head rows must be written again)."""
-        flat = scratch.get(key)
-        fresh = flat is None or flat.numel() < rows * cols or flat.dtype != dtype
-        if fresh:
-            flat = scratch[key] = torch.empty(max(rows * cols, 1), dtype=dtype, device=self.device)
-        return flat[:rows * cols].view(rows, cols), fresh
+        """A ``[rows, cols]`` buffer kept between chunks and calls (:func:`.scratch.scratch_buffer`), and whether
+        it is new (its head rows must be written again)."""
+        return scratch_buffer(scratch, key, (rows, cols), dtype, self.device)
 
     def _run_plan(self, g: Graph, plan: Plan, clean, base, scratch: dict, token) -> torch.Tensor:
         new_call = scratch.get("token") is not token

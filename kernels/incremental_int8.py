@@ -72,6 +72,7 @@ class OnednnQConv:
     and on a real image those steps spread to 0.2 % of the last layer and 1e-3 of the map."""
 
     int8_output = True
+    backend = "onednn"
 
     def __init__(self, weight, w_scale, w_zero, bias, x_scale, x_zero, y_scale, stride: int, padding: int,
                  float_input: bool, threads: int):
@@ -133,6 +134,7 @@ class OrtQLinearConv:
     quantized first when the previous layer ran in fp32), uint8 output rows with zero point 0."""
 
     int8_output = True
+    backend = "onnxruntime"
 
     def __init__(self, weight, w_scale, w_zero, bias, x_scale, x_zero, y_scale, stride: int, padding: int,
                  float_input: bool, threads: int):
@@ -347,5 +349,4 @@ class Int8IncrementalOcclusion(IncrementalOcclusion):
     @property
     def int8_convs(self) -> str:
         """Which backend ran the int8 convolutions: ``onednn``, ``onnxruntime``, or both joined by ``+``."""
-        names = {OnednnQConv: "onednn", OrtQLinearConv: "onnxruntime"}
-        return "+".join(sorted({names[type(c)] for c in self.convs if type(c) in names}))
+        return "+".join(sorted({c.backend for c in self.convs if getattr(c, "int8_output", False)}))

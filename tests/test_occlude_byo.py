@@ -136,6 +136,23 @@ def files(tmp_path_factory, models):
     return out
 
 
+def scripted(model: nn.Module, path):
+    """``torch.jit.script`` of ``model`` saved at ``path`` (torch 2.14 calls scripting deprecated: not tested here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.script(model), str(path))
+    return path
+
+
+def dense_under_auto_and_one_line_under_incremental(capsys, tmp_path, files, path, match: str) -> str:
+    """``auto`` runs ``path`` dense and says why (``match``); ``--mode incremental`` refuses in one line."""
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", path)
+    (r,) = doc["results"]
+    assert r["engine"]["engine"] == "dense" and match in r["engine"]["why"]
+    return assert_user_error(capsys, "occlude", files["image"], "--model", path, "--mode", "incremental", "--out",
+                             tmp_path / "x", match=match)
+
+
 def occlude_json(capsys, tmp_path, *args):
     code, out, err = run_cli(capsys, "occlude", "--k", "8", "--stride", "8", "--no-figures", "--json",
                              "--out", tmp_path / "o", *args)
@@ -211,15 +228,9 @@ class Branchy(nn.Module):
 def test_torchscript_the_ir_cannot_run_goes_dense_under_auto_and_is_one_line_under_incremental(files, tmp_path,
                                                                                                 capsys):
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(Branchy().eval()), str(tmp_path / "branchy.pt"))
-    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "branchy.pt")
-    (r,) = doc["results"]
-    assert r["engine"]["engine"] == "dense" and "TorchScript graph" in r["engine"]["why"]
-    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "branchy.pt", "--mode",
-                             "incremental", "--out", tmp_path / "x", match="--mode dense")
-    assert "TorchScript graph" in line and " op " in line  # it names the first op it cannot run
+    path = scripted(Branchy().eval(), tmp_path / "branchy.pt")
+    line = dense_under_auto_and_one_line_under_incremental(capsys, tmp_path, files, path, "TorchScript graph")
+    assert "--mode dense" in line and " op " in line  # it names the first op it cannot run
 
 
 class SumPooled(nn.Module):
@@ -250,23 +261,15 @@ class Viewed(nn.Module):
 
 def test_a_torchscript_export_that_changes_the_model_is_never_run_as_exact(files, tmp_path, capsys):
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(SumPooled().eval()), str(tmp_path / "sum.pt"))
-    doc = occlude_json(capsys, tmp_path, files["image"], "--model", tmp_path / "sum.pt")
-    (r,) = doc["results"]
-    assert r["engine"]["engine"] == "dense" and "does not reproduce" in r["engine"]["why"]
-    line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "sum.pt", "--mode",
-                             "incremental", "--out", tmp_path / "x", match="does not reproduce")
+    path = scripted(SumPooled().eval(), tmp_path / "sum.pt")
+    line = dense_under_auto_and_one_line_under_incremental(capsys, tmp_path, files, path, "does not reproduce")
     assert "TorchScript graph" in line
 
 
 def test_a_model_that_views_its_maps_runs_dense_and_incremental(files, tmp_path, capsys):
     torch.manual_seed(0)
     model = Viewed().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(model), str(tmp_path / "view.pt"))
+    scripted(model, tmp_path / "view.pt")
     ref, _ = naive_map(model, files["pixels"], 8, 8)
     for mode in ("dense", "incremental"):
         doc = occlude_json(capsys, tmp_path / mode, files["image"], "--model", tmp_path / "view.pt", "--mode", mode)
@@ -291,9 +294,7 @@ class Picky(nn.Module):
 def test_a_model_that_raises_in_its_forward_is_one_line_naming_its_error(files, tmp_path, capsys, mode):
     """Its own error, in one line, whichever engine: never a traceback, never a map of input it refuses (the ONNX
     export drops the check, the probe of the export catches it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.save(torch.jit.script(Picky().eval()), str(tmp_path / "picky.pt"))
+    scripted(Picky().eval(), tmp_path / "picky.pt")
     line = assert_user_error(capsys, "occlude", files["image"], "--model", tmp_path / "picky.pt", "--mean",
                              "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "--mode", mode, "--out", tmp_path / mode,
                              match="inputs must be in")

@@ -48,8 +48,7 @@ MODES = ("auto", "dense", "incremental", "approx")
 TRANSLATED = "ONNX graph translated to torch"
 #: the sources whose graphs torch.fx cannot read (TorchScript) or reads as aten ops the IR does not know (a
 #: ``torch.export`` program): the layer-graph engines read them through ONNX, and say so
-VIA_ONNX = {"torchscript": "TorchScript graph exported to ONNX, translated to torch",
-            "exported-program": "torch.export graph exported to ONNX, translated to torch"}
+VIA_ONNX = {"torchscript": "TorchScript", "exported-program": "torch.export"}
 BASELINES = {"gray": 0.5, "zero": 0.0}
 #: occluded 32x32 images per runtime call; bounds activation memory (net4: ~1.2 MB per image in fp32). Larger
 #: inputs get proportionally fewer images per call (see :class:`DenseEngine`)
@@ -647,7 +646,7 @@ def _candidate(cache: dict, source, backend: str, device, chunk, runtime_options
     graph = TRANSLATED if translated else None
     if module is not None and source.kind in VIA_ONNX and not translated:
         try:
-            module, translated, graph = _module_via_onnx(source), True, VIA_ONNX[source.kind]
+            module, translated, graph = _module_via_onnx(source), True, _via_onnx_label(source)
         except Exception as exc:  # noqa: BLE001  (an op either step cannot represent: auto must still run dense)
             module, why = None, f"the incremental engine cannot run {source.name}'s {_graph_kind(source)}: " \
                                 f"{_first_line(exc)}"
@@ -686,21 +685,15 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
             if graph_precision(proto) != "fp32":
                 raise UserError(f"--mode approx runs on fp32 graphs; {source.name} is {graph_precision(proto)}; "
                                 f"use --mode incremental or dense")
+        if onnx or source.kind in VIA_ONNX:
             try:
-                module = _onnx_module(source, proto)
+                module = _onnx_module(source, proto) if onnx else _module_via_onnx(source)
             except UnsupportedOp:
                 raise
-            except Exception as exc:  # noqa: BLE001  (a graph the translation mis-reads: one line, not a traceback)
-                raise UserError(f"the approximate engine cannot run {source.name}'s ONNX graph: "
-                                f"{_first_line(exc)}; use --mode dense") from None
-        elif source.kind in VIA_ONNX:
-            try:
-                module = _module_via_onnx(source)
-            except UnsupportedOp:
-                raise
-            except Exception as exc:  # noqa: BLE001  (an op the exporter refuses: one line, not a traceback)
-                raise UserError(f"the approximate engine cannot run {source.name}'s {_graph_kind(source)}: "
-                                f"{_first_line(exc)}; use --mode dense") from None
+            except Exception as exc:  # noqa: BLE001  (a graph the translation or export mis-reads: one line)
+                raise UserError(f"the approximate engine cannot run {source.name}'s "
+                                f"{'ONNX graph' if onnx else _graph_kind(source)}: {_first_line(exc)}; "
+                                f"use --mode dense") from None
         else:
             module = _traceable(source, source.torch_module())
         engine = ApproxEngine(module, device, source.input_size, source.classes, knobs["tau"], knobs["coarse"],
@@ -708,7 +701,7 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
     except UnsupportedOp as exc:
         raise UserError(f"the approximate engine cannot run {source.name}: {exc}; use --mode dense") from None
     if onnx or source.kind in VIA_ONNX:
-        engine.graph = TRANSLATED if onnx else VIA_ONNX[source.kind]
+        engine.graph = TRANSLATED if onnx else _via_onnx_label(source)
     cache["approx"] = engine
     return engine
 
@@ -748,7 +741,12 @@ def _onnx_module(source, proto):
 
 def _graph_kind(source) -> str:
     """"TorchScript graph" or "torch.export graph": what :data:`VIA_ONNX` reads, for messages."""
-    return VIA_ONNX[source.kind].split(" exported")[0]
+    return f"{VIA_ONNX[source.kind]} graph"
+
+
+def _via_onnx_label(source) -> str:
+    """What an engine on a :data:`VIA_ONNX` source runs (its ``graph`` field and ``why``)."""
+    return f"{_graph_kind(source)} exported to ONNX, translated to torch"
 
 
 def _module_via_onnx(source):

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     # what provenance records: the arguments this call got (in-process callers pass argv; the console script
     # has them in sys.argv)
     COMMAND_LINE = ["cifarbench", *(sys.argv[1:] if argv is None else [str(a) for a in argv])]
-    from .console import quiet_cuda_probe
+    from .console import json_stdout, quiet_cuda_probe
 
     quiet_cuda_probe()  # every command that may compile (aoti, torch-compile) on a CUDA build without a GPU
     command = typer.main.get_command(app)
@@ -173,7 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             previous[sig] = signal.signal(sig, _interrupted)
     _signals.clear()
     try:
-        code = command.main(args=argv, prog_name="cifarbench", standalone_mode=False)
+        # with --json, stdout carries the one JSON document and nothing else, whatever the model prints
+        with json_stdout("--json" in COMMAND_LINE[1:]):
+            code = command.main(args=argv, prog_name="cifarbench", standalone_mode=False)
     except UserError as exc:
         fail(str(exc))
     except OSError as exc:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,9 +27,48 @@ def make_console(stderr: bool = True, **kwargs) -> Console:
 console = make_console(stderr=True)
 
 
+#: where :func:`emit_json` writes while :func:`json_stdout` holds stdout aside (None: ``sys.stdout``)
+_json_out = None
+
+
 def emit_json(obj) -> None:
-    sys.stdout.write(to_json(obj) + "\n")
-    sys.stdout.flush()
+    out = _json_out or sys.stdout
+    out.write(to_json(obj) + "\n")
+    out.flush()
+
+
+@contextmanager
+def json_stdout(enabled: bool = True):
+    """Keep stdout for the one JSON document of a ``--json`` run: while the command runs, anything else written
+    to stdout goes to stderr, a user's model that prints (``print()`` in a TorchScript or eager forward) or a
+    library writing to its C-level stdout included, and :func:`emit_json` writes to the real stdout kept aside.
+    Python's ``sys.stdout`` is swapped for every caller; file descriptor 1 is pointed at stderr only when
+    ``sys.stdout`` is it (the console script, not an in-process caller capturing output)."""
+    global _json_out
+    if not enabled or _json_out is not None:
+        yield
+        return
+    previous = sys.stdout
+    try:
+        on_fd1 = previous.fileno() == 1
+    except (AttributeError, OSError, ValueError):  # a capture object standing in for stdout
+        on_fd1 = False
+    previous.flush()
+    saved = out = None
+    if on_fd1:
+        saved = os.dup(1)
+        os.dup2(2, 1)  # fd 1 now writes to stderr; the real stdout lives on as ``saved``
+        out = open(saved, "w", closefd=False, encoding=previous.encoding, errors=previous.errors)
+    _json_out, sys.stdout = out or previous, sys.stderr
+    try:
+        yield
+    finally:
+        sys.stdout, _json_out = previous, None
+        if saved is not None:
+            out.close()
+            previous.flush()  # what a C library left in Python's buffer goes to stderr, as it was meant to
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def progress(**kwargs) -> Progress:

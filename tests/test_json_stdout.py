@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 
+import pytest
 import torch
 from cli_helpers import run_cli
 from PIL import Image
 from torch import nn
+
+from cifarbench.cli import main
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "cat.png")
 
@@ -48,6 +50,8 @@ FACTORY = '''
 import os
 from torch import nn
 
+from cifarbench.cli import main
+
 class Loud(nn.Module):
     def __init__(self):
         super().__init__()
@@ -64,23 +68,28 @@ def loud():
 '''
 
 
-def test_fd_level_writes_go_to_stderr_from_the_console_script(tmp_path):
+def test_fd_level_writes_go_to_stderr_as_from_the_console_script(capfd, monkeypatch, tmp_path):
+    """As the console script runs: ``sys.stdout`` is file descriptor 1 (here capfd's file), so a C-level write to
+    it must be moved too, not only Python's ``sys.stdout``."""
     (tmp_path / "loud.py").write_text(FACTORY)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import loud
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import loud
 
-        torch.save(loud.loud().state_dict(), tmp_path / "w.pt")
-    finally:
-        sys.path.remove(str(tmp_path))
-        sys.modules.pop("loud", None)
-    for i in range(4):
+    torch.save(loud.loud().state_dict(), tmp_path / "w.pt")
+    sys.modules.pop("loud", None)
+    for i in range(3):
         Image.new("RGB", (32, 32), (60 * i, 20, 200 - 40 * i)).save(tmp_path / f"im{i}.png")
-    proc = subprocess.run([sys.executable, "-m", "cifarbench.cli", "occlude", "--model", str(tmp_path / "w.pt"),
-                           "--arch", f"{tmp_path / 'loud.py'}:loud", "--k", "16", "--stride", "16", "--no-figures",
-                           "--json", "--out", str(tmp_path / "o"), *[str(tmp_path / f"im{i}.png") for i in range(4)]],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(proc.stdout)
-    assert len(doc["results"]) == 4
-    assert "python-level print" in proc.stderr and "c-level write" in proc.stderr
+    fd1 = open(1, "w", closefd=False)
+    monkeypatch.setattr(sys, "stdout", fd1)
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["occlude", "--model", str(tmp_path / "w.pt"), "--arch", f"{tmp_path / 'loud.py'}:loud", "--k", "16",
+              "--stride", "16", "--no-figures", "--json", "--out", str(tmp_path / "o"),
+              *[str(tmp_path / f"im{i}.png") for i in range(3)]])
+    assert sys.stdout is fd1  # given back
+    fd1.flush()
+    out, err = capfd.readouterr()
+    assert exc.value.code == 0, err
+    doc = json.loads(out)
+    assert len(doc["results"]) == 3
+    assert "python-level print" in err and "c-level write" in err

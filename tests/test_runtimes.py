@@ -224,7 +224,7 @@ def test_ort_cuda_iobinding():
 @pytest.mark.data
 def test_int8_agreement_on_real_data(shared_data):
     """The issue's bar for onnx-int8 on net4: top-1 agreement >= 99 % with fp32 on real test images (trained
-    weights; the first 2,000 test images, which cover every class), calibrated as a user's run is by default: on
+    weights; the first 1,000 test images, which cover every class: at most 10 may disagree), calibrated as a user's run is by default: on
     the bundled 250-image calibration set (the artifact the other int8 tests share from the cache)."""
     from cifarbench.data import load_split
     from cifarbench.zoo import bundled_weights, load_model
@@ -234,7 +234,7 @@ def test_int8_agreement_on_real_data(shared_data):
     model = load_model("net4")
     int8 = open_runtime(model, "onnx-int8", device="cpu")
     fp32 = open_runtime(model, "onnxruntime", device="cpu")
-    test = load_split(str(shared_data), "test").subset(slice(0, 2000))
+    test = load_split(str(shared_data), "test").subset(slice(0, 1000))
     x = test.float_images()
     agree = (int8.logits(x).argmax(1) == fp32.logits(x).argmax(1)).double().mean().item()
     assert agree >= 0.99

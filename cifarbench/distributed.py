@@ -469,12 +469,13 @@ def analysis_args(kind: str, data, analysis: dict) -> dict:
 
         baseline_values(baseline, torch.zeros(1, 3, 2, 2))  # its one check, before any shard runs
         target = a.pop("target", None)
+        names = getattr(data, "classes", None)  # the data's classes are matched to the model's by name
         if isinstance(target, (list, tuple)):
             if len(target) != len(data):
                 raise UserError(f"{len(target)} targets for {len(data)} images")
-            target = [resolve_target(t) for t in target]
+            target = [resolve_target(t, names) for t in target]
         else:
-            target = resolve_target(target)
+            target = resolve_target(target, names)
         from .analysis.occlusion import MODES
 
         mode = a.pop("mode", "auto") or "auto"

@@ -173,6 +173,26 @@ def test_state_dict_with_arch_class_names_and_label(files, models, tmp_path, cap
     assert prov["model"]["digest"] and (tmp_path / "o" / "index.html").is_file()
 
 
+def test_numeric_class_names_label_by_name_on_the_cli_and_an_int_target_is_an_index(files, models, tmp_path,
+                                                                                      capsys):
+    """Classes named "1".."10": ``--label 3`` is class "3" (index 2), resolved once, never re-read as a name; the
+    API's ``target=3`` (an int) is index 3 (class "4")."""
+    numeric = ",".join(str(i) for i in range(1, 11))
+    doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["state_dict"], "--arch", RESNET,
+                       "--classes", numeric, "--label", "3")
+    (r,) = doc["results"]
+    assert r["target"] == 2 and r["target_class"] == "3"
+    ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8, target=2)
+    assert np.abs(np.array(r["map"]) - ref).max() <= 1e-5
+    api = occlusion_map(models["resnet20"], files["pixels"], 8, stride=8, target=3, mode="dense", backend="torch",
+                        device="cpu", classes=numeric.split(","))
+    assert api.target == 3
+    ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8, target=3)
+    assert np.abs(api.map - ref).max() <= 1e-5
+    with pytest.raises(UserError, match="index 10"):
+        occlusion_map(models["resnet20"], files["pixels"], 8, stride=8, target=10, classes=numeric.split(","))
+
+
 def test_fixed_batch_onnx_runs_incremental_on_its_graph_and_dense_when_asked(files, models, tmp_path, capsys):
     """A fixed-batch (1) ONNX MobileNetV2: auto runs the layer-graph engine on the graph translated to torch (any
     batch; its plan is a quarter of dense's FLOPs); --mode dense feeds onnxruntime exactly its batch. Both equal

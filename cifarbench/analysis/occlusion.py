@@ -122,13 +122,16 @@ def baseline_values(baseline, images: torch.Tensor) -> torch.Tensor:
 
 def resolve_target(target, classes=None) -> int | None:
     """A class index from an index or a class name of ``classes`` (the model's names; default CIFAR-10's);
-    ``None`` means the clean prediction. A Python ``int`` without ``classes`` is checked later, against the
+    ``None`` means the clean prediction. A Python ``int`` is always an index (a model whose classes are named
+    "1".."10" has class "3" at index 2: ``target=2`` or ``target="3"``); a string is a class name first, else an
+    index written as digits (the CLI's ``--label``). An index without ``classes`` is checked later, against the
     model's class count."""
     if target is None:
         return None
-    if classes is None and isinstance(target, (int, np.integer)) and not isinstance(target, bool):
-        if int(target) < 0:
-            raise UserError(f"unknown class {target!r}; class indices start at 0")
+    if isinstance(target, (int, np.integer)) and not isinstance(target, (bool, np.bool_)):
+        if int(target) < 0 or (classes is not None and int(target) >= len(classes)):
+            limit = f"0-{len(classes) - 1}" if classes is not None else "indices from 0"
+            raise UserError(f"unknown class index {int(target)}; use {limit}")
         return int(target)
     if classes is None:
         from ..data import CLASSES

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -204,7 +205,22 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def write_json(path: str | Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    write_text(path, json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n")
+
+
+def _strict(obj):
+    """``obj`` as standard JSON values: arrays and tensors as lists, paths as strings, and a NaN or infinite float
+    as ``null`` (JSON has neither; Python's ``NaN`` tokens are refused by strict parsers such as browsers' and
+    jq's)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, (str, int, bool)) or obj is None:
+        return obj
+    return _strict(_jsonable(obj))
 
 
 def _jsonable(obj):
@@ -216,7 +232,7 @@ def _jsonable(obj):
 
 
 def to_json(obj) -> str:
-    return json.dumps(obj, default=_jsonable)
+    return json.dumps(_strict(obj), allow_nan=False)
 
 
 def file_sha256(path: str | Path) -> str:

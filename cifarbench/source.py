@@ -195,12 +195,17 @@ def parse_triple(value, what: str) -> tuple[float, float, float] | None:
     return triple
 
 
+#: the smallest --std: pixels in [0, 1] divided by it stay far inside float32's range
+MIN_STD = 1e-6
+
+
 def parse_contract(mean, std) -> tuple[tuple | None, tuple | None]:
     mean, std = parse_triple(mean, "mean"), parse_triple(std, "std")
     if (mean is None) != (std is None):
         raise UserError("give --mean and --std together (for a model that only scales, use --mean 0,0,0)")
-    if std is not None and not all(v > 0 for v in std):
-        raise UserError(f"--std takes three positive numbers, got {','.join(map(str, std))}")
+    if std is not None and not all(v >= MIN_STD for v in std):
+        # (x - mean) / std must stay finite in float32: 1e-45 is positive, and overflows every pixel to infinity
+        raise UserError(f"--std takes three numbers of at least {MIN_STD:g}, got {','.join(map(str, std))}")
     return mean, std
 
 
@@ -836,7 +841,7 @@ def _from_onnx(path: Path) -> _Loaded:
                    digest=file_digest(path, *external), metadata=meta, fixed_batch=dims[0],
                    size=dims[2] if dims[2] is not None and dims[2] == dims[3] else None,
                    num_classes=out_dims[1] if len(out_dims) == 2 else None, normalizes_inside=zoo,
-                   probe=lambda batch: _ort_probe(path, batch),
+                   probe=_ort_prober(path),
                    provenance=_prov(path, fmt, False, "a graph of ONNX operators run by onnxruntime",
                                     external_data=[p.name for p in external]))
 
@@ -848,44 +853,94 @@ def _all_tensors(proto):
     return _get_all_tensors(proto)
 
 
-def _ort_probe(path: Path, batch):
-    import onnxruntime as ort
+def _ort_prober(path: Path):
+    """``probe(batch) -> logits`` on one onnxruntime session of ``path``, made on the first call."""
+    session = None
+
+    def probe(batch):
+        nonlocal session
+        import onnxruntime as ort
+        import torch
+
+        if session is None:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+
+    return probe
+
+
+#: how far one image's logits may move between a batch of one and a batch of two (relative to the larger of 1
+#: and its largest logit) before the model counts as batch-dependent: kernels for other batch sizes round
+#: differently (~1e-6 in float32), a statistic over the batch moves them by whole percents
+BATCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
+
+
+def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
+    """``(classes, fixed batch)`` of a model, from running it: on two different [3, S, S] images in [0, 1] at
+    once and on the first alone (a fixed-batch graph: on its batch). Checked: the output is logits [B, C]; an
+    image's logits do not depend on the other images in its batch (the analyses batch images; a model whose
+    output does, e.g. one normalizing with statistics over dim 0, would give numbers that depend on how images
+    happen to be chunked); a model that runs one image but not two (a ``reshape(1, -1)``) is taken as a
+    fixed batch of one."""
     import torch
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    out = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
-    return torch.from_numpy(out)
+    if loaded.module is not None:
+        param = next(iter(loaded.module.parameters()), None)
+        device = param.device if param is not None else torch.device("cpu")
+        dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
 
+        def run(x):
+            with torch.no_grad():
+                return loaded.module(x.to(device, dtype))
+    else:
+        device, dtype = torch.device("cpu"), torch.float32
 
-def _probe(loaded: _Loaded, size: int):
-    """Logits of a zeros [B, 3, S, S] batch (B: the fixed batch, else 1), checked to be [B, C]."""
-    import torch
+        def run(x):
+            with torch.no_grad():
+                return loaded.probe(x)
 
-    batch = loaded.fixed_batch or 1
-    shape = [batch, 3, size, size]
+    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fixed = loaded.fixed_batch
+    batch = images[:1].expand(fixed, -1, -1, -1).contiguous() if fixed else images
+    first = None
     try:
-        if loaded.module is not None:
-            param = next(iter(loaded.module.parameters()), None)
-            device = param.device if param is not None else torch.device("cpu")
-            dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-            with torch.no_grad():
-                out = loaded.module(torch.zeros(shape, device=device, dtype=dtype))
-        else:
-            with torch.no_grad():
-                out = loaded.probe(torch.zeros(shape))
-    except Exception as exc:  # the model's own shape check: whatever it raises, it does not take this input
-        raise UserError(f"{loaded.name} does not run on a {shape} batch "
-                        f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''})"
-                        f"; if it takes another image size, give input_size= (--input-size)") from None
+        out = run(batch)
+    except Exception as exc:  # noqa: BLE001  (the model's own shape check: it does not take this input)
+        if fixed:
+            raise _does_not_run(loaded, list(batch.shape), exc) from None
+        try:  # it may take one image at a time only
+            first = run(images[:1])
+        except Exception:  # noqa: BLE001
+            raise _does_not_run(loaded, [1, 3, size, size], exc) from None
+        out, fixed = first, 1
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{loaded.name} returns a {type(out).__name__}, not a logits tensor; wrap it in a module "
                         f"whose forward returns logits [N, classes]")
-    if out.ndim != 2 or out.shape[0] != batch:
-        raise UserError(f"{loaded.name} returns {list(out.shape)} for a {shape} batch; cifarbench needs logits "
-                        f"[N, classes]")
-    return int(out.shape[1])
+    rows = fixed or 2
+    if out.ndim != 2 or out.shape[0] != rows:
+        raise UserError(f"{loaded.name} returns {list(out.shape)} for a {[rows, 3, size, size]} batch; cifarbench "
+                        f"needs logits [N, classes]")
+    if not fixed:
+        alone = run(images[:1])
+        # (NaN or infinite logits, e.g. NaN weights, are not the batch's doing: the analyses say so themselves)
+        if isinstance(alone, torch.Tensor) and alone.shape == out[:1].shape and bool(torch.isfinite(out[0]).all()):
+            gap = float((alone[0].double() - out[0].double()).abs().max())
+            scale = max(1.0, float(out[0].double().abs().max()))
+            if not gap <= BATCH_TOLERANCE.get(str(out.dtype).replace("torch.", ""), 1e-4) * scale:
+                raise UserError(f"{loaded.name}'s output for an image depends on the other images in its batch "
+                                f"(its logits move by up to {gap:.3g} between a batch of 1 and of 2); cifarbench's "
+                                f"analyses batch images, so their numbers would depend on the batching — make the "
+                                f"model treat each image on its own (no statistics over the batch dimension)")
+    return int(out.shape[1]), fixed
+
+
+def _does_not_run(loaded: _Loaded, shape: list, exc: Exception) -> UserError:
+    text = str(exc).strip()
+    return UserError(f"{loaded.name} does not run on a {shape} batch "
+                     f"({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}); if it takes another "
+                     f"image size, give input_size= (--input-size)")
 
 
 def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
@@ -896,10 +951,11 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
     if size > MAX_INPUT_SIZE:
         raise UserError(f"{loaded.name} takes {size}x{size} images; cifarbench runs at most "
                         f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
-    probed = None
+    probed, fixed_batch = None, loaded.fixed_batch
     if loaded.kind not in ("zoo", "checkpoint") and (loaded.num_classes is None or loaded.module is not None) \
             and not (loaded.normalizes_inside and loaded.kind == "module"):
-        probed = _probe(loaded, size)  # every torch model runs once: the only way to know it takes S x S
+        # every torch model runs: the only way to know it takes S x S, and takes images one by one
+        probed, fixed_batch = _probe(loaded, size)
     num_classes = probed if probed is not None else loaded.num_classes
     if num_classes is None or num_classes < 2:
         raise UserError(f"{loaded.name} outputs {num_classes} value(s) per image; cifarbench needs one logit per "
@@ -933,7 +989,7 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
     return ModelSource(kind=loaded.kind, name=loaded.name, module=loaded.module, onnx_path=loaded.onnx_path,
                        input_size=size, num_classes=num_classes, classes=tuple(names), mean=mean, std=std,
                        digest=loaded.digest, provenance=loaded.provenance, path=loaded.path,
-                       fixed_batch=loaded.fixed_batch, metadata=dict(meta))
+                       fixed_batch=fixed_batch, metadata=dict(meta))
 
 
 def source_from_contract(kind: str, name: str, *, input_size: int, num_classes: int, metadata: dict | None = None,

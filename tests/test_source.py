@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cifarbench import open_runtime
 from cifarbench.errors import UserError
 from cifarbench.source import ModelSource, parse_arch_kw, resolve_source
 from tests import byo_models
@@ -400,9 +401,42 @@ def test_models_that_are_not_classifiers(tmp_path):
 
     assert "tuple" in one_line_error(resolve_source, Pair())
     assert "at least 2" in one_line_error(resolve_source, OneLogit())
-    assert "[1, 3, 32, 32]" in one_line_error(resolve_source, torch.nn.Identity())
+    assert "[2, 3, 32, 32]" in one_line_error(resolve_source, torch.nn.Identity())
     one_line_error(resolve_source, 42)
     one_line_error(resolve_source, tmp_path / "missing.onnx")
+
+
+def test_a_model_whose_output_depends_on_its_batch_is_refused_and_one_taking_one_image_runs_one_by_one():
+    """Analyses batch images: a model normalizing with statistics over dim 0 would give numbers that depend on the
+    chunking, so it is refused in one line; a model that runs one image but not two (``reshape(1, -1)``) is a
+    fixed batch of one, and every image still gets its own logits."""
+    torch.manual_seed(0)
+
+    class BatchStats(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 10)
+
+        def forward(self, x):
+            return self.fc((x - x.mean(0, keepdim=True)).mean((2, 3)))
+
+    class OneAtATime(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.nn.functional.avg_pool2d(x, 4).reshape(1, -1))
+
+    assert "depends on the other images in its batch" in one_line_error(resolve_source, BatchStats())
+    model = OneAtATime().eval()
+    source = resolve_source(model)
+    assert source.fixed_batch == 1
+    runtime = open_runtime(model, "torch", device="cpu")
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        want = torch.cat([model(x[i:i + 1]) for i in range(5)])
+    assert torch.allclose(runtime.logits(x), want, atol=1e-6)
 
 
 def test_onnx_layouts_and_broken_files(tmp_path):

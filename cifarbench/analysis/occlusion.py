@@ -905,7 +905,10 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     classes = classes if classes is not None else getattr(engine, "classes", None)
     images = images.to(engine.device, torch.float32)
     bases = baseline_values(baseline, images)
-    clean = torch.softmax(engine.clean_logits(images).float(), 1)
+    logits = engine.clean_logits(images).float()
+    _warn_if_probabilities(engine, logits)
+    clean = torch.softmax(logits, 1)
+    _check_finite(clean, "the clean image", names)
     predicted = clean.argmax(1)
     if targets is None or isinstance(targets, (str, int, np.integer)):
         fixed = resolve_target(targets, classes)
@@ -921,6 +924,7 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     else:
         probs = torch.softmax(engine.logits(images, bases, k, stride).float(), -1)
         maps = probs.gather(2, tgt.view(-1, 1, 1).expand(-1, probs.shape[1], 1))[..., 0].view(-1, n, n)
+    _check_finite(maps, "an occluded copy", names)
     maps, clean, tgt, predicted, bases = (t.cpu() for t in (maps, clean, tgt, predicted, bases))
     names = names or [None] * len(images)
     described = engine.describe()
@@ -928,6 +932,31 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     return [OcclusionResult(maps[b].numpy().astype(np.float32), float(clean[b, tgt[b]]), int(tgt[b]),
                             int(predicted[b]), int(k), int(stride), [round(float(v), 6) for v in bases[b]],
                             names[b], dict(described), kept) for b in range(len(images))]
+
+
+def _warn_if_probabilities(engine, logits: torch.Tensor) -> None:
+    """A map is softmax(logits)[target]; a model that ends in its own softmax gets a second one, which flattens
+    the map towards 1/C. Said once per engine, since it is legal (and then the map is of softmax(p))."""
+    if getattr(engine, "warned_probabilities", False) or not len(logits):
+        return
+    if bool((logits >= 0).all()) and float((logits.sum(1) - 1).abs().max()) < 1e-4:
+        from ..errors import warn
+
+        engine.warned_probabilities = True
+        warn("the model's outputs are non-negative and sum to 1 per image: probabilities, not logits; occlusion "
+             "maps apply softmax to a model's outputs, so remove the model's final softmax for maps of its "
+             "probabilities")
+
+
+def _check_finite(values: torch.Tensor, what: str, names) -> None:
+    """A map is made of probabilities: NaN or infinite logits (NaN weights, an overflowing normalization) give
+    none, and a map of NaNs would still look like a result (a "most damaging" patch at 0, 0)."""
+    bad = ~torch.isfinite(values.reshape(len(values), -1)).all(1)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0])
+        which = f" of {names[b]}" if names and names[b] else (f" of image {b}" if len(values) > 1 else "")
+        raise UserError(f"the model gives non-finite logits (NaN or infinity) on {what}{which}: no probability "
+                        f"to map (check its weights and --mean/--std)")
 
 
 def add_exact_counts(counts: dict, maps: list) -> None:
@@ -945,11 +974,17 @@ def occlusion_map(model, image, k: int, *, stride: int = 1, baseline="gray", tar
     array/tensor in [0, 1] (S: the model's input side); ``target``: class index or name (default: the clean
     prediction); ``baseline``: gray, zero, mean or a value in [0, 1]; ``mode``: auto, dense, incremental.
     ``options``: the input contract (``mean``, ``std``, ``classes``, ``input_size``, ``arch``, ``arch_kw``) and
-    runtime options, as for :func:`make_engine`."""
-    engine = make_engine(model, k, stride, backend, mode, device, **options)
-    tensor, name = load_image(image, resize, engine.size)
-    return occlusion_maps(engine, tensor[None], k, stride=stride, baseline=baseline, targets=target,
-                          names=[name])[0]
+    runtime options, as for :func:`make_engine`. A module is run in eval mode (inference: BatchNorm's running
+    statistics, no dropout); one given in training mode is put back in it on return."""
+    training = isinstance(model, torch.nn.Module) and model.training
+    try:
+        engine = make_engine(model, k, stride, backend, mode, device, **options)
+        tensor, name = load_image(image, resize, engine.size)
+        return occlusion_maps(engine, tensor[None], k, stride=stride, baseline=baseline, targets=target,
+                              names=[name])[0]
+    finally:
+        if training:
+            model.train()
 
 
 def occlude_dataset_throughput(model, data: str = "cifar10", n: int = 1000, k: int = 8, *, stride: int = 1,

@@ -330,7 +330,8 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
             with atomic_path(stem.with_suffix(".npy")) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, r.map)
-            write_text(stem.with_suffix(".csv"), "\n".join(",".join(f"{v:.6g}" for v in row) for row in r.map) + "\n")
+            # 9 significant digits: a float32 map reads back from the CSV exactly
+            write_text(stem.with_suffix(".csv"), "\n".join(",".join(f"{v:.9g}" for v in row) for row in r.map) + "\n")
             files[id(r)] = [str(stem.with_suffix(".npy")), str(stem.with_suffix(".csv"))]
         if st.figures:
             from ..analysis.occlusion_plot import plot_occlusion

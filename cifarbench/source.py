@@ -292,12 +292,45 @@ def file_digest(*paths: Path) -> str:
     return h.hexdigest()
 
 
+def code_digest(module, files=()) -> str:
+    """sha256 of the code a module runs that is not torch's: the source file of every class in its module tree
+    (and their base classes), plus ``files``; a class with no file (defined in a notebook cell) counts by its
+    source text where Python has it. Editing a model's ``forward`` or a helper in its file changes the digest,
+    so an artifact compiled from the old code is never reused for the new."""
+    import inspect
+
+    texts: dict[str, bytes] = {}
+    for path in files:
+        texts[str(Path(path).resolve())] = Path(path).read_bytes()
+    for cls in {klass for sub in module.modules() for klass in type(sub).__mro__}:
+        if cls.__module__.split(".")[0] in ("torch", "builtins", "torchvision", "timm"):
+            continue  # the libraries' own code: their versions key the caches
+        try:
+            where = inspect.getsourcefile(cls)
+        except TypeError:  # a builtin or extension class
+            continue
+        if where and Path(where).is_file():
+            key = str(Path(where).resolve())
+            if key not in texts:
+                texts[key] = Path(where).read_bytes()
+            continue
+        try:
+            texts[f"{cls.__module__}.{cls.__qualname__}"] = inspect.getsource(cls).encode()
+        except (OSError, TypeError):
+            pass
+    h = hashlib.sha256()
+    for key in sorted(texts):  # by path, so the digest does not depend on the set's order
+        h.update(hashlib.sha256(texts[key]).digest())
+    return h.hexdigest()
+
+
 def module_digest(module) -> str:
-    """sha256 of a module's class, its ``repr`` (layer types and settings such as ReLU vs ReLU6, strides) and
-    every state_dict entry's name, dtype, shape and bytes. Forward code outside the layers is not covered."""
+    """sha256 of a module's class, its ``repr`` (layer types and settings such as ReLU vs ReLU6, strides), the
+    code it runs (:func:`code_digest`) and every state_dict entry's name, dtype, shape and bytes."""
     import torch
 
     h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}\n{module!r}".encode())
+    h.update(bytes.fromhex(code_digest(module)))
     for key, value in module.state_dict().items():
         if not isinstance(value, torch.Tensor):
             continue
@@ -713,6 +746,10 @@ def _with_arch(path: Path, state: dict, arch, kw: dict, fmt: str, file_executes:
     module.eval()
     h = hashlib.sha256(bytes.fromhex(file_digest(path)))
     h.update(json.dumps({"arch": arch, "arch_kw": kw}, sort_keys=True, default=str).encode())
+    # the weights and the --arch string do not say what forward runs: the code of the model's classes (and an
+    # --arch file.py) do, so artifacts compiled from an edited model are not reused
+    factory_file = str(arch).partition(":")[0]
+    h.update(bytes.fromhex(code_digest(module, [factory_file] if factory_file.endswith(".py") else [])))
     return _Loaded("state-dict", path.stem, module=module, path=path, digest=h.hexdigest(),
                    provenance=_prov(path, fmt, True, f"imports and calls {arch} (--arch, your Python code); "
                                                      f"the file: {file_executes}",
@@ -1006,4 +1043,4 @@ def source_from_contract(kind: str, name: str, *, input_size: int, num_classes: 
 
 
 __all__ = ["KINDS", "ModelSource", "resolve_source", "source_from_contract", "build_arch", "parse_arch_kw",
-           "parse_classes", "parse_contract", "file_digest", "module_digest", "default_classes"]
+           "parse_classes", "parse_contract", "file_digest", "module_digest", "code_digest", "default_classes"]

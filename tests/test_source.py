@@ -563,3 +563,46 @@ def test_source_module_stays_lazy():
     code = "import sys, cifarbench.source; print('onnx' in sys.modules, 'onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+ARCH_FILE = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return SIGN * self.fc(self.conv(x).relu().mean((2, 3)))
+
+
+SIGN = 1
+
+
+def net():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_an_edited_arch_file_is_a_new_model_for_every_cache(tmp_path):
+    """The weights and the --arch string are the same, the forward is not: the digest (which keys the compiled
+    artifacts) must change, and the onnxruntime backend must run the edited code, not a cached export of the old."""
+    arch = tmp_path / "mynet.py"
+    arch.write_text(ARCH_FILE)
+    spec = f"{arch}:net"
+    from cifarbench.source import build_arch
+
+    torch.save(build_arch(spec).state_dict(), tmp_path / "w.pt")
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    before = resolve_source(tmp_path / "w.pt", arch=spec)
+    first = open_runtime(tmp_path / "w.pt", "onnxruntime", device="cpu", arch=spec).logits(x)
+    arch.write_text(ARCH_FILE.replace("SIGN = 1", "SIGN = -1"))
+    after = resolve_source(tmp_path / "w.pt", arch=spec)
+    assert after.digest != before.digest
+    second = open_runtime(tmp_path / "w.pt", "onnxruntime", device="cpu", arch=spec).logits(x)
+    assert torch.allclose(second, -first, atol=1e-5)

@@ -9,8 +9,8 @@ Labels always come from class *names*, matched against the model's class names (
 default): a class folder the model does not know is an error, a class with no images is allowed and reported.
 
 Image folders are decoded once and cached as ``.npz`` under a key made from content, never from the path: an
-archive's sha256, or for a directory every image's relative path, size and mtime. A damaged cache file is
-rebuilt with one warning. The dataset's identity carries a digest of the images' bytes and relative paths, so
+archive's sha256, or for a directory every image's relative path, size, inode, mtime and ctime. A damaged cache
+file is rebuilt with one warning. The dataset's identity carries a digest of the images' bytes and relative paths, so
 the same images give the same identity from a folder or its archive, and any change to them a different one.
 Archives are read member by member with every size checked before it is read (see the ``MAX_*`` bounds).
 """
@@ -210,8 +210,8 @@ def _image_folder(path: Path, split: str, classes: tuple[str, ...]) -> Dataset:
         files = _list_folder(root, where, split)
         _check_known({cls for cls, *_ in files}, classes, f"{where} {split}")  # before decoding anything
         listing = hashlib.sha256()
-        for cls, name, _, size, mtime in files:
-            listing.update(f"{cls}\0{name}\0{size}\0{mtime}\0".encode())  # names cannot hold NUL
+        for cls, name, _, size, stamp in files:
+            listing.update(f"{cls}\0{name}\0{size}\0{stamp}\0".encode())  # names cannot hold NUL
         source_key = f"dir:{listing.hexdigest()}"
     else:
         if not _is_tar(path):
@@ -230,8 +230,11 @@ def _image_folder(path: Path, split: str, classes: tuple[str, ...]) -> Dataset:
                    f"imagefolder:{path.name.replace(':', '_')}:{digest[:16]}:{split}", missing)
 
 
-def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Path, int, int]]:
-    """(class, file name, path, size, mtime_ns) of every image under ``root/<class>/``, sizes checked."""
+def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Path, int, str]]:
+    """(class, file name, path, size, stamp) of every image under ``root/<class>/``, sizes checked. The stamp is
+    the file's inode, mtime and ctime: rewriting an image of the same size and setting its mtime back (``cp -p``,
+    a reproducible archive's fixed mtimes, ``os.utime``) still changes its ctime, which no program can set, so
+    the decoded cache is never served for changed pixels; a copied folder is decoded again (same identity)."""
     files = []
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(cls_dir.iterdir()):
@@ -241,7 +244,7 @@ def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Pat
             if st.st_size > MAX_IMAGE_BYTES:
                 raise UserError(f"{where}: {split}/{cls_dir.name}/{f.name} is {st.st_size:,} bytes; an image "
                                 f"may be at most {MAX_IMAGE_BYTES:,} (32x32 images are a few KB)")
-            files.append((cls_dir.name, f.name, f, st.st_size, st.st_mtime_ns))
+            files.append((cls_dir.name, f.name, f, st.st_size, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_ctime_ns}"))
             if len(files) > MAX_IMAGES:
                 raise UserError(f"{where}: more than {MAX_IMAGES:,} images under {split}/")
     if not files:

@@ -102,6 +102,21 @@ def test_corrected_archive_with_same_size_and_mtime_gives_new_labels(tmp_path):
     assert fixed.identity != wrong.identity
 
 
+def test_a_folder_image_rewritten_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    """BMPs of one size are all the same length; rewriting one and setting its mtime back (cp -p, a reproducible
+    archive) must not serve the old pixels from the decoded cache, nor keep the old identity."""
+    folder = tmp_path / "bmp" / "test" / "cat"
+    folder.mkdir(parents=True)
+    Image.fromarray(_pixels(1)).save(folder / "a.bmp")
+    before = load_split(str(tmp_path / "bmp"), "test")
+    stat = (folder / "a.bmp").stat()
+    Image.fromarray(np.full((32, 32, 3), 255, np.uint8)).save(folder / "a.bmp")
+    os.utime(folder / "a.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (folder / "a.bmp").stat().st_size == stat.st_size
+    after = load_split(str(tmp_path / "bmp"), "test")
+    assert int(after.images.min()) == 255 and after.identity != before.identity
+
+
 def test_folder_and_its_archive_have_one_identity(tmp_path):
     _folder(tmp_path / "root", {"cat": 2, "dog": 1})
     with tarfile.open(tmp_path / "root.tar.gz", "w:gz") as tar:

@@ -162,6 +162,19 @@ def test_int8_refuses_a_quantized_source(int8_export):
         quantize(load_onnx(int8_export[1]), torch.rand(4, 3, 32, 32))
 
 
+def test_int8_of_a_net_with_nothing_to_quantize_is_refused(tmp_path):
+    """conv -> relu -> pool -> fc: the first conv and the head stay fp32 by default, so there is no int8 layer
+    left; the file would be fp32 labelled int8."""
+    from cifarbench.export.int8 import export_int8
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
+    with pytest.raises(UserError, match="nothing in the model could be quantized"):
+        export_int8(model, tmp_path / "q.onnx", torch.rand(16, 3, 32, 32))
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_int8_accuracy_report_counts_like_naive():
     from cifarbench.data import load_split
     from cifarbench.artifacts import int8_accuracy_report

@@ -154,6 +154,14 @@ def quantize(proto, images: torch.Tensor, keep_first_conv: bool = True, keep_hea
                 calibrate_method=getattr(CalibrationMethod, CALIB_METHODS[calibrate_method]),
                 nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         quantized = onnx.load(str(dst))
+    if graph_precision(quantized) != "int8":
+        # an "int8" file with no int8 in it would be labelled int8 everywhere it goes (bench rows, verify's
+        # tolerances): say what happened instead
+        kept = ", ".join(f"{name} ({roles[name]})" for name in exclude) or "none"
+        raise UserError(f"nothing in the model could be quantized to int8: its weight layers are {len(convs)} "
+                        f"conv(s) and {len(head)} matmul(s), and the ones cifarbench keeps fp32 are {kept}; a net "
+                        f"this small gains nothing from int8 — use its fp32 ONNX export"
+                        + ("" if not keep_head or len(head) < 2 else ", or --quantize-head"))
     set_metadata(quantized, {**meta, "precision": "int8", "calib_images": str(len(images)),
                              "calib_sha256": images_sha256(images), "calib_method": calibrate_method,
                              "quantize_head": "false" if keep_head else "true", "fp32_nodes": ",".join(exclude),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .export import DEFAULT_CALIB, DEFAULT_CALIB_METHOD, RECIPES, SUFFIXES, check_calib_method, check_target, images_sha256
+from .io import file_sha256, write_text
 
 #: distributions whose versions go into every cache key
 TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
@@ -119,14 +120,37 @@ def cached_artifact(model, to: str, **options) -> Path:
                         device="cuda")
     key = artifact_key(artifact_recipe(source.digest, to, key_opts))
     path = cache_root() / source.digest[:16] / f"{_safe(source.name)}.{to}.{key[:24]}{SUFFIXES[to]}"
-    if not path.is_file():
+    if not _intact(path, to):
         opts = {k: v for k, v in options.items() if k in ("precision", "device", "max_batch", "opt_batch")}
         if to != "aoti":
             opts.pop("device", None)
         if to == "onnx-int8":
             opts.update(int8_opts)
         export(source, to=to, out=path, calib_images=images, onnx_path=onnx_path, **opts)
+        write_text(_stamp(path), file_sha256(path) + "\n")
     return path
+
+
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _intact(path: Path, to: str) -> bool:
+    """Whether the cached ``path`` is the file cifarbench wrote: its sha256, recorded when it was exported,
+    still matches. A truncated, edited or half-copied artifact is rebuilt with one warning (one without a record,
+    from an older cifarbench or a run killed between the two writes, silently)."""
+    if not path.is_file():
+        return False
+    try:
+        recorded = _stamp(path).read_text().strip()
+    except OSError:
+        return False
+    if recorded == file_sha256(path):
+        return True
+    from .errors import warn
+
+    warn(f"the cached {to} artifact {path} is damaged or was changed since it was made; rebuilding it")
+    return False
 
 
 def _safe(name: str) -> str:

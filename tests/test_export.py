@@ -77,6 +77,25 @@ def test_cache_exports_once():
     assert first.parent.name == model_digest(model)[:16]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "edit"])
+def test_a_damaged_cached_artifact_is_rebuilt_with_one_warning(damage, capsys):
+    from cifarbench.io import file_sha256
+
+    model = random_model("net1", l1_oc=3)
+    path = cached_artifact(model, "onnx")
+    good = file_sha256(path)
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # same length, one weight byte changed: loads fine, computes something else
+        path.write_bytes(data[:-200] + bytes([data[-200] ^ 1]) + data[-199:])
+    capsys.readouterr()
+    assert cached_artifact(model, "onnx") == path
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "rebuilding" in warnings[0]
+    assert file_sha256(path) == good  # the export is deterministic: the rebuilt file is the original
+
+
 def test_export_writes_out_path(tmp_path):
     out = export(random_model("net1"), to="onnx", out=tmp_path / "sub" / "m.onnx")
     assert out.is_file() and read_metadata(load_onnx(out))["net"] == "net1"

@@ -192,6 +192,11 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
         saved = read_run(out)
         cfg = _check_resume(out, saved, cfg)
         state = _read_resume_state(out)
+        if state is not None and state["epoch"] > cfg["epochs"]:
+            raise UserError(f"--epochs {cfg['epochs']} is fewer than the {state['epoch']} epochs the saved run "
+                            f"has done")
+        if cfg["epochs"] != saved["epochs"]:
+            _extend(out, saved, cfg)
     data_dir = config.data_dir if config.data_dir is not None else (saved or {}).get("data_dir")
     train_set = train_set or load_split(cfg["data"], "train", data_dir)
     test_set = test_set or load_split(cfg["data"], "test", data_dir)
@@ -443,6 +448,26 @@ def _check_resume(out: Path, saved: dict, cfg: dict) -> dict:
     resumed["epochs"] = cfg["epochs"]
     resumed["data"] = cfg["data"]  # the same data (checked by identity once loaded), maybe from a new path
     return resumed
+
+
+def _extend(out: Path, saved: dict, cfg: dict) -> None:
+    """``--resume --epochs N`` with N other than the saved run's total: config.json takes the new total, so a later
+    plain ``--resume`` continues this run (it read the old total and refused, as if asked for fewer epochs). A
+    schedule over the whole run (one-cycle) is stretched over the new total, so the learning rate from here on is
+    not the one the saved epochs ran with: said, since the result is then no longer the run a fresh N-epoch run
+    gives."""
+    import json
+
+    if cfg["schedule"] != "constant":
+        from .errors import warn
+
+        warn(f"changing the run's total from {saved['epochs']} to {cfg['epochs']} epochs re-times its "
+             f"{cfg['schedule']} learning-rate schedule over {cfg['epochs']} epochs from here on; the result "
+             f"differs from a run trained for {cfg['epochs']} epochs from the start")
+    path = out / "config.json"
+    raw = json.loads(path.read_text())
+    raw["epochs"] = cfg["epochs"]
+    write_json(path, raw)
 
 
 def _check_data(saved: dict, data: str, train_set: Dataset, test_set: Dataset) -> None:

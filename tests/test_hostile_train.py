@@ -88,6 +88,23 @@ def test_resume_without_data_uses_the_saved_runs_data_and_extends_it(base_run, t
     assert _results(run / "metrics.csv")[:3] == _results(base_run / "metrics.csv")  # epochs 1-2 kept as they were
     config = json.loads((run / "config.json").read_text())
     assert config["data"] == DATA and config["batch_size"] == 64
+    # the new total is the run's: a plain --resume later continues it (it refused, reading the old total of 2)
+    assert config["epochs"] == 3 and "warning:" not in err  # the seed recipe's constant rate: nothing re-timed
+    code, _, err = run_cli(capsys, "train", "net1", "--resume", run)
+    assert code == 0, err
+    assert len((run / "metrics.csv").read_text().splitlines()) == 1 + 3
+
+
+def test_extending_a_one_cycle_run_says_its_schedule_is_re_timed(tmp_path, capsys):
+    run = tmp_path / "fast"
+    code, _, err = run_cli(capsys, "train", *NET, "--recipe", "fast", "--epochs", "1", "--batch-size", "64",
+                           "--data", DATA, "--out", run)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "net1", "--resume", run, "--epochs", "2")
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "re-times its onecycle" in warnings[0], err
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.parametrize("option,match", [

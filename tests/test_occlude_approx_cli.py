@@ -53,8 +53,21 @@ def test_cli_approx_default_is_close_and_says_so(tmp_path, capsys):
     assert np.abs(got - exact).mean() <= 0.01
 
 
+def test_cli_approx_precision_fp32_with_every_position_computed_is_the_exact_map(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["occlude", "--k", "8", "--stride", "3", str(EXAMPLES / "cat.png"), "--mode", "approx", "--tau", "0",
+              "--coarse", "1", "--approx-precision", "fp32", "--out", str(tmp_path), "--json", "--no-figures"])
+    assert exc.value.code == 0
+    r = json.loads(capsys.readouterr().out)["results"][0]
+    assert r["engine"]["precision"] == "fp32" and r["engine"]["exact_positions"] == r["engine"]["positions"]
+    model, img = load_model("net1"), image("cat.png")
+    np.testing.assert_allclose(np.load(tmp_path / "cat_k8.npy"), naive_map(model, img, 8, 3, r["target"]),
+                               atol=1e-5)
+
+
 @pytest.mark.parametrize("args", [["--tau", "0.1"], ["--mode", "approx", "--tau", "2"],
-                                  ["--mode", "approx", "--coarse", "0"]])
+                                  ["--mode", "approx", "--coarse", "0"], ["--approx-precision", "fp32"],
+                                  ["--mode", "approx", "--approx-precision", "fp64"]])
 def test_bad_approx_knobs_are_one_line(args, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["occlude", str(EXAMPLES / "cat.png"), "--out", str(tmp_path / "o"), *args])

@@ -70,6 +70,10 @@ def register(app: typer.Typer) -> None:
         coarse: Annotated[Optional[int], typer.Option(
             help="With --mode approx: the first exact grid's step in map positions, 1-16 (default 2; 4 is a "
                  "little faster and misses more narrow features).")] = None,
+        approx_precision: Annotated[Optional[str], typer.Option(
+            "--approx-precision", help="With --mode approx: the recomputed windows' precision, fp32 or bf16 "
+                                       "(default: bf16 on CPUs with AMX tiles, else fp32). fp32 with --tau 0 "
+                                       "--coarse 1 is the exact map.", show_default=False)] = None,
         device: DeviceOpt = None,
         resize: Annotated[bool, typer.Option(help="Scale images that are not the model's input size.")] = False,
         data: Annotated[Optional[str], typer.Option(
@@ -146,14 +150,17 @@ def register(app: typer.Typer) -> None:
                 from ..distributed import check_executor
 
                 check_executor(executor, address, cpus_per_task, gpus_per_task)
-            if (tau is not None or coarse is not None) and mode != "approx":
-                raise UserError("--tau and --coarse are knobs of --mode approx")
+            if (tau is not None or coarse is not None or approx_precision is not None) and mode != "approx":
+                raise UserError("--tau, --coarse and --approx-precision are knobs of --mode approx")
+            if approx_precision is not None and approx_precision not in ("fp32", "bf16"):
+                raise UserError(f"--approx-precision takes fp32 or bf16, got {approx_precision!r}")
             settings = Settings(sorted(set(k)), stride, baseline, label, backend, mode, device, resize, calib_data,
                                 figures, show, not independent_scale, json,
                                 Sharding(executor, address, cpus_per_task, gpus_per_task, ray_cpus, resume),
                                 {"arch": arch, "arch_kw": arch_kw, "mean": mean, "std": std, "classes": classes,
                                  "input_size": input_size})
-            settings.approx = {"tau": tau, "coarse": coarse} if mode == "approx" else {}
+            settings.approx = {"tau": tau, "coarse": coarse, "approx_precision": approx_precision} \
+                if mode == "approx" else {}
             settings.draw = draw
             _run(images, data, indices, data_dir, model, out or Path("occlusion"), settings)
 
@@ -399,7 +406,8 @@ def _engine_label(info: dict) -> str:
     if info.get("mode") == "approx":
         label += f" (tau {info.get('tau'):g}, coarse {info.get('coarse')}, {info.get('precision')} windows"
         if info.get("positions"):
-            label += f", {info['exact_positions']} of {info['positions']} positions exact"
+            # computed (in the windows' precision) as opposed to interpolated: exact only in fp32
+            label += f", {info['exact_positions']} of {info['positions']} positions computed"
         label += ")"
     return label
 

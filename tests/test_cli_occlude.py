@@ -78,8 +78,9 @@ def test_bad_images_exit_2(checkpoint, tmp_path, capsys):
 
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
     Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    (tmp_path / "folder.png").mkdir()
     for path, message in ((tmp_path / "x.png", "not an image"), (tmp_path / "big.png", "--resize"),
-                          (tmp_path / "none.png", "no such")):
+                          (tmp_path / "none.png", "no such"), (tmp_path / "folder.png", "a folder")):
         code, _, err = run(["occlude", str(path), "--model", str(checkpoint), "--out", str(tmp_path)], capsys)
         assert code == 2 and message in err
     code, _, err = run(["occlude", "--k", "16", "--stride", "16", str(tmp_path / "big.png"), "--resize",
@@ -87,6 +88,9 @@ def test_bad_images_exit_2(checkpoint, tmp_path, capsys):
     assert code == 0, err
     code, _, err = run(["occlude", "--model", str(checkpoint)], capsys)
     assert code == 2 and "image files or --data" in err
+    code, _, err = run(["occlude", "--data", "synthetic", "--indices", "-2:4", "--model", str(checkpoint), "--out",
+                        str(tmp_path / "n")], capsys)
+    assert code == 2 and "start at 0" in err and len(err.strip().splitlines()) == 1
 
 
 def test_int8_backend_runs_the_incremental_engine_on_its_convs(checkpoint, tmp_path, capsys):

@@ -82,7 +82,7 @@ def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[tor
 
         path = Path(image)
         if not path.is_file():
-            raise UserError(f"{path}: no such image file")
+            raise UserError(f"{path}: " + ("a folder, not an image file" if path.is_dir() else "no such image file"))
         # read_rgb checks the header's size before decoding (a 12 KB PNG can claim 10000x10000) and scales
         # 16-bit images instead of clipping them
         rgb = read_rgb(path, str(path), size=size, resize=resize,

@@ -25,6 +25,11 @@ def parse_indices(text: str, size: int) -> list[int]:
     try:
         if ":" in text:
             a, b = text.split(":", 1)
+            ends = [int(v) for v in (a, b) if v]
+            if any(v < 0 for v in ends):
+                # Python would read -2 as size - 2: an index the user did not write
+                raise UserError(f"--indices {text!r}: indices start at 0 (the split has {size} images, 0 to "
+                                f"{size - 1})")
             idx = list(range(*slice(int(a) if a else None, int(b) if b else None).indices(size)))
         else:
             idx = [int(t) for t in text.split(",")]

@@ -229,7 +229,8 @@ def open_runtime(model, backend: str | None = "auto", device=None, precision: st
             raise
         from .errors import warn
 
-        warn(f"{exc}; running it on torch instead")  # auto never fails where torch would run
+        # auto never fails where torch would run
+        warn(f"{str(exc).removesuffix('; use --backend torch')}; running it on torch instead")
         return _open(source, "torch", device, precision, options)
 
 

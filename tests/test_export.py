@@ -96,6 +96,33 @@ def test_a_damaged_cached_artifact_is_rebuilt_with_one_warning(damage, capsys):
     assert file_sha256(path) == good  # the export is deterministic: the rebuilt file is the original
 
 
+def test_a_failed_export_is_one_warning_line_and_nothing_else(capfd):
+    """torch.export logs tracebacks and graphs when it fails; ``auto`` falls back to torch with one line naming the
+    reason (the innermost cause, no colour codes), and nothing else reaches the terminal."""
+    from cifarbench.artifacts import open_runtime
+
+    class DataDependent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.fc = torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            y = self.conv(x).relu().mean((2, 3))
+            if float(y.sum()) > 0:
+                y = y * 2
+            return self.fc(y)
+
+    torch.manual_seed(0)
+    capfd.readouterr()
+    runtime = open_runtime(DataDependent(), "auto", device="cpu")
+    out, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert runtime.name == "torch" and out == ""
+    assert len(lines) == 1 and lines[0].startswith("warning: cannot export") and "\x1b" not in lines[0], err
+    assert "data-dependent" in lines[0] and lines[0].endswith("running it on torch instead")
+
+
 def test_export_writes_out_path(tmp_path):
     out = export(random_model("net1"), to="onnx", out=tmp_path / "sub" / "m.onnx")
     assert out.is_file() and read_metadata(load_onnx(out))["net"] == "net1"

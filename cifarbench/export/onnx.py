@@ -105,7 +105,7 @@ def to_onnx_proto(model) -> "onnx.ModelProto":  # noqa: F821
     example = torch.rand(fixed or 2, 3, size, size)
     # the exporter narrates on stdout; keep stdout clean for --json
     try:
-        with contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
+        with _quiet(), torch.inference_mode(False):
             if isinstance(module, torch.jit.ScriptModule):  # the dynamo exporter cannot trace TorchScript
                 import tempfile
 
@@ -128,12 +128,40 @@ def to_onnx_proto(model) -> "onnx.ModelProto":  # noqa: F821
     except UserError:
         raise
     except Exception as exc:  # the exporters raise many types for an op or a control flow they cannot trace
-        raise UserError(f"cannot export {source.name} to ONNX: {type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}; use --backend "
-                        f"torch") from None
+        raise UserError(f"cannot export {source.name} to ONNX: {_reason(exc)}; use --backend torch") from None
     set_metadata(proto, model_metadata(source))
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' own output, none of which is the user's business when cifarbench says in one line whether
+    the export worked: stdout and stderr narration, Python warnings, and torch's logging (a failed torch.export
+    logs tracebacks and whole graphs at WARNING and ERROR level through handlers bound to the real stderr)."""
+    import logging
+    import warnings
+
+    previous = logging.root.manager.disable
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.CRITICAL)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why an export failed, in one line: the innermost cause's first line (torch.onnx wraps the reason in
+    "Failed to export the model with torch.export. This is step 1/3 ..."), without terminal colour codes."""
+    import re
+
+    while exc.__cause__ is not None and exc.__cause__ is not exc:
+        exc = exc.__cause__
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def export_onnx(model, out: str | Path) -> Path:

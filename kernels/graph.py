@@ -396,9 +396,11 @@ class _Builder:
             spatial_in = [a for a in ins if a in self.index]
             shape = self._meta_shape(n)
             if spatial_in and shape is not None and len(shape) == 4 and shape[2] * shape[3] > 1:
+                other = next(a for a in ins if a in self.tail)
                 raise UnsupportedOp(self._opname(n), n.name,
-                                    "combines a spatial map with a value computed outside the spatial part "
-                                    "(e.g. a squeeze-excitation gate pooled over the whole map)")
+                                    f"combines a spatial map with {other.name} ({self._opname(other)}), a value "
+                                    f"computed by an op the engine does not follow position by position (e.g. a "
+                                    f"transpose, or a squeeze-excitation gate pooled over the whole map)")
             self.tail.add(n)
             return
         if not any(a in self.index for a in ins):

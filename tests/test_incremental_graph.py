@@ -345,12 +345,24 @@ class SpatialMask(nn.Module):
         return self.fc((x * self.mask).mean((2, 3)))
 
 
-@pytest.mark.parametrize("model,op", [(Rolls, "roll"), (Upsamples, "interpolate"), (SqueezeExcite, "mul"),
-                                      (SpatialMask, "mul")])
-def test_unsupported_op_is_refused_by_name(model, op):
+class Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        a = self.c(x).relu()
+        return self.fc(torch.cat([a, a.transpose(2, 3)], 1).mean((2, 3)))
+
+
+@pytest.mark.parametrize("model,op,names", [(Rolls, "roll", ""), (Upsamples, "interpolate", ""),
+                                            (SqueezeExcite, "mul", ""), (SpatialMask, "mul", ""),
+                                            (Transposed, "cat", "transpose")])
+def test_unsupported_op_is_refused_by_name(model, op, names):
     with pytest.raises(UnsupportedOp) as info:
         GraphOcclusion(model().eval(), "cpu")
-    assert op in info.value.op and f"op {info.value.op}" in str(info.value)
+    assert op in info.value.op and f"op {info.value.op}" in str(info.value) and names in str(info.value)
 
 
 class Branchy(nn.Module):

@@ -11,8 +11,11 @@ variants one by one through the runtime instead, which is also the baseline the 
 
 Any model: a runtime with a torch module gets a zeroed deep copy of it (``weight[j] = 0`` of the named conv); a
 runtime with only an ONNX graph (its ``onnx_graph()`` capability) gets ``runtime.variant(graph)`` of a copy with
-the Conv's weight slice zeroed in its initializer. Layers are named as
-:mod:`cifarbench.filters` names them (module paths, ONNX Conv node names, ``convN`` for the zoo nets).
+the Conv's weight slice zeroed in its initializer; a ``torch.export`` program's module gets the parameters its
+conv calls read zeroed. Layers are named as :mod:`cifarbench.filters` names them (module paths, ONNX Conv node
+names, the weight paths of a ``torch.export`` graph's convs, ``convN`` for the zoo nets). ``zero_bias`` on an ONNX
+graph zeroes the Conv node's bias, which may hold a BatchNorm shift the exporter merged into it; results say so
+(:func:`zero_bias_note`).
 """
 from __future__ import annotations
 
@@ -93,22 +96,42 @@ def zeroed_model(model, selection: Selection, zero_bias: bool = False, table=Non
     ``zero_bias``) set to zero; the layers are found through ``table`` (default: ``model``'s own)."""
     from ..filters import layer_table
 
+    from ..filters import graph_module_of
+
     table = layer_table(model if table is None else table)
     variant = copy.deepcopy(model)
     variant.eval()
     with torch.no_grad():
         for layer, idx in by_layer(selection).items():
-            conv = _find(variant, table[layer].target)
+            info = table[layer]
+            if info.node is not None:   # a conv call of a torch.export graph: zero the parameters it reads
+                gm, _ = graph_module_of(variant)
+                if gm is None:
+                    raise UserError(f"layer {layer} is a call in a torch.export graph the module does not hold")
+                _attr(gm, info.weight)[idx] = 0
+                if zero_bias and info.bias is not None:
+                    _attr(gm, info.bias)[idx] = 0
+                continue
+            conv = _find(variant, info.target)
             conv.weight[idx] = 0
             if zero_bias and conv.bias is not None:
                 conv.bias[idx] = 0
     return variant
 
 
+def _attr(root, dotted: str):
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):
     """A copy of ``proto`` with the selected filters' Conv weight slices (``W[j]``) zeroed in the initializers; with
-    ``zero_bias`` also the Conv's bias (where the exporter folded a BatchNorm into the conv, that is the folded
-    bias, so the pre-activation of a zeroed filter becomes 0)."""
+    ``zero_bias`` also the Conv's bias: the graph's own, which, where the exporter merged a BatchNorm into the conv,
+    is the fused bias, so the zeroed filter's pre-activation becomes 0 rather than the unmerged model's bn(0). A
+    file does not say whether that happened: :func:`zero_bias_note` says what was zeroed, and ``ablate``/``sweep``
+    results carry it (``"zero_bias"``)."""
     import onnx
     from onnx import numpy_helper
 
@@ -127,6 +150,54 @@ def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):
             arr[idx] = 0
             inits[name].CopyFrom(numpy_helper.from_array(arr, name))
     return out
+
+
+#: what ``--zero-bias`` means on an ONNX graph whose conv is not followed by a BatchNormalization node
+FUSED_BIAS_NOTE = ("on an ONNX graph a Conv's bias may include a BatchNorm shift that the exporter merged into the "
+                   "conv (the file does not say), so --zero-bias zeroes that fused bias: the zeroed filter's "
+                   "pre-activation is 0, where the unmerged model (state_dict, TorchScript, torch.export) gives "
+                   "bn(0); ablate the torch model for bn(0)")
+
+
+def zero_bias_note(model, table, selection: Selection) -> dict | None:
+    """What ``zero_bias`` zeroes where a variant is made from an ONNX graph (``model``: a runtime or a source
+    without a torch module; None for a torch model, where the conv's own bias is zeroed and a BatchNorm after it
+    gives ``bn(0)``, DESIGN's definition): per layer ``"conv bias"`` (a BatchNormalization node reads the conv's
+    output, so the zeroed filter's pre-activation is ``bn(0)``), ``"fused bias"`` (no BatchNormalization follows:
+    the bias may hold a merged BatchNorm's shift, zeroed with it) or ``"no bias"``; with :data:`FUSED_BIAS_NOTE`
+    where any layer is ``"fused bias"``. None where no layer's bias is in doubt."""
+    from ..filters import layer_table
+
+    if isinstance(model, CifarNet) or torch_module_of(model) is not None:
+        return None
+    source = getattr(model, "source", model)
+    if getattr(source, "module", None) is not None:
+        return None
+    graph = onnx_graph_of(model)
+    if graph is None and getattr(source, "onnx_path", None) is not None:
+        import onnx
+
+        graph = onnx.load(str(source.onnx_path), load_external_data=False)
+    if graph is None:
+        return None
+    table = graph_table(graph, layer_table(table))
+    nodes = {(n.name or n.output[0]): n for n in graph.graph.node if n.op_type == "Conv"}
+    readers: dict = {}
+    for n in graph.graph.node:
+        for t in n.input:
+            readers.setdefault(t, []).append(n.op_type)
+    zeroed = {}
+    for layer in by_layer(selection):
+        node = nodes[table[layer].target]
+        if len(node.input) < 3 or not node.input[2]:
+            zeroed[layer] = "no bias"
+        elif readers.get(node.output[0]) == ["BatchNormalization"]:
+            zeroed[layer] = "conv bias"
+        else:
+            zeroed[layer] = "fused bias"
+    if "fused bias" not in zeroed.values():
+        return None
+    return {"zeroed": zeroed, "note": FUSED_BIAS_NOTE}
 
 
 def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = False):
@@ -191,13 +262,17 @@ def ablate(runtime, model, data: Dataset, selection: Selection, zero_bias: bool 
     sb, sa = summary(conf_b, data.classes), summary(conf_a, data.classes)
     head = slice(0, max(flipped, 0))
     flips = np.flatnonzero((before[head] == labels[head]) & (after[head] != labels[head]))
-    return {
+    result = {
         "filters": selection_json(selection),
         "before": sb, "after": sa, "difference": difference(sb, sa),
         "confusion": {"before": conf_b.tolist(), "after": conf_a.tolist()},
         "flipped": [{"index": int(i), "label": data.classes[labels[i]], "before": data.classes[before[i]],
                      "after": data.classes[after[i]]} for i in flips],
     }
+    note = zero_bias_note(runtime, model, selection) if zero_bias else None
+    if note:   # on an ONNX graph: what --zero-bias zeroed, said, never silently different from the torch model
+        result["zero_bias"] = note
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------- sweeps
@@ -283,7 +358,11 @@ def sweep(runtime, model, data: Dataset, selection: Selection, zero_bias: bool =
     over the data for every layer; other runtimes run each variant through the runtime. The fast path needs the
     runtime's torch module to be a zoo net (its layers are a plain chain of conv blocks and pools)."""
     base, confs = sweep_confusions(runtime, model, data, selection, zero_bias, batch_size, progress)
-    return sweep_result(selection, base, confs, data.classes)
+    result = sweep_result(selection, base, confs, data.classes)
+    note = zero_bias_note(runtime, model, selection) if zero_bias else None
+    if note:
+        result["zero_bias"] = note
+    return result
 
 
 def sweep_confusions(runtime, model, data: Dataset, selection: Selection, zero_bias: bool = False,

@@ -250,15 +250,15 @@ def sweep_fig(result: dict, top: int = 30, *, title: str | None = None, caption:
     return fig
 
 
-def mining_figure(images, entry: dict, path, *, receptive_field: int | None = None, title: str | None = None,
-                  caption: str | None = None, total: int | None = None) -> Path:
+def mining_figure(images, entry: dict, path, *, receptive_field: int | list[int] | None = None,
+                  title: str | None = None, caption: str | None = None, total: int | None = None) -> Path:
     """One filter: each top image with its max-response patch outlined, and the patch crop beneath it."""
     return _save(mining_fig(images, entry, receptive_field=receptive_field, title=title, caption=caption,
                             total=total), path)
 
 
-def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title: str | None = None,
-               caption: str | None = None, total: int | None = None):
+def mining_fig(images, entry: dict, *, receptive_field: int | list[int] | None = None,
+               title: str | None = None, caption: str | None = None, total: int | None = None):
     """Patches are drawn at one scale: each sits in a window of the receptive field's size (``receptive_field``,
     else the largest patch shown), so a patch clipped at the image border is drawn smaller, on the side away
     from the border, not stretched. Filters whose top responses are all negative are flagged in the title.
@@ -268,28 +268,36 @@ def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title
 
     top = entry["top"]
     n = max(1, len(top))
-    sizes = [max(t["patch"][2] - t["patch"][0], t["patch"][3] - t["patch"][1]) for t in top]
-    window = max([receptive_field or 0, *sizes, 1])
+    known = [t["patch"] for t in top if t.get("patch") is not None]
+    # the window is the receptive field, per axis where it is not square ([height, width]), else the largest patch
+    rf_h, rf_w = (receptive_field if isinstance(receptive_field, (list, tuple)) else
+                  (receptive_field or 0, receptive_field or 0))
+    win_h = max([rf_h or 0, *(p[2] - p[0] for p in known), 1])
+    win_w = max([rf_w or 0, *(p[3] - p[1] for p in known), 1])
     fig, axes = plt.subplots(2, n, figsize=(1.9 * n, 4.6), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for k, (item, image) in enumerate(zip(top, images)):
-        y0, x0, y1, x1 = item["patch"]
         img = _hwc(image)
-        height, width = img.shape[:2]
         axes[0, k].imshow(img, interpolation="nearest")
-        axes[0, k].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
         axes[0, k].set_title(f"#{item['index']} {item['label']}\nr={item['response']:.3g}", fontsize=8)
+        if item.get("patch") is None:   # the layer's receptive field is unknown: no box, never a guessed one
+            axes[1, k].text(0.5, 0.5, "no patch:\nreceptive field\nunknown", ha="center", va="center", fontsize=8,
+                            transform=axes[1, k].transAxes)
+            continue
+        y0, x0, y1, x1 = item["patch"]
+        height, width = img.shape[:2]
+        axes[0, k].add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.5))
         # clipped at the top/left border: the missing rows/columns are the ones before the patch
-        oy = window - (y1 - y0) if y0 == 0 and y1 - y0 < window and y1 < height else 0
-        ox = window - (x1 - x0) if x0 == 0 and x1 - x0 < window and x1 < width else 0
+        oy = win_h - (y1 - y0) if y0 == 0 and y1 - y0 < win_h and y1 < height else 0
+        ox = win_w - (x1 - x0) if x0 == 0 and x1 - x0 < win_w and x1 < width else 0
         ax = axes[1, k]
         ax.imshow(img[y0:y1, x0:x1], interpolation="nearest",
                   extent=(ox - 0.5, ox + x1 - x0 - 0.5, oy + y1 - y0 - 0.5, oy - 0.5))
-        ax.add_patch(Rectangle((-0.5, -0.5), window, window, fill=False, edgecolor="0.6", lw=0.8, ls=":"))
-        ax.set_xlim(-0.5, window - 0.5)
-        ax.set_ylim(window - 0.5, -0.5)
-        clipped = (y1 - y0, x1 - x0) != (window, window)
+        ax.add_patch(Rectangle((-0.5, -0.5), win_w, win_h, fill=False, edgecolor="0.6", lw=0.8, ls=":"))
+        ax.set_xlim(-0.5, win_w - 0.5)
+        ax.set_ylim(win_h - 0.5, -0.5)
+        clipped = (y1 - y0, x1 - x0) != (win_h, win_w)
         ax.set_title(f"patch {y1 - y0}x{x1 - x0}" + (" (clipped)" if clipped else ""), fontsize=8)
     # the whole top-K's flag when the entry has it (``all_top_negative``), else the shown images'
     negative = entry.get("all_top_negative", bool(top) and all(t["response"] < 0 for t in top))
@@ -298,7 +306,11 @@ def mining_fig(images, entry: dict, *, receptive_field: int | None = None, title
     if negative:
         head += "\nwarning: every top response is negative (the map sums below 0 even on the filter's best images)"
     fig.suptitle(f"{title}: {head}" if title else head, color="tab:red" if negative else "black")
-    note = ("response r = spatial sum of the filter's pre-ReLU map; the red box is the receptive field of the "
-            f"map's largest value (argmax), patches drawn at one scale in a {window}x{window} window")
+    if top and not known:
+        note = ("response r = spatial sum of the filter's pre-ReLU map; no box is drawn: "
+                + entry.get("patch_unknown", f"the receptive field of {entry['layer']} is unknown"))
+    else:
+        note = ("response r = spatial sum of the filter's pre-ReLU map; the red box is the receptive field of the "
+                f"map's largest value (argmax), patches drawn at one scale in a {win_h}x{win_w} window")
     add_caption(fig, f"{note}\n{caption}" if caption else note)
     return fig

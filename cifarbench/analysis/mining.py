@@ -35,7 +35,7 @@ def reduce_map(pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return flat.sum(1), am, mx
 
 
-def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
+def torch_probe(net, channels_last: bool = False, table=None, fixed_batch: int | None = None) -> Probe:
     """A probe running torch module ``net`` (taking [0, 1] pixels) with a forward hook on every conv layer's probe
     point: the BatchNorm that is the conv's only consumer (the zoo's pre-ReLU, after-BN map), else the conv
     itself. Hooks go on ``net`` itself: give it a copy (``probe_for`` does)."""
@@ -51,7 +51,12 @@ def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
             found[layer] = reduce_map(output)
         return fn
 
+    graph_layers = [layer for layer in table if table[layer].node is not None]
+    if graph_layers:   # a torch.export program: its convs are calls in its graph, recorded by calls added after them
+        _record_in_graph(net, table, graph_layers, found)
     for layer in table:
+        if table[layer].node is not None:
+            continue
         point = table[layer].probe or table[layer].target
         module = mods.get(point, mods.get(f"model.{point}"))   # inside cifarbench's normalizing wrapper or not
         if module is None:
@@ -62,8 +67,7 @@ def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
             raise UserError(f"{table.model} is a TorchScript model, whose layers cannot be probed; mine its ONNX "
                             f"export or its state_dict with --arch") from None
 
-    @torch.inference_mode()
-    def probe(batch: torch.Tensor):
+    def run(batch: torch.Tensor):
         found.clear()
         if param is not None:
             batch = batch.to(param.device, param.dtype)
@@ -72,7 +76,46 @@ def torch_probe(net, channels_last: bool = False, table=None) -> Probe:
         net(batch)
         return dict(found)
 
+    @torch.inference_mode()
+    def probe(batch: torch.Tensor):
+        if not fixed_batch or len(batch) == fixed_batch:
+            return run(batch)
+        parts = []   # a graph that takes exactly ``fixed_batch`` images: fed in chunks, the last padded and cut
+        for i in range(0, len(batch), fixed_batch):
+            chunk = batch[i:i + fixed_batch]
+            pad = fixed_batch - len(chunk)
+            if pad:
+                chunk = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])])
+            parts.append({k: tuple(t[:len(chunk) - pad] for t in v) for k, v in run(chunk).items()})
+        return {k: tuple(torch.cat([p[k][i] for p in parts]) for i in range(3)) for k in parts[0]}
+
     return probe
+
+
+def _record_in_graph(net, table, layers, found: dict) -> None:
+    """Add to the ``torch.fx`` graph inside ``net`` (a copy: it is edited), after each layer's probe node, a call
+    that stores :func:`reduce_map` of that node's output in ``found[layer]``."""
+    from ..filters import graph_module_of
+
+    gm, _ = graph_module_of(net)
+    if gm is None:
+        raise UserError(f"the layers of {table.model} are calls in a torch.export graph, which the runtime's "
+                        f"module does not hold")
+    nodes = {n.name: n for n in gm.graph.nodes}
+
+    def recorder(i, layer):
+        def record(output):
+            found[layer] = reduce_map(output)
+        record.__name__ = record.__qualname__ = f"cifarbench_record_{i}"
+        return record
+
+    for i, layer in enumerate(layers):
+        node = nodes.get(table[layer].probe) or nodes.get(table[layer].node)
+        if node is None:
+            raise UserError(f"layer {layer} is not in the model's graph")
+        with gm.graph.inserting_after(node):
+            gm.graph.call_function(recorder(i, layer), (node,))
+    gm.recompile()
 
 
 def probe_proto(graph, table, layers=None):
@@ -163,7 +206,8 @@ def probe_for(runtime, model) -> Probe:
     if module is None and source is not None and getattr(source, "module", None) is not None:
         module = source.torch_module()
     if module is not None:
-        return torch_probe(copy.deepcopy(module), getattr(runtime, "channels_last", False), table)
+        return torch_probe(copy.deepcopy(module), getattr(runtime, "channels_last", False), table,
+                           getattr(source, "fixed_batch", None))
     if onnx_graph_of(runtime) is not None and hasattr(runtime, "variant"):
         return onnx_probe(runtime, table)
     raise UserError(f"filter mining needs a torch module or an ONNX graph; backend {runtime.name!r} has neither; "
@@ -202,28 +246,40 @@ class MiningResult:
     top_patch: np.ndarray      # [F, K, 4] (y0, x0, y1, x1) receptive field of that position, clipped
     labels: np.ndarray         # [F, K] class index of each top image
     classes: tuple[str, ...]
-    receptive_fields: dict[str, int]
+    receptive_fields: dict[str, int | list[int] | None]   # square: one number; else [height, width]; None: unknown
     dead: Selection            # every filter of the net whose pre-ReLU map is <= 0 everywhere on every image
+    note: str = ""             # why a layer's receptive field is unknown, where one is
 
     def to_json(self) -> dict:
         filters = []
         for f, (layer, j) in enumerate(self.selection):
             hist = np.bincount(self.labels[f], minlength=len(self.classes))
             resp = self.top_response[f]
-            filters.append({
+            # a patch of -1s: the layer's receptive field is unknown, so there is no patch (null), never a guess
+            entry = {
                 "layer": layer, "filter": j,
-                "top": [{"index": int(i), "label": self.classes[c], "response": float(r), "patch": [int(p) for p in pt]}
+                "top": [{"index": int(i), "label": self.classes[c], "response": float(r),
+                         "patch": None if min(pt) < 0 else [int(p) for p in pt]}
                         for i, c, r, pt in zip(self.top_index[f], self.labels[f], resp, self.top_patch[f])],
                 "class_histogram": {c: int(n) for c, n in zip(self.classes, hist)},
                 "max_class": self.classes[int(hist.argmax())] if len(resp) else None,
                 "mean_top_response": float(resp.mean()) if len(resp) else None,
                 "max_response": float(resp[0]) if len(resp) else None,
                 "all_top_negative": all_top_negative(resp),
-            })
+            }
+            if any(t["patch"] is None for t in entry["top"]):
+                entry["patch_unknown"] = unknown_patch_reason(layer, self.note)
+            filters.append(entry)
         return {"filters": filters, "receptive_fields": dict(self.receptive_fields),
                 "dead_filters": [{"layer": layer, "filter": j} for layer, j in self.dead],
                 "negative_filters": [{"layer": f["layer"], "filter": f["filter"]} for f in filters
                                      if f["all_top_negative"]]}
+
+
+def unknown_patch_reason(layer: str, note: str = "") -> str:
+    """Why ``layer``'s top images have no patch (one line)."""
+    return (f"no patch: the receptive field of {layer} is unknown"
+            + (f" ({note})" if note else " (see `cifarbench layers`)"))
 
 
 def all_top_negative(responses) -> bool:
@@ -265,13 +321,13 @@ def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,
     idx, resp, pos, patch = [], [], [], []
     for layer, top in tops.items():
         geo = table[layer]
-        if geo.out_size is None:
+        if geo.out_hw is None:
             raise UserError(f"the output size of {layer} is unknown, so its max-response positions cannot be "
                             f"placed; mine the model as ONNX or as a state_dict with --arch")
-        width = geo.out_size
+        width = geo.out_hw[1]
         y, x = top.payload // width, top.payload % width
         idx.append(top.index), resp.append(top.values), pos.append(torch.stack([y, x], -1))
-        if geo.rf is None:   # no readable graph (TorchScript): the patch is unknown, never guessed
+        if not geo.geometry_known:   # no readable graph, or an op with no exact geometry: no patch, never guessed
             patch.append(torch.full((*y.shape, 4), -1, dtype=torch.long))
             continue
         patch.append(torch.tensor([[receptive_patch(geo, int(a), int(b), table.input_size) for a, b in zip(ys, xs)]
@@ -280,4 +336,4 @@ def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,
     dead = tuple(f for f in all_filters(table) if peak[f[0]][f[1]] <= 0)
     return MiningResult(selection, top_index, torch.cat(resp).numpy(), torch.cat(pos).numpy(),
                         torch.cat(patch).numpy(), data.labels.numpy()[top_index], tuple(data.classes),
-                        table.receptive_fields(), dead)
+                        table.receptive_fields(), dead, table.note)

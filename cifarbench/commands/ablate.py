@@ -36,12 +36,64 @@ def open_analysis(source, select, backend: str, device: str | None, data: str, d
         raise UserError(f"--limit must be at least 1, got {limit}")
     table = layer_table(source)
     selection = select(table)
-    dataset = load_split(data, "test", data_dir, classes=source.classes)
+    try:
+        dataset = load_split(data, "test", data_dir, classes=source.classes)
+    except UserError as exc:
+        raise UserError(_classes_hint(str(exc), source)) from None
     if limit is not None:
         dataset = dataset.subset(slice(0, limit))
     check_data(source, dataset)
     runtime = open_runtime(source, backend=backend, device=device) if open_model else None
     return table, selection, runtime, dataset
+
+
+def sharded_runtime_facts(source, backend: str, device: str | None, dist: dict) -> dict:
+    """``{backend, precision, device}`` of the runtimes a sharded run's shards open (each opens its own, so the
+    driver has none to ask): the device is ``--device``, else the driver's default for local shards, else what a
+    Ray task sees (a GPU only with ``--gpus-per-task`` > 0); the backend is what ``auto`` picks on that device; the
+    precision is what that backend runs this source in: fp32 for torch backends (shards use the default
+    precision), the graph's own for ONNX Runtime, int8 for onnx-int8, and None (unknown) where only the built
+    artifact knows (AOTInductor, TensorRT)."""
+    from ..artifacts import choose_backend
+    from ..runtime import default_device, parse_device
+
+    if device:
+        dev = parse_device(device, require_present=False)
+    elif dist["executor"] == "ray":
+        import torch
+
+        dev = torch.device("cuda" if dist.get("gpus_per_task") else "cpu")
+    else:
+        dev = default_device()
+    name = choose_backend(source, backend, dev)
+    precision = None
+    if name in ("torch", "torch-compile"):
+        precision = "fp32"
+    elif name == "onnx-int8":
+        precision = "int8"
+    elif name == "onnxruntime":
+        if source.onnx_path is not None:
+            import onnx
+
+            from ..formats import graph_precision
+
+            precision = graph_precision(onnx.load(str(source.onnx_path), load_external_data=False))
+        else:
+            precision = "fp32"   # a torch model exported to fp32 ONNX
+    return {"backend": name, "precision": precision, "device": dev}
+
+
+def _classes_hint(message: str, source) -> str:
+    """``message`` with the way out where the data's class folders are not the model's because the model names no
+    classes of its own (``class0..classN-1``, or CIFAR-10's names for 10 outputs, when --classes was not given)."""
+    from ..source import default_classes
+
+    n = source.num_classes
+    if ("not among the model's classes" in message and "--classes" not in message
+            and tuple(source.classes) == default_classes(n)):
+        return (f"{message}; the model does not name its classes: give --classes with its {n} class names in output "
+                f"order (e.g. --classes {','.join(f'name{i}' for i in range(min(n, 3)))}{',...' if n > 3 else ''})")
+    return message
 
 
 def run_progress(total: int, what: str):
@@ -285,13 +337,9 @@ def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_s
         result = run.result
         console.print(f"{run.shards} shards: {run.skipped} resumed, {run.executed} computed "
                       f"({dist['executor']}) in {run.seconds:.1f} s")
-        from ..artifacts import choose_backend
-        from ..runtime import default_device, parse_device
-
-        dev = parse_device(device) if device else default_device()
-        model_prov, backend_prov = source, choose_backend(source, backend, dev)
+        model_prov, facts = source, sharded_runtime_facts(source, backend, device, dist)
     else:
-        model_prov, backend_prov = runtime, None
+        model_prov, facts = runtime, {}
         if sweep is not None:
             console.print(f"sweeping {len(selection)} filters on {len(dataset)} images with {runtime.name}")
             from ..analysis.ablation import torch_module_of
@@ -306,6 +354,18 @@ def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_s
             bar, step = run_progress(2 * len(dataset), "ablate")
             with bar:
                 result = run_ablate(runtime, net, dataset, selection, zero_bias, flipped, batch_size, step)
+    if zero_bias and "zero_bias" not in result:   # sharded results are merged without it: the same note here
+        from ..analysis.ablation import zero_bias_note
+
+        note = zero_bias_note(source if runtime is None else runtime, net, selection)
+        if note:
+            result["zero_bias"] = note
+    if zero_bias and result.get("zero_bias"):
+        from ..errors import warn
+
+        fused = [layer for layer, what in result["zero_bias"]["zeroed"].items() if what == "fused bias"]
+        warn(f"--zero-bias on {', '.join(fused[:5])}{' ...' if len(fused) > 5 else ''}: "
+             f"{result['zero_bias']['note']}")
     extra = {"filters": format_selection(selection), "zero_bias": zero_bias}
     if sweep is not None:
         extra.update(sweep=sweep, drop="before − after (accuracy fractions)")
@@ -313,7 +373,7 @@ def _ablate(net, selection, runtime, dataset, sweep, zero_bias, flipped, batch_s
         extra["difference"] = "before − after"
     if dist is not None:
         extra["executor"] = dist["executor"]
-    result["provenance"] = command_provenance(model=model_prov, data=dataset, backend=backend_prov, extra=extra)
+    result["provenance"] = command_provenance(model=model_prov, data=dataset, extra=extra, **facts)
     if sweep is not None:
         if out:
             for p in write_sweep(result, out):

@@ -13,7 +13,8 @@ def register(app: typer.Typer) -> None:
                    mean: MeanOpt = None, std: StdOpt = None, classes: ClassesOpt = None,
                    input_size: InputSizeOpt = None) -> None:
         """Conv layers: name (what --filters takes), filters (output channels), kernel, stride, output size and
-        receptive field in input pixels (max over paths where branches join).
+        receptive field in input pixels (HxW where the axes differ; the union over paths where branches join;
+        "unknown" after an op whose positions do not map to input pixels exactly).
 
         Examples: cifarbench layers net4; cifarbench layers resnet.pt --arch mymodels:resnet20 --json
         """
@@ -39,8 +40,14 @@ def register(app: typer.Typer) -> None:
             out.add_row(str(i), name, str(layer.filters), "x".join(map(str, layer.kernel)),
                         "x".join(map(str, layer.stride)) if layer.stride else "-",
                         "-" if layer.groups is None else str(layer.groups),
-                        "-" if layer.out_size is None else str(layer.out_size),
-                        "-" if layer.rf is None else str(layer.rf))
+                        _hw(layer.out_size, layer.out_hw), _hw(layer.rf, layer.rf_hw, "unknown"))
         console.print(out)
         if table.note:
             console.print(table.note)
+
+
+def _hw(square, hw, unknown: str = "-") -> str:
+    """One number where both axes agree, ``HxW`` where they differ, ``unknown`` where it is not known."""
+    if square is not None:
+        return str(square)
+    return "x".join(map(str, hw)) if hw is not None else unknown

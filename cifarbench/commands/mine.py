@@ -27,7 +27,9 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
     paths = []
     for f in result["filters"]:
         for k, t in enumerate(f["top"], 1):
-            top_rows.append([f["layer"], f["filter"], k, t["index"], t["label"], f"{t['response']:.6g}", *t["patch"]])
+            # an unknown patch (the layer's receptive field is unknown) is four empty cells, never a guess
+            top_rows.append([f["layer"], f["filter"], k, t["index"], t["label"], f"{t['response']:.6g}",
+                             *(t["patch"] if t["patch"] is not None else ("",) * 4)])
         hist_rows.append([f["layer"], f["filter"], *(f["class_histogram"][c] for c in classes), f["max_class"]])
         resp_rows.append([f["layer"], f["filter"], f"{f['mean_top_response']:.6g}", f"{f['max_response']:.6g}",
                           int(bool(f.get("all_top_negative")))])
@@ -41,7 +43,8 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
             total=len(f["top"]), caption=figure_caption(prov)))  # the figure's own note defines r and the box
     tables = {
         "top_images.csv": top_rows, "class_histogram.csv": hist_rows, "responses.csv": resp_rows,
-        "receptive_fields.csv": [["layer", "receptive_field"], *result["receptive_fields"].items()],
+        "receptive_fields.csv": [["layer", "receptive_field"],
+                                 *((k, rf_text(v)) for k, v in result["receptive_fields"].items())],
         "dead_filters.csv": [["layer", "filter"], *((d["layer"], d["filter"]) for d in result["dead_filters"])],
     }
     for fname, rows in tables.items():  # not ``name``: that is the model's, for the page's title below
@@ -61,7 +64,8 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
         {"title": "Top images per filter", "figures": figures[:200],
          "text": "" if len(figures) <= 200 else f"the first 200 of {len(figures)} figures; all are in filters/"},
         {"title": "Receptive fields", "table": {"columns": ["layer", "receptive field"],
-                                                "rows": [[k, v] for k, v in result["receptive_fields"].items()]}},
+                                                "rows": [[k, rf_text(v)]
+                                                         for k, v in result["receptive_fields"].items()]}},
         {"title": "Dead filters", "text": f"{_count(len(result['dead_filters']), 'filter')} whose pre-ReLU map "
                                           f"is <= 0 everywhere on every image."},
         {"title": "Filters with only negative top responses",
@@ -69,6 +73,13 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
                  f"only the least negative ones" + (": " + ", ".join(negative[:200]) if negative else ".")},
     ], result)
     return [*paths, out / "mining.json", page]
+
+
+def rf_text(rf) -> str | int:
+    """A receptive field as shown: the number (square), ``HxW`` (not square), ``unknown`` (None)."""
+    if rf is None:
+        return "unknown"
+    return "x".join(map(str, rf)) if isinstance(rf, (list, tuple)) else rf
 
 
 def _count(n: int, noun: str) -> str:
@@ -91,7 +102,7 @@ def show_mining(result: dict, classes) -> None:
     if len(result["filters"]) > 40:
         console.print(f"... {len(result['filters']) - 40} more filters (see --out or --json)")
     console.print("receptive fields (Table 4): " +
-                  ", ".join(f"{k} {v}" for k, v in result["receptive_fields"].items()))
+                  ", ".join(f"{k} {rf_text(v)}" for k, v in result["receptive_fields"].items()))
     dead = result["dead_filters"]
     console.print(f"dead filters (pre-ReLU <= 0 everywhere on every image): {len(dead)}"
                   + (": " + ", ".join(f"{d['layer']}:{d['filter']}" for d in dead[:30]) if dead else ""))
@@ -178,10 +189,16 @@ TABLES = ("top_images.csv", "class_histogram.csv", "responses.csv", "receptive_f
 
 def figure_name(layer: str, j: int) -> str:
     """``filters/<layer>_filter<j>.png``; a layer name's path characters (ONNX node names such as ``/conv1/Conv``)
-    become ``_`` so every figure lands in ``filters/`` itself."""
+    become ``_`` so every figure lands in ``filters/`` itself. Where that changed the name (or shortened a long
+    one, or the name already ends like a suffix), 8 hex digits of the name's sha256 follow it, so two layers
+    never share a figure (``L/1``, ``L:1`` and ``L_1`` give three files)."""
+    import hashlib
     import re
 
-    return f"filters/{re.sub(r'[^A-Za-z0-9_.-]', '_', layer)}_filter{j}.png"
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", layer)
+    if safe != layer or len(safe) > 80 or re.search(r"_[0-9a-f]{8}$", safe) or safe.startswith("."):
+        safe = f"{safe[:80]}_{hashlib.sha256(layer.encode()).hexdigest()[:8]}"
+    return f"filters/{safe}_filter{j}.png"
 
 
 def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json, *, source=None, dist=None,
@@ -192,10 +209,9 @@ def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json, *,
     from .publish import command_provenance
 
     if dist is not None:
-        from ..artifacts import choose_backend
         from ..distributed import run_sharded
         from ..options import shard_progress
-        from ..runtime import default_device, parse_device
+        from .ablate import sharded_runtime_facts
 
         bar, update = shard_progress("mine")
         with bar:
@@ -207,18 +223,24 @@ def _mine(runtime, net, dataset, selection, top, show, batch_size, out, json, *,
         result = run.result.to_json()
         console.print(f"{run.shards} shards: {run.skipped} resumed, {run.executed} computed "
                       f"({dist['executor']}) in {run.seconds:.1f} s")
-        dev = parse_device(device) if device else default_device()
-        model_prov, backend_prov = source, choose_backend(source, backend, dev)
+        model_prov, facts = source, sharded_runtime_facts(source, backend, device, dist)
     else:
         bar, step = run_progress(len(dataset), "mine")
         with bar:
             result = run_mine(runtime, net, dataset, selection, top, batch_size, progress=step).to_json()
-        model_prov, backend_prov = runtime, None
+        model_prov, facts = runtime, {}
     extra = {"filters": format_selection(selection), "top": top,
              "response": "spatial sum of the pre-ReLU map; patch: receptive field of its argmax"}
     if dist is not None:
         extra["executor"] = dist["executor"]
-    result["provenance"] = command_provenance(model=model_prov, data=dataset, backend=backend_prov, extra=extra)
+    result["provenance"] = command_provenance(model=model_prov, data=dataset, extra=extra, **facts)
+    unknown = [f"{f['layer']}:{f['filter']}" for f in result["filters"] if f.get("patch_unknown")]
+    if unknown:   # said once, on stderr; the JSON says it per filter ("patch": null, "patch_unknown")
+        from ..errors import warn
+
+        why = net.note if getattr(net, "note", "") else "see `cifarbench layers`"
+        warn(f"no receptive-field patches (null in JSON, no box in figures) for {', '.join(unknown[:10])}"
+             f"{' ...' if len(unknown) > 10 else ''}: their receptive field is unknown ({why})")
     if out:
         written = write_mining(result, dataset, out, min(show, top))
         console.print(f"wrote {len(written)} files under {out}")

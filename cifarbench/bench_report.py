@@ -30,6 +30,43 @@ def is_pytest_benchmark(doc) -> bool:
                     and _positive(b["stats"].get("mean")) for b in doc["benchmarks"]))
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: extra_info fields the report formats as numbers, and those it prints as text
+NUMBERS = ("images_per_s", "gflops", "pct_of_peak")
+TEXTS = ("device", "backend", "precision", "device_name")
+
+
+def check(doc: dict, path) -> None:
+    """Beyond :func:`is_pytest_benchmark`'s shape: the fields the report formats have the types it formats (a
+    number for ``images_per_s``, an integer batch, a string group), else one :class:`UserError` naming the
+    benchmark and the field."""
+    from .errors import UserError
+
+    info = doc["machine_info"]
+    if info.get("cpu") is not None and not isinstance(info["cpu"], dict):
+        raise UserError(f"{path}: machine_info.cpu is not an object")
+    for b in doc["benchmarks"]:
+        extra = b.get("extra_info", {})
+        where = f"{path}: benchmark {b['name']!r}"
+        if b.get("group") is not None and not isinstance(b["group"], str):
+            raise UserError(f"{where}: group {b['group']!r} is not a string")
+        for key in NUMBERS:
+            if extra.get(key) is not None and not _finite(extra[key]):
+                raise UserError(f"{where}: extra_info.{key} is {extra[key]!r}, not a number")
+        if extra.get("batch") is not None and not (isinstance(extra["batch"], int)
+                                                   and not isinstance(extra["batch"], bool)):
+            raise UserError(f"{where}: extra_info.batch is {extra['batch']!r}, not an integer")
+        for key in TEXTS:
+            if extra.get(key) is not None and not isinstance(extra[key], str):
+                raise UserError(f"{where}: extra_info.{key} is {extra[key]!r}, not a string")
+        for key in ("median", "rounds"):
+            if b["stats"].get(key) is not None and not _finite(b["stats"][key]):
+                raise UserError(f"{where}: stats.{key} is {b['stats'][key]!r}, not a number")
+
+
 def _time_per_image(b: dict) -> float | None:
     rate = b.get("extra_info", {}).get("images_per_s")
     return 1 / rate if _positive(rate) else None
@@ -75,11 +112,20 @@ def report(doc: dict) -> dict:
     return {"format": FORMAT, "machine": machine(doc), "datetime": doc.get("datetime"), "rows": rows(doc)}
 
 
-def compare_rows(base: dict, other: dict) -> list[dict]:
+def compare_rows(base: dict, other: dict, base_name: str = "the base file",
+                 other_name: str = "the other file") -> list[dict]:
     """Benchmarks in both files (same ``fullname``), in ``base``'s order, with ``time_ratio`` (other mean over
-    base mean) and ``speedup`` (its inverse: above 1 when ``other`` is faster)."""
+    base mean) and ``speedup`` (its inverse: above 1 when ``other`` is faster). A file that holds one fullname twice
+    (two merged runs) is refused: which of the two to pair is not knowable."""
+    from collections import Counter
+
     from .errors import UserError
 
+    for doc, which in ((base, base_name), (other, other_name)):
+        dupes = sorted(n for n, k in Counter(b["fullname"] for b in doc["benchmarks"]).items() if k > 1)
+        if dupes:
+            raise UserError(f"{which} has {len(dupes)} benchmark name{'s' if len(dupes) > 1 else ''} more than "
+                            f"once ({dupes[0]}): cannot tell which one to compare")
     others = {r["fullname"]: r for r in rows(other)}
     out = []
     for r in rows(base):

@@ -146,7 +146,10 @@ def test_compare_real_run_with_a_faster_copy(capsys, write):
     assert code == 0 and len(rows) == 26 and all(r["speedup"] == pytest.approx(2.0) for r in rows)
 
 
-CIFARBENCH_RUN = {"format": "cifarbench-bench/1", "results": []}
+CIFARBENCH_RUN = {"format": "cifarbench-bench/1", "net": "net1",
+                  "results": [{"backend": "torch", "precision": "fp32", "device": "cpu", "batch": 1,
+                               "images_per_s": 100.0, "latency_ms": {"mean": 10.0, "p50": 10.0, "p90": 11.0,
+                                                                     "p99": 12.0}, "gflops": None}]}
 
 
 @pytest.mark.parametrize("base, other, match", [

@@ -20,7 +20,7 @@ def parse_batches(text: str) -> list[int]:
         raise UserError(f"--batch {text!r}: expected a comma list of integers such as 1,64,625") from None
     if not batches or min(batches) < 1:
         raise UserError(f"--batch {text!r}: batch sizes must be positive")
-    return batches
+    return list(dict.fromkeys(batches))  # each size once: a repeated one would make two rows of one key
 
 
 def register(app: typer.Typer) -> None:
@@ -45,15 +45,19 @@ def register(app: typer.Typer) -> None:
         from_: Annotated[Optional[Path], typer.Option(
             "--from", help="Render a saved run (bench --out, or pytest --benchmark-json) instead of measuring.")]
         = None,
-        compare_: Annotated[Optional[Path], typer.Option("--compare", help="With --from: compare with this run.")]
-        = None,
+        compare_: Annotated[Optional[Path], typer.Option(
+            "--compare", help="With --from: compare with this run (rows pair by backend, precision and batch, "
+                              "on any devices: a CPU run against a GPU run).")] = None,
+        allow_different_models: Annotated[bool, typer.Option(
+            "--allow-different-models", help="With --compare: compare runs of two different models (refused "
+                                             "otherwise; the table then says so).")] = False,
         json: JsonOpt = False,
         arch: ArchOpt = None, arch_kw: ArchKwOpt = None, mean: MeanOpt = None, std: StdOpt = None,
         classes: ClassesOpt = None, input_size: InputSizeOpt = None,
     ) -> None:
         """Benchmark MODEL, or render (--from) and compare (--compare) saved runs.
 
-        Examples: cifarbench bench net4 --backends torch,onnx,onnx-int8 --batch 1,64 --out bench;
+        Examples: cifarbench bench net4 --backends torch,onnxruntime,onnx-int8 --batch 1,64 --out bench.json;
         cifarbench bench --from bench.json > report.txt; cifarbench bench --from cpu.json --compare gpu.json
         """
         import torch
@@ -61,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from ..console import emit_json, make_console
         from ..errors import UserError
         from ..io import output_file
-        from ..timing import compare, compare_table, load_results, results_table
+        from ..timing import compare, compare_table, load_results, model_identity, results_table, same_model
 
         if from_ is not None:
             # a rendered report is the command's result: stdout (``bench --from run.json > report.txt``), whole
@@ -84,31 +88,49 @@ def register(app: typer.Typer) -> None:
                 kinds = ("a cifarbench bench run", "pytest-benchmark JSON")
                 raise UserError(f"cannot compare {from_} ({kinds[pytest_json]}) with {compare_} "
                                 f"({kinds[not pytest_json]}): give two runs of the same kind")
-            rows = bench_report.compare_rows(doc, other) if pytest_json else compare(doc, other)
+            if pytest_json:
+                rows = bench_report.compare_rows(doc, other, str(from_), str(compare_))
+                if json:
+                    emit_json({"base": str(from_), "other": str(compare_), "rows": rows})
+                else:
+                    report.print(bench_report.compare_table(rows, str(from_), str(compare_)))
+                return
+            rows = compare(doc, other, str(from_), str(compare_), allow_different_models)
+            same = same_model(doc, other)
+            note = None if same else f"DIFFERENT MODELS: {doc['net']} vs {other['net']}"
             if json:
-                emit_json({"base": str(from_), "other": str(compare_), "rows": rows})
+                emit_json({"base": str(from_), "other": str(compare_), "same_model": same,
+                           "models": {"base": model_identity(doc)[0], "other": model_identity(other)[0]},
+                           "rows": rows})
             else:
-                table = bench_report.compare_table if pytest_json else compare_table
-                report.print(table(rows, str(from_), str(compare_)))
+                report.print(compare_table(rows, str(from_), str(compare_), note))
             return
         if compare_ is not None:
             raise UserError("--compare needs --from (the run to compare against)")
+        if allow_different_models:
+            raise UserError("--allow-different-models goes with --from and --compare")
         if model is None:
             raise UserError("give a MODEL to benchmark, or --from RESULTS.json")
         if iters < 1 or warmup < 0:
             raise UserError("--iters must be >= 1 and --warmup >= 0")
+        import math
+
+        if not (math.isfinite(min_seconds) and min_seconds >= 0):
+            raise UserError(f"--min-seconds {min_seconds}: expected a finite number of seconds >= 0")
+        batches = parse_batches(batch)
         from ..parity import BackendSpec, parse_backends
-        from ..runtime import default_device, resolve_backend
+        from ..runtime import default_device
+        from ..timing import check_batch_memory
+        from .verify import concrete
 
         dev = torch.device(device) if device else default_device()
         source = model_source(model, arch, arch_kw, mean, std, classes, input_size)
-        if backends:
-            specs = parse_backends(backends)
-        else:
-            auto = resolve_backend("auto", dev)
-            first = [BackendSpec("torch", "fp32")] if source.module is not None else []  # torch needs a module
-            specs = first + ([BackendSpec(auto, "fp32")] if auto != "torch" or not first else [])
-        batches = parse_batches(batch)
+        if backends:  # auto resolved for this source, each backend once, one it cannot run refused by name
+            specs = concrete(source, parse_backends(backends), dev, "--backends")
+        else:  # torch where the source has a module, and the backend auto picks for it (aoti for a package)
+            first = [BackendSpec("torch", "fp32")] if source.module is not None else []
+            specs = concrete(source, first + [BackendSpec("auto", "fp32")], dev, "--backends")
+        check_batch_memory(batches, source.input_size, dev)  # before any runtime is opened or batch allocated
         page = page_path(out)
         with output_file(out), output_file(page):  # --out (and its page) are checked before measuring
             _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data, out, json)
@@ -135,18 +157,21 @@ def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data
 
     from ..console import console, emit_json, progress
     from ..io import write_json
-    from ..runtime import open_runtime
     from ..timing import FORMAT, bench_runtime, machine, results_table
+    from .verify import identity, open_backend
 
     flops = flops_per_image(source)
     options = {"calib_data": calib_data} if calib_data else {}
-    rows = []
+    rows, seen = [], set()
     with progress() as bar:
         done = itertools.count()  # backends finished before the one starting now
         task = bar.add_task("bench", total=len(specs), status="")
         for spec in specs:
             bar.update(task, completed=next(done), status=spec.label)
-            rt = open_runtime(source, spec.backend, device=dev, precision=spec.precision, **options)
+            rt = open_backend(source, spec, dev, **options)
+            if identity(rt) in seen:  # e.g. onnxruntime and onnx-int8 of an int8 file: one session, measured once
+                continue
+            seen.add(identity(rt))
             rows += bench_runtime(rt, batches, warmup, iters, min_seconds, flops)
         bar.update(task, completed=len(specs), status="done")
     doc = {"format": FORMAT, "net": source.name, "source": str(source.path or "in-memory"), "model": source.describe(),
@@ -161,10 +186,14 @@ def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data
                                                            f"{source.input_size}x{source.input_size}"})
     if out is not None:
         write_json(out, doc)
-        columns = ["backend", "precision", "device", "batch", "images_per_s", "p50 ms", "p90 ms", "gflops"]
+        from ..timing import batch_label
+
+        columns = ["backend", "precision", "device", "batch", "images_per_s (batch / mean)", "mean ms", "p50 ms",
+                   "p90 ms", "gflops"]
         table = {"columns": columns,
-                 "rows": [[r["backend"], r["precision"], r["device"], r["batch"], r["images_per_s"],
-                           r["latency_ms"]["p50"], r["latency_ms"]["p90"], r["gflops"]] for r in rows]}
+                 "rows": [[r["backend"], r["precision"], r["device"], batch_label(r), r["images_per_s"],
+                           r["latency_ms"]["mean"], r["latency_ms"]["p50"], r["latency_ms"]["p90"], r["gflops"]]
+                          for r in rows]}
         write_page_file(page_path(out), f"bench: {source.name}", doc["provenance"],
                         [{"title": "Throughput and latency", "table": table}], doc)
     if json:

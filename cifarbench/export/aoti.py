@@ -30,6 +30,38 @@ MAX_BATCH = 4096
 INDUCTOR_CONFIGS = {"freezing": True}
 
 
+def _finite(bound, default: int) -> int:
+    """A range bound as an int; ``default`` for an unbounded one (sympy's ``oo`` / torch's ``int_oo``)."""
+    try:
+        return int(bound)
+    except Exception:  # int(int_oo) raises AttributeError, int(oo) TypeError
+        return default
+
+
+def batch_range(module) -> tuple[int, int]:
+    """The batch sizes the package may take: 1..:data:`MAX_BATCH`, narrowed to a ``torch.export`` program's own
+    range where ``module`` runs one (a ``.pt2`` exported with ``Dim("N", max=1024)`` takes at most 1024: exporting
+    it again with a wider range violates its constraints)."""
+    low, high = 1, MAX_BATCH
+    for m in module.modules():
+        ranges = getattr(m, "range_constraints", None)
+        if not isinstance(ranges, dict) or not hasattr(m, "graph"):
+            continue
+        node = next((n for n in m.graph.nodes if n.op == "placeholder"), None)
+        val = node.meta.get("val") if node is not None else None
+        if not isinstance(val, torch.Tensor) or val.ndim < 1 or not isinstance(val.shape[0], torch.SymInt):
+            continue
+        bounds = ranges.get(val.shape[0].node.expr)
+        if bounds is None:
+            continue
+        low = max(low, _finite(bounds.lower, low))
+        high = min(high, _finite(bounds.upper, high))
+    if low > high:
+        raise UserError(f"the exported program takes batches of {low}..{high} images; cifarbench's AOTInductor "
+                        f"packages take 1..{MAX_BATCH}")
+    return low, high
+
+
 def export_aoti(model, out: str | Path, device: str | torch.device = "cpu", precision: str = "fp32",
                 channels_last: bool = True) -> Path:
     import copy
@@ -38,18 +70,22 @@ def export_aoti(model, out: str | Path, device: str | torch.device = "cpu", prec
     if source.module is None:
         raise UserError(f"{source.name} is not a torch model; AOTInductor compiles torch modules — export an ONNX "
                         f"model to onnx-int8 or tensorrt instead")
+    if source.kind == "torchscript" or any(isinstance(m, torch.jit.ScriptModule) for m in source.module.modules()):
+        raise UserError(f"{source.name} is a TorchScript module, which torch.export (and so AOTInductor) cannot "
+                        f"compile; use --backend torch or onnxruntime")
     device = torch.device(device)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     module = copy.deepcopy(source.module).eval().to(device, dtype)
     fixed, size = source.fixed_batch, source.input_size
-    example = torch.rand(fixed or 8, 3, size, size, device=device, dtype=dtype)
+    low, high = (1, MAX_BATCH) if fixed else batch_range(source.module)
+    example = torch.rand(fixed or min(max(8, low), high), 3, size, size, device=device, dtype=dtype)
     layout = "channels_last" if channels_last else "contiguous"
     if channels_last:
         module = module.to(memory_format=torch.channels_last)
         example = example.contiguous(memory_format=torch.channels_last)
-    dynamic = None if fixed else ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+    dynamic = None if fixed else ({0: torch.export.Dim("batch", min=low, max=high)},)
     meta = {**model_metadata(source, precision), "device": device.type, "input_layout": layout,
-            "max_batch": str(fixed or MAX_BATCH)}
+            "max_batch": str(fixed or high)}
     out = Path(out)
     try:
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):

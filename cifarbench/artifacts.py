@@ -32,6 +32,22 @@ from .io import file_sha256, write_text
 TOOLCHAIN = ("cifarbench", "torch", "onnx", "onnxscript", "onnxruntime")
 #: the source options open_runtime/cached_artifact pass to resolve_source
 CONTRACT = ("arch", "arch_kw", "mean", "std", "classes", "input_size")
+#: :func:`open_runtime`'s options besides the contract: INT8 calibration, ONNX Runtime's threads, torch.compile's
+#: mode, TensorRT's profile
+RUNTIME_OPTIONS = ("calib", "calib_data", "seed", "data_dir", "threads", "mode", "max_batch", "opt_batch")
+#: what a misspelt option most likely meant
+_MEANT = {"label": "target", "targets": "target", "cls": "target", "class_": "target", "size": "input_size",
+          "normalize": "mean/std"}
+
+
+def check_options(options: dict, allowed, where: str) -> None:
+    """A keyword no one reads would be dropped silently (``label="dog"`` instead of ``target="dog"`` gave a map
+    of the predicted class): refuse it as Python refuses an unknown keyword argument."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        hints = "; ".join(f"{u}: did you mean {_MEANT[u]}?" for u in unknown if u in _MEANT)
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+                        + (f" ({hints})" if hints else "") + f"; its options are {', '.join(sorted(allowed))}")
 #: sources whose module the ONNX exporter is not trusted to trace: ``auto`` runs them on torch
 TORCH_FIRST = ("torchscript", "exported-program")
 
@@ -209,6 +225,7 @@ def open_runtime(model, backend: str | None = "auto", device=None, precision: st
     """
     from .runtime import Runtime, default_device, parse_device
 
+    check_options(options, CONTRACT + RUNTIME_OPTIONS, "open_runtime")
     if isinstance(model, Runtime):
         return model
     device = parse_device(device, require_present=False) if device is not None else default_device()
@@ -301,5 +318,5 @@ def int8_accuracy_report(model, int8_path: str | Path, data: str, data_dir=None,
             "top1_agreement": (preds["fp32"] == preds["int8"]).double().mean().item()}
 
 
-__all__ = ["open_runtime", "cached_artifact", "choose_backend", "artifact_recipe", "artifact_key",
+__all__ = ["open_runtime", "check_options", "cached_artifact", "choose_backend", "artifact_recipe", "artifact_key",
            "toolchain_versions", "cache_root", "int8_accuracy_report"]

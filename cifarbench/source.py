@@ -441,8 +441,25 @@ def _no_arch(arch, what: str) -> None:
 
 
 def _from_module(module) -> _Loaded:
+    import copy
+
+    import torch
+
     from .nets import CifarNet
 
+    floats = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    # ep.module() replaces train()/eval() on the instance (they raise: its mode was fixed when it was exported)
+    fixed_mode = "eval" in vars(module) or "train" in vars(module)
+    if (getattr(module, "training", False) and not fixed_mode) or any(d != torch.float32 for d in floats):
+        # the analyses run a float32 module in eval mode; the caller's own module stays as it was (train mode,
+        # float64 or float16 weights), so a notebook that goes on training it is not changed behind its back
+        try:
+            module = copy.deepcopy(module)
+        except Exception as exc:  # noqa: BLE001  (a module holding something deepcopy cannot copy)
+            raise UserError(f"{type(module).__name__} is in training mode or not float32, and cannot be copied to "
+                            f"run it in eval mode ({type(exc).__name__}); pass model.eval().float()") from None
+        if any(d != torch.float32 for d in floats):
+            module = module.float()
     try:
         module.eval()
     except NotImplementedError:  # ep.module() refuses eval(); its mode was fixed when it was exported

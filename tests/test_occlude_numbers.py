@@ -1,6 +1,7 @@
 """Occlusion numbers that must never be silently wrong: non-finite logits are refused (never a map of NaNs with a
 "most damaging" patch), JSON stays strict JSON, the CSV holds the map's float32 values exactly, a model that
-already outputs probabilities is flagged, and the API leaves a caller's module in the mode it came in."""
+already outputs probabilities is flagged; the API's inputs (batches, K, targets, keywords) are normalized once at
+the entry or refused, and the caller's module is never changed."""
 from __future__ import annotations
 
 import json
@@ -100,3 +101,82 @@ def test_the_api_puts_a_training_module_back_in_training_mode(image):
         x[:, 8:16, 16:24] = 0.5
         p = torch.softmax(model(x[None]), 1)[0, int(clean.argmax())]
     assert math.isclose(float(r.map[1, 2]), float(p), abs_tol=1e-6)
+
+
+# ------------------------------------------------------------------ the API's inputs, normalized once at the entry
+from cifarbench.analysis.occlusion import make_engine, occlusion_maps  # noqa: E402
+from cifarbench.artifacts import open_runtime  # noqa: E402
+
+
+def _naive(model, image, k, stride, target):
+    n = (image.shape[-1] - k) // stride + 1
+    out = np.zeros((n, n), np.float32)
+    with torch.no_grad():
+        for i in range(n):
+            for j in range(n):
+                x = image.clone()
+                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = 0.5
+                out[i, j] = torch.softmax(model(x[None]), 1)[0, target]
+    return out
+
+
+@pytest.fixture
+def batch():
+    return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+
+def test_batches_in_other_forms_give_the_definitions_maps(batch):
+    model = Small().eval()
+    engine = make_engine(model, 8, 8, mode="dense", backend="torch", device="cpu")
+    want = [_naive(model, batch[b], 8, 8, t) for b, t in enumerate((1, 5, 9))]
+    for images, targets in ((batch.numpy(), torch.tensor([1, 5, 9])),
+                            (batch.clone().requires_grad_(), np.array([1, 5, 9])),
+                            (batch, [1.0, np.int64(5), torch.tensor(9)])):
+        got = occlusion_maps(engine, images, 8.0, stride=np.int64(8), targets=targets)
+        assert [r.target for r in got] == [1, 5, 9]
+        for r, w in zip(got, want):
+            assert np.abs(r.map - w).max() <= 1e-6
+    (one,) = occlusion_maps(engine, batch[:1], 8, stride=8, targets=torch.tensor(5))
+    assert one.target == 5
+    assert occlusion_maps(engine, batch[:0], 8, stride=8) == []
+
+
+@pytest.mark.parametrize("images,match", [
+    (lambda b: (b * 255).to(torch.uint8), "float pixels"), (lambda b: b * 255, "divide by 255"),
+    (lambda b: b.masked_fill(b > 0.99, float("nan")), "NaN"), (lambda b: b[:, :1], "expected"),
+])
+def test_batches_that_are_not_pixels_in_0_1_are_refused(batch, images, match):
+    engine = make_engine(Small().eval(), 8, 8, mode="dense", backend="torch", device="cpu")
+    with pytest.raises(UserError, match=match):
+        occlusion_maps(engine, images(batch), 8, stride=8)
+    with pytest.raises(UserError, match="0, 1"):
+        open_runtime(Small().eval(), "torch", device="cpu").logits(batch * 255)
+
+
+@pytest.mark.parametrize("k,stride", [(8.5, 1), ("8", 1), (8, 1.5), (True, 1)])
+def test_a_window_that_is_not_a_whole_number_is_one_line(image, k, stride):
+    with pytest.raises(UserError, match="whole number"):
+        occlusion_map(Small(), image, k, stride=stride, backend="torch", device="cpu")
+
+
+def test_an_unknown_keyword_is_refused_not_ignored(image):
+    with pytest.raises(TypeError, match="label.*did you mean target"):
+        occlusion_map(Small(), image, 8, label="dog")
+    with pytest.raises(TypeError, match="foo"):
+        open_runtime(Small(), "torch", foo=1)
+
+
+@pytest.mark.parametrize("mode", ["dense", "incremental"])
+def test_the_callers_module_is_never_changed(image, mode):
+    """A float64 module in training mode: the analyses run a float32 eval copy; the caller's stays float64, in
+    training mode, contiguous and on its device, and the map is the float32 eval model's (by hand)."""
+    model = Small().double().train()
+    r = occlusion_map(model, image, 8, stride=8, mode=mode, backend="torch", device="cpu")
+    open_runtime(model, "torch", device="cpu").logits(image[None])
+    assert model.training and all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.conv.weight.is_contiguous()
+    reference = Small().eval()
+    reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        target = int(reference(image[None]).argmax())
+    assert np.abs(r.map - _naive(reference, image, 8, 8, target)).max() <= 1e-5

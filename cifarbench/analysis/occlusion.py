@@ -29,6 +29,7 @@ which engine ran and why (``engine["why"]``).
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -60,18 +61,34 @@ INCREMENTAL_CHUNK = {"cpu": 160, "cuda": 16384}
 #: the CPU measured 1.27x eager on net4 but 0.8x on net2 (5x5 convs), so it counts as equal; TensorRT's 2x is an
 #: estimate (no run on hardware yet)
 _DENSE_SPEED = {"cuda": {"tensorrt": 2.0}}
+#: ``mode="approx"``'s knobs (:mod:`cifarbench.kernels.approx`)
+APPROX_OPTIONS = ("tau", "coarse", "approx_precision")
 
 
 # ---------------------------------------------------------------- inputs
 
 
+def as_int(value, what: str) -> int:
+    """``value`` as an int: an int, a numpy or 0-d torch integer, or an integral float (8.0, as JSON gives it);
+    anything else (8.5, "8") is a :class:`UserError` naming ``what``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            (isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
+        raise UserError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def check_window(k: int, stride: int, size: int = IMAGE_SIZE) -> int:
     """Validate K and stride for ``size`` x ``size`` images; return the map side ``(size - K) // stride + 1``."""
-    if not 1 <= int(k) <= int(size):
+    k, stride = as_int(k, "K"), as_int(stride, "stride")
+    if not 1 <= k <= int(size):
         raise UserError(f"K must be between 1 and {size} (the model's {size}x{size} input), got {k}")
-    if int(stride) < 1:
+    if stride < 1:
         raise UserError(f"stride must be at least 1, got {stride}")
-    return (int(size) - int(k)) // int(stride) + 1
+    return (int(size) - k) // stride + 1
 
 
 def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, str | None]:
@@ -93,11 +110,16 @@ def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[tor
         t = t.permute(2, 0, 1)
     if t.ndim != 3 or t.shape[0] != 3:
         raise UserError(f"expected an RGB image [3, H, W], got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise UserError(f"expected uint8 pixels or float pixels in [0, 1], got {t.dtype}")
+    t = t.detach()
     t = t.float().div(255) if t.dtype == torch.uint8 else t.float()
+    if bool(torch.isnan(t).any()):
+        raise UserError("the image holds NaN pixels")
     if tuple(t.shape[1:]) != (size, size):
         if not resize:
             raise UserError(f"image is {t.shape[2]}x{t.shape[1]}; the model takes {size}x{size} images "
-                            f"(use resize)")
+                            f"(use resize=True to scale it, or input_size= for a model that takes other sizes)")
         t = torch.nn.functional.interpolate(t[None], size=size, mode="bilinear", align_corners=False)[0]
     if t.min() < 0 or t.max() > 1:
         raise UserError("float images must be in [0, 1]")
@@ -672,7 +694,7 @@ def _approx(cache: dict, source, backend: str, device, options: dict):
     """The approximate engine (one per ``cache``); it needs a torch module the layer-graph IR represents."""
     from ..kernels.graph import UnsupportedOp
 
-    knobs = {key: options.pop(key, None) for key in ("tau", "coarse", "approx_precision")}
+    knobs = {key: options.pop(key, None) for key in APPROX_OPTIONS}
     if "approx" in cache:
         return cache["approx"]
     onnx = source.kind == "onnx" and backend in ("auto", "onnxruntime")
@@ -831,8 +853,11 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     the source, runtime and engines across K. ``options``: the source's contract (``arch``, ``arch_kw``, ``mean``,
     ``std``, ``classes``, ``input_size``) and runtime options for :func:`open_runtime` (``calib_data``,
     ``threads``, ...)."""
-    from ..artifacts import CONTRACT, choose_backend
+    from ..artifacts import CONTRACT, RUNTIME_OPTIONS, check_options, choose_backend
     from ..runtime import default_device, parse_device
+
+    check_options(options, CONTRACT + tuple(o for o in RUNTIME_OPTIONS if o != "mode") + APPROX_OPTIONS,
+                  "make_engine (and occlusion_map)")
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -849,6 +874,7 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
             cache["source"] = model if isinstance(model, ModelSource) else resolve_source(model, **contract)
     source = cache["source"]
     check_window(k, stride, source.input_size)
+    k, stride = as_int(k, "K"), as_int(stride, "stride")
     backend = backend or "auto"
     key = ("engine", k, stride, mode)
     if key in cache:
@@ -900,8 +926,10 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     prediction); names are the model's (``classes``, default the engine's)."""
     size = int(getattr(engine, "size", IMAGE_SIZE))
     n = check_window(k, stride, size)
-    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-        raise UserError(f"expected [B, 3, {size}, {size}] images (the model's input), got {tuple(images.shape)}")
+    k, stride = as_int(k, "K"), as_int(stride, "stride")
+    images = _as_batch(images, size)
+    if not len(images):
+        return []
     classes = classes if classes is not None else getattr(engine, "classes", None)
     images = images.to(engine.device, torch.float32)
     bases = baseline_values(baseline, images)
@@ -910,7 +938,8 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     clean = torch.softmax(logits, 1)
     _check_finite(clean, "the clean image", names)
     predicted = clean.argmax(1)
-    if targets is None or isinstance(targets, (str, int, np.integer)):
+    targets = _as_targets(targets)
+    if targets is None or isinstance(targets, (str, int)):
         fixed = resolve_target(targets, classes)
         tgt = predicted if fixed is None else torch.full_like(predicted, fixed)
     else:
@@ -932,6 +961,48 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     return [OcclusionResult(maps[b].numpy().astype(np.float32), float(clean[b, tgt[b]]), int(tgt[b]),
                             int(predicted[b]), int(k), int(stride), [round(float(v), 6) for v in bases[b]],
                             names[b], dict(described), kept) for b in range(len(images))]
+
+
+def _as_batch(images, size: int) -> torch.Tensor:
+    """The API's batch, checked once at the entry: a float [B, 3, S, S] tensor (or array) of pixels in [0, 1].
+    uint8 or 0..255 values are refused, not scaled silently (a batch of 0..255 floats gave maps of saturated
+    images); NaN pixels are the image's fault and are named as such; a tensor that requires grad is detached."""
+    if not isinstance(images, torch.Tensor):
+        try:
+            images = torch.as_tensor(np.asarray(images))
+        except (TypeError, ValueError, RuntimeError):
+            raise UserError(f"expected a [B, 3, {size}, {size}] float tensor of pixels in [0, 1], got "
+                            f"{type(images).__name__}") from None
+    images = images.detach()
+    if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+        raise UserError(f"expected [B, 3, {size}, {size}] images (the model's input), got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise UserError(f"expected float pixels in [0, 1], got {images.dtype} (divide uint8 images by 255, or "
+                        f"use load_image)")
+    if len(images):
+        if bool(torch.isnan(images).any()):
+            raise UserError("the images hold NaN pixels")
+        if float(images.min()) < 0 or float(images.max()) > 1:
+            raise UserError(f"expected pixels in [0, 1], got values from {float(images.min()):g} to "
+                            f"{float(images.max()):g} (0..255 images: divide by 255)")
+    return images
+
+
+def _as_targets(targets):
+    """One target (None, a name, an index: int, numpy or 0-d tensor, integral float) or one per image (a list,
+    tuple, array or tensor of them), in the plain Python forms :func:`resolve_target` takes."""
+    if isinstance(targets, torch.Tensor):
+        targets = targets.detach().cpu().numpy()
+    if isinstance(targets, np.ndarray):
+        targets = targets.item() if targets.ndim == 0 else targets.tolist()
+    if isinstance(targets, np.generic):
+        targets = targets.item()
+    if isinstance(targets, float):
+        return as_int(targets, "the target class index")
+    if isinstance(targets, (list, tuple)):
+        return [as_int(t, "a target class index") if isinstance(t, (float, np.generic, torch.Tensor)) else t
+                for t in targets]
+    return targets
 
 
 def _warn_if_probabilities(engine, logits: torch.Tensor) -> None:
@@ -974,17 +1045,12 @@ def occlusion_map(model, image, k: int, *, stride: int = 1, baseline="gray", tar
     array/tensor in [0, 1] (S: the model's input side); ``target``: class index or name (default: the clean
     prediction); ``baseline``: gray, zero, mean or a value in [0, 1]; ``mode``: auto, dense, incremental.
     ``options``: the input contract (``mean``, ``std``, ``classes``, ``input_size``, ``arch``, ``arch_kw``) and
-    runtime options, as for :func:`make_engine`. A module is run in eval mode (inference: BatchNorm's running
-    statistics, no dropout); one given in training mode is put back in it on return."""
-    training = isinstance(model, torch.nn.Module) and model.training
-    try:
-        engine = make_engine(model, k, stride, backend, mode, device, **options)
-        tensor, name = load_image(image, resize, engine.size)
-        return occlusion_maps(engine, tensor[None], k, stride=stride, baseline=baseline, targets=target,
-                              names=[name])[0]
-    finally:
-        if training:
-            model.train()
+    runtime options, as for :func:`make_engine`. A module runs in eval mode and float32 (inference: BatchNorm's
+    running statistics, no dropout), as a copy where it is not so already: the caller's module is never changed."""
+    engine = make_engine(model, k, stride, backend, mode, device, **options)
+    tensor, name = load_image(image, resize, engine.size)
+    return occlusion_maps(engine, tensor[None], k, stride=stride, baseline=baseline, targets=target,
+                          names=[name])[0]
 
 
 def occlude_dataset_throughput(model, data: str = "cifar10", n: int = 1000, k: int = 8, *, stride: int = 1,

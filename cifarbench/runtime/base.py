@@ -84,6 +84,12 @@ class Runtime(ABC):
                             f"Dataset.float_images() or .float() / 255)")
         if len(batch) == 0:
             return torch.empty(0, self.num_classes, device=self.device)
+        batch = batch.detach()
+        # the contract is pixels in [0, 1]: a 0..255 batch would run, and give logits of saturated images
+        low, high = float(batch.amin()), float(batch.amax())
+        if not (0.0 <= low and high <= 1.0):
+            raise UserError(f"expected pixels in [0, 1], got values from {low:g} to {high:g}" +
+                            (" (0..255 images: divide by 255)" if high > 1.0 else ""))
         batch = batch.to(self.device, torch.float32)
         if self.applies_normalization:
             batch = self.source.normalize(batch)

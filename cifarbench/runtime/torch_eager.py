@@ -50,8 +50,9 @@ class TorchRuntime(Runtime):
         self._dtype = precision_dtype(precision, self.device)
         self.source = as_source(model, source)
         module = self.source.torch_module()
-        if self._dtype != torch.float32 or getattr(module, "training", False):
-            module = copy.deepcopy(module)  # never change the caller's module behind its back
+        if self.source.kind == "module" or self._dtype != torch.float32 or getattr(module, "training", False):
+            # never change the caller's module behind its back: it is moved, cast and made channels-last below
+            module = copy.deepcopy(module)
         self.model = _moved(module.eval(), self.device, self._dtype)
         self.fixed_batch = self.source.fixed_batch
         self.channels_last = channels_last

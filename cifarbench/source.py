@@ -387,6 +387,10 @@ def resolve_source(spec, *, arch: str | None = None, arch_kw=None, mean=None, st
     if kw and not arch:
         raise UserError("--arch-kw needs --arch PKG.MODULE:FACTORY")
     if input_size is not None:
+        import numbers
+
+        if isinstance(input_size, numbers.Integral) and not isinstance(input_size, bool):
+            input_size = int(input_size)  # numpy's integers too
         if isinstance(input_size, bool) or not isinstance(input_size, int) or not 1 <= input_size <= MAX_INPUT_SIZE:
             raise UserError(f"input size must be an integer in 1..{MAX_INPUT_SIZE}, got {input_size!r}")
     loaded = _load(spec, arch, kw)

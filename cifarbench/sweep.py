@@ -423,7 +423,10 @@ def summarize(trials: list[Trial], results: dict[int, dict]) -> dict:
                      "resumed": r.get("resumed", False), "error": r.get("error"),
                      **{k: s.get(k) for k in ("best_epoch", "best_test_accuracy", "final_test_accuracy",
                                               "train_seconds", "total_parameters")}})
-    return {**identity(trials), "best": best_row(rows), "runs": runs,
+    best = best_row(rows)
+    if best is not None:  # the metrics row's run label is the trial's index as text: the same int as runs[].run
+        best = {**best, "run": int(best["run"])}
+    return {**identity(trials), "best": best, "runs": runs,
             "grouped": [{"by": list(keys), "rows": grouped_means(rows, keys)} for keys in groupings(grid)]}
 
 

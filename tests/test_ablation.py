@@ -193,6 +193,10 @@ def test_sweep_equals_single_ablations(net1, data, zero_bias):
         change = {c: r["per_class"][c] - swept["baseline"]["per_class"][c] for c in data.classes}
         assert r["largest_loss"]["change"] == pytest.approx(min(change.values()))
         assert r["largest_gain"]["change"] == pytest.approx(max(change.values()))
+        # a class is named only where one gained (lost)
+        gained, lost = max(change, key=change.get), min(change, key=change.get)
+        assert r["largest_gain"]["class"] == (gained if change[gained] > 0 else None)
+        assert r["largest_loss"]["class"] == (lost if change[lost] < 0 else None)
 
 
 def test_sweep_through_conv_and_pool_suffixes(small_net4, data):

@@ -91,6 +91,9 @@ def test_bad_images_exit_2(checkpoint, tmp_path, capsys):
     code, _, err = run(["occlude", "--data", "synthetic", "--indices", "-2:4", "--model", str(checkpoint), "--out",
                         str(tmp_path / "n")], capsys)
     assert code == 2 and "start at 0" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["occlude", "--data", "synthetic", "--indices", "0:100000", "--model", str(checkpoint),
+                        "--out", str(tmp_path / "n")], capsys)
+    assert code == 2 and "the split has" in err and len(err.strip().splitlines()) == 1
 
 
 def test_int8_backend_runs_the_incremental_engine_on_its_convs(checkpoint, tmp_path, capsys):

@@ -180,3 +180,10 @@ def test_the_callers_module_is_never_changed(image, mode):
     with torch.no_grad():
         target = int(reference(image[None]).argmax())
     assert np.abs(r.map - _naive(reference, image, 8, 8, target)).max() <= 1e-5
+
+
+def test_numpy_sizes_and_torchs_cpu_0_are_taken(image):
+    model = Small().eval()
+    r = occlusion_map(model, torch.rand(3, 48, 48), np.int64(16), stride=np.int64(16), device="cpu:0",
+                      input_size=np.int64(48), backend="torch")
+    assert r.map.shape == (3, 3)

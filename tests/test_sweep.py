@@ -159,4 +159,4 @@ def test_a_diverging_run_is_reported_and_the_others_still_run(tmp_path):
     assert [r["status"] for r in summary["runs"]] == ["failed", "finished"]
     assert "diverged" in summary["runs"][0]["error"]
     assert {r["run"] for r in sweep_rows(trials, results)} == {"1"}
-    assert summary["best"]["run"] == "1" and math.isfinite(summary["best"]["loss"])
+    assert summary["best"]["run"] == 1 and math.isfinite(summary["best"]["loss"])

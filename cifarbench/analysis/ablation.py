@@ -443,6 +443,9 @@ def sweep_result(selection: Selection, base: np.ndarray, confs: list[np.ndarray]
                   if v is not None and sb["per_class"][c] is not None}
         gain = max(change.items(), key=lambda kv: kv[1]) if change else (None, None)
         loss = min(change.items(), key=lambda kv: kv[1]) if change else (None, None)
+        # no class gained (lost): no class is named, or the JSON would say one did
+        gain = (None, gain[1]) if gain[1] is not None and gain[1] <= 0 else gain
+        loss = (None, loss[1]) if loss[1] is not None and loss[1] >= 0 else loss
         rows.append({"layer": layer, "filter": j, "accuracy": s["accuracy"], "drop": sb["accuracy"] - s["accuracy"],
                      "per_class": s["per_class"],
                      "largest_gain": {"class": gain[0], "change": gain[1]},

@@ -166,7 +166,7 @@ def write_ablation(result: dict, data, out: Path) -> list[Path]:
 
 def _gainer(row: dict, kind: str) -> str:
     """The class of a sweep row's largest gain (``kind="gain"``) or loss, ``none`` when no class gained (lost):
-    the JSON keeps the argmax class, but a table naming a class beside +0.000000 says it gained."""
+    a table naming a class beside +0.000000 would say it gained (the JSON's class is null then)."""
     from ..analysis.figures import change_text
 
     change = row[f"largest_{kind}"]

@@ -30,6 +30,9 @@ def parse_indices(text: str, size: int) -> list[int]:
                 # Python would read -2 as size - 2: an index the user did not write
                 raise UserError(f"--indices {text!r}: indices start at 0 (the split has {size} images, 0 to "
                                 f"{size - 1})")
+            if b and int(b) > size:  # a slice would be cut to the split silently, and the JSON record A:B
+                raise UserError(f"--indices {text!r}: the split has {size} images (0 to {size - 1}); give an "
+                                f"end of at most {size}")
             idx = list(range(*slice(int(a) if a else None, int(b) if b else None).indices(size)))
         else:
             idx = [int(t) for t in text.split(",")]

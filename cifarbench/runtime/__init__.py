@@ -51,10 +51,11 @@ def parse_device(text, require_present: bool = True) -> torch.device:
         text = str(text)
     spelled = str(text).strip().lower()
     kind, sep, index = spelled.partition(":")
-    ok = kind == "cpu" and not sep or kind == "cuda" and (not sep or (index.isdigit() and len(index) < 6))
+    ok = kind == "cpu" and (not sep or index == "0") or \
+        kind == "cuda" and (not sep or (index.isdigit() and len(index) < 6))
     if not ok:
         raise UserError(f"unknown device {text!r}; valid here: {', '.join(valid_devices())}")
-    device = torch.device(spelled)
+    device = torch.device("cpu" if kind == "cpu" else spelled)  # cpu:0 is torch's name of the one CPU device
     if require_present and device.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:

@@ -196,7 +196,7 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
             raise UserError(f"--epochs {cfg['epochs']} is fewer than the {state['epoch']} epochs the saved run "
                             f"has done")
         if cfg["epochs"] != saved["epochs"]:
-            _extend(out, saved, cfg)
+            _warn_retimed(saved, cfg)
     data_dir = config.data_dir if config.data_dir is not None else (saved or {}).get("data_dir")
     train_set = train_set or load_split(cfg["data"], "train", data_dir)
     test_set = test_set or load_split(cfg["data"], "test", data_dir)
@@ -304,6 +304,8 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                 **({"rng_cuda": torch.cuda.get_rng_state(device)} if on_gpu else {}),
                 "history": history})
             _write(write_text, out / "metrics.csv", rows_csv(history, columns))
+            if saved is not None:
+                _record_total(out, cfg["epochs"])
             status = f"loss {train_loss:.3f} train {train_acc:.2%} test {test_acc:.2%}"
             last_status = f"| last epoch: {status}"
             if bar is not None:
@@ -314,6 +316,8 @@ def train(config: TrainConfig, out: str | Path, *, resume: bool = False, train_s
                                       f"{len(train_set) / max(epoch_time, 1e-9):,.0f} img/s)")
             if on_epoch is not None:
                 on_epoch(row)
+        if saved is not None:  # a resume with nothing left to train (its new total is the epochs done)
+            _record_total(out, cfg["epochs"])
     finally:
         if bar is not None:
             bar.stop()
@@ -450,24 +454,29 @@ def _check_resume(out: Path, saved: dict, cfg: dict) -> dict:
     return resumed
 
 
-def _extend(out: Path, saved: dict, cfg: dict) -> None:
-    """``--resume --epochs N`` with N other than the saved run's total: config.json takes the new total, so a later
-    plain ``--resume`` continues this run (it read the old total and refused, as if asked for fewer epochs). A
-    schedule over the whole run (one-cycle) is stretched over the new total, so the learning rate from here on is
-    not the one the saved epochs ran with: said, since the result is then no longer the run a fresh N-epoch run
-    gives."""
-    import json
-
+def _warn_retimed(saved: dict, cfg: dict) -> None:
+    """``--resume --epochs N`` with N other than the saved run's total: a schedule over the whole run (one-cycle)
+    is stretched over the new total, so the learning rate from here on is not the one the saved epochs ran with:
+    said, since the result is then no longer the run a fresh N-epoch run gives."""
     if cfg["schedule"] != "constant":
         from .errors import warn
 
         warn(f"changing the run's total from {saved['epochs']} to {cfg['epochs']} epochs re-times its "
              f"{cfg['schedule']} learning-rate schedule over {cfg['epochs']} epochs from here on; the result "
              f"differs from a run trained for {cfg['epochs']} epochs from the start")
+
+
+def _record_total(out: Path, epochs: int) -> None:
+    """config.json takes a resumed run's new total once its first epoch is saved (not before: a resume that fails
+    on its data or a write leaves the run as it was), so a later plain ``--resume`` continues this run rather than
+    refusing as if asked for fewer epochs than it has done."""
+    import json
+
     path = out / "config.json"
     raw = json.loads(path.read_text())
-    raw["epochs"] = cfg["epochs"]
-    write_json(path, raw)
+    if raw.get("epochs") != epochs:
+        raw["epochs"] = epochs
+        _write(write_json, path, raw)
 
 
 def _check_data(saved: dict, data: str, train_set: Dataset, test_set: Dataset) -> None:

@@ -357,6 +357,10 @@ def _join(states: list, where: str):
 
 
 def _pair(v):
+    """``(h, w)`` of a kernel/stride/padding argument; None where it is not given (``F.max_pool2d(x, 2)`` passes no
+    stride: the caller's default applies)."""
+    if v is None:
+        return None
     if isinstance(v, (list, tuple)):
         if len(v) == 0:
             return None

@@ -52,6 +52,17 @@ class Upsampled(nn.Module):        # an interpolation, then a pixel shuffle: pos
              "shuffle": self.shuffle}[self.op](x)
         return self.fc(F.relu(self.conv2(x)).mean((2, 3)))
 
+class FunctionalPools(nn.Module):  # c1 (3x3 pad 1) -> F.max_pool2d(x, 2) -> c2 (3x3) -> F.avg_pool2d(x, 2) -> c3 (3x3)
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        x = F.avg_pool2d(self.c2(F.max_pool2d(self.c1(x), 2)), 2)
+        return self.fc(self.c3(x).mean((2, 3)))
+
+
 class Separable(nn.Module):        # a: 1x5 kernel, pad (0, 2); b: 5x1 kernel, pad (2, 0), stride (2, 1)
     def __init__(self, num_classes=10):
         super().__init__()
@@ -209,6 +220,14 @@ def test_mine_draws_no_box_where_the_field_is_unknown(arch, tmp_path, capsys):
     rows = (tmp_path / "mined" / "top_images.csv").read_text().splitlines()
     assert [r for r in rows if r.startswith("conv2,")][0].endswith(",,,,")   # no patch: empty cells
     assert (tmp_path / "mined" / "filters" / "conv2_filter0.png").is_file()
+
+
+def test_functional_pools_without_a_stride_take_the_kernel_as_stride(arch):
+    # c1: r 3, j 1, start 0.5; max-pool k2 (stride = kernel): r 4, j 2, start 1.0; c2 k3: r 8, j 2, start 3.0;
+    # avg-pool k2: r 10, j 4, start 4.0; c3 k3: r 18, j 4, start 8.0
+    table = layer_table(_net(arch, "FunctionalPools"), 32)
+    assert [(t.rf, t.jump, t.start) for t in (table["c1"], table["c2"], table["c3"])] == \
+        [(3, 1, 0.5), (8, 2, 3.0), (18, 4, 8.0)]
 
 
 # ------------------------------------------------------------------------------------------- non-square

@@ -309,15 +309,21 @@ def code_digest(module, files=()) -> str:
             where = inspect.getsourcefile(cls)
         except TypeError:  # a builtin or extension class
             continue
+        except OSError:  # a class in __main__ with no file (python -c, some notebooks)
+            where = None
         if where and Path(where).is_file():
             key = str(Path(where).resolve())
-            if key not in texts:
-                texts[key] = Path(where).read_bytes()
-            continue
+            try:
+                if key not in texts:
+                    texts[key] = Path(where).read_bytes()
+                continue
+            except OSError:
+                pass
+        name = f"{cls.__module__}.{cls.__qualname__}"
         try:
-            texts[f"{cls.__module__}.{cls.__qualname__}"] = inspect.getsource(cls).encode()
-        except (OSError, TypeError):
-            pass
+            texts[name] = inspect.getsource(cls).encode()
+        except (OSError, TypeError):  # no source anywhere: the class's name is all there is to go by
+            texts[name] = name.encode()
     h = hashlib.sha256()
     for key in sorted(texts):  # by path, so the digest does not depend on the set's order
         h.update(hashlib.sha256(texts[key]).digest())

@@ -608,9 +608,12 @@ def test_an_edited_arch_file_is_a_new_model_for_every_cache(tmp_path):
     assert torch.allclose(second, -first, atol=1e-5)
 
 
-def test_a_model_class_without_a_source_file_resolves():
+def test_a_model_class_without_a_source_file_resolves(monkeypatch):
     """A class defined where Python keeps no file (``python -c``, some notebooks): inspect raises OSError for it;
     its digest falls back to the class's name instead of failing."""
+    import sys
+
+    monkeypatch.delattr(sys.modules["__main__"], "__file__", raising=False)  # as under python -c
     def forward(self, x):
         return self.fc(self.conv(x).mean((2, 3)))
 
@@ -619,6 +622,6 @@ def test_a_model_class_without_a_source_file_resolves():
         self.conv, self.fc = torch.nn.Conv2d(3, 4, 3), torch.nn.Linear(4, 10)
 
     cls = type("NoSource", (torch.nn.Module,), {"__init__": init, "forward": forward,
-                                                "__module__": "a_module_that_is_not_loaded"})
+                                                "__module__": "__main__"})
     source = resolve_source(cls().eval())
     assert source.num_classes == 10 and source.digest

@@ -460,16 +460,19 @@ def _from_module(module) -> _Loaded:
     floats = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     # ep.module() replaces train()/eval() on the instance (they raise: its mode was fixed when it was exported)
     fixed_mode = "eval" in vars(module) or "train" in vars(module)
-    if (getattr(module, "training", False) and not fixed_mode) or any(d != torch.float32 for d in floats):
-        # the analyses run a float32 module in eval mode; the caller's own module stays as it was (train mode,
-        # float64 or float16 weights), so a notebook that goes on training it is not changed behind its back
-        try:
-            module = copy.deepcopy(module)
-        except Exception as exc:  # noqa: BLE001  (a module holding something deepcopy cannot copy)
+    changes = (getattr(module, "training", False) and not fixed_mode) or any(d != torch.float32 for d in floats)
+    # the source owns a copy: the runtimes and engines put it in eval mode, float32, channels-last and on their
+    # device, and the caller's module stays as it was (a notebook that goes on training it is not changed behind
+    # its back); one copy here, none further down. An exported module is not copied: a copy loses the train()
+    # and eval() that say so (and it has no mode to change)
+    try:
+        module = module if fixed_mode else copy.deepcopy(module)
+    except Exception as exc:  # noqa: BLE001  (a module holding something deepcopy cannot copy)
+        if changes:
             raise UserError(f"{type(module).__name__} is in training mode or not float32, and cannot be copied to "
                             f"run it in eval mode ({type(exc).__name__}); pass model.eval().float()") from None
-        if any(d != torch.float32 for d in floats):
-            module = module.float()
+    if any(d != torch.float32 for d in floats):
+        module = module.float()
     try:
         module.eval()
     except NotImplementedError:  # ep.module() refuses eval(); its mode was fixed when it was exported

@@ -182,6 +182,17 @@ def test_the_callers_module_is_never_changed(image, mode):
     assert np.abs(r.map - _naive(reference, image, 8, 8, target)).max() <= 1e-5
 
 
+def test_a_float32_eval_module_is_not_changed_either(image):
+    """The common case: the torch runtime runs its own channels-last copy, never the caller's module."""
+    model = Small().eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    runtime = open_runtime(model, "torch", device="cpu")
+    runtime.logits(image[None])
+    occlusion_map(model, image, 8, stride=8, mode="incremental", backend="torch", device="cpu")
+    assert runtime.torch_module() is not model and model.conv.weight.is_contiguous()
+    assert not model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+
+
 def test_numpy_sizes_and_torchs_cpu_0_are_taken(image):
     model = Small().eval()
     r = occlusion_map(model, torch.rand(3, 48, 48), np.int64(16), stride=np.int64(16), device="cpu:0",

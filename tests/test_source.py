@@ -133,7 +133,8 @@ def test_module_source(name):
     model = build(name)
     a, b = resolve_source(model), resolve_source(model)
     assert (a.kind, a.input_size, a.num_classes, a.classes, a.fixed_batch) == ("module", 32, 10, CIFAR, None)
-    assert a.mean is None and a.module is model and a.torch_module() is model
+    # the source runs its own copy (runtimes move and cast it): the caller's module is never changed
+    assert a.mean is None and a.module is not model and a.torch_module() is a.module
     assert a.digest == b.digest
     assert resolve_source(build(name, seed=1)).digest != a.digest
     assert a.provenance["runs_code"] is False
@@ -207,7 +208,9 @@ def test_imagenet_normalized_model_gets_its_contract(tmp_path):
     assert src.mean == IMAGENET_MEAN and src.std == IMAGENET_STD
     assert torch.equal(src.normalize(x), by_hand)
     wrapped = src.torch_module()
-    assert wrapped.model is model  # the user's layers, hooks and names stay reachable
+    # the source's own copy of the user's layers, under their names (module paths for ablate/mine)
+    assert wrapped.model is src.module and dict(wrapped.model.named_modules()).keys() == \
+        dict(model.named_modules()).keys()
     with torch.no_grad():
         assert (wrapped(x) - want).abs().max().item() <= 1e-5
         assert (model(x) - want).abs().max().item() > 1e-3  # [0, 1] pixels would be wrong: the test can fail

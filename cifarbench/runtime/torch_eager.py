@@ -34,9 +34,7 @@ def as_source(model, source=None):
         return model
     if source is not None:
         return source
-    if isinstance(model, torch.nn.Module) and model.training:
-        model = copy.deepcopy(model)  # resolving sets eval mode: never change the caller's module behind its back
-    return resolve_source(model)
+    return resolve_source(model)  # a module is copied there: the caller's is never changed
 
 
 class TorchRuntime(Runtime):
@@ -50,9 +48,8 @@ class TorchRuntime(Runtime):
         self._dtype = precision_dtype(precision, self.device)
         self.source = as_source(model, source)
         module = self.source.torch_module()
-        if self.source.kind == "module" or self._dtype != torch.float32 or getattr(module, "training", False):
-            # never change the caller's module behind its back: it is moved, cast and made channels-last below
-            module = copy.deepcopy(module)
+        if self._dtype != torch.float32:
+            module = copy.deepcopy(module)  # a half-precision copy; the source's module stays float32 for others
         self.model = _moved(module.eval(), self.device, self._dtype)
         self.fixed_batch = self.source.fixed_batch
         self.channels_last = channels_last

@@ -55,17 +55,18 @@ def json_stdout(enabled: bool = True):
         on_fd1 = False
     previous.flush()
     saved = out = None
-    if on_fd1:
-        saved = os.dup(1)
-        os.dup2(2, 1)  # fd 1 now writes to stderr; the real stdout lives on as ``saved``
-        out = open(saved, "w", closefd=False, encoding=previous.encoding, errors=previous.errors)
-    _json_out, sys.stdout = out or previous, sys.stderr
     try:
+        if on_fd1:
+            saved = os.dup(1)
+            out = open(saved, "w", closefd=False, encoding=previous.encoding, errors=previous.errors)
+            os.dup2(2, 1)  # fd 1 now writes to stderr; the real stdout lives on as ``saved``
+        _json_out, sys.stdout = out or previous, sys.stderr
         yield
     finally:
         sys.stdout, _json_out = previous, None
-        if saved is not None:
+        if out is not None:
             out.close()
+        if saved is not None:
             previous.flush()  # what a C library left in Python's buffer goes to stderr, as it was meant to
             os.dup2(saved, 1)
             os.close(saved)

@@ -35,6 +35,8 @@ CONTRACT = ("arch", "arch_kw", "mean", "std", "classes", "input_size")
 #: :func:`open_runtime`'s options besides the contract: INT8 calibration, ONNX Runtime's threads, torch.compile's
 #: mode, TensorRT's profile
 RUNTIME_OPTIONS = ("calib", "calib_data", "seed", "data_dir", "threads", "mode", "max_batch", "opt_batch")
+#: backends that compile a torch module themselves, and with what: neither takes a TorchScript module
+COMPILING = {"torch-compile": "torch.compile", "aoti": "torch.export (and so AOTInductor)"}
 #: what a misspelt option most likely meant
 _MEANT = {"label": "target", "targets": "target", "cls": "target", "class_": "target", "size": "input_size",
           "normalize": "mean/std"}
@@ -193,6 +195,9 @@ def choose_backend(source, backend: str | None, device) -> str:
         allowed = ("tensorrt",)
     else:
         allowed = None
+    if source.kind == "torchscript" and backend in COMPILING:
+        raise UserError(f"{source.name} is a TorchScript module, which {COMPILING[backend]} cannot compile; use "
+                        f"torch, onnxruntime, onnx-int8 or tensorrt")
     if allowed is not None:
         if backend == "auto":
             if source.kind == "onnx" and device.type == "cuda":

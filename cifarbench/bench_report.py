@@ -30,7 +30,8 @@ def is_pytest_benchmark(doc) -> bool:
                     and _positive(b["stats"].get("mean")) for b in doc["benchmarks"]))
 
 
-def _finite(value) -> bool:
+def finite_number(value) -> bool:
+    """A real number a report can print: an int or float (not a bool), finite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -54,7 +55,7 @@ def check(doc: dict, path) -> None:
         if b.get("group") is not None and not isinstance(b["group"], str):
             raise UserError(f"{where}: group {b['group']!r} is not a string")
         for key in NUMBERS:
-            if extra.get(key) is not None and not _finite(extra[key]):
+            if extra.get(key) is not None and not finite_number(extra[key]):
                 raise UserError(f"{where}: extra_info.{key} is {extra[key]!r}, not a number")
         if extra.get("batch") is not None and not (isinstance(extra["batch"], int)
                                                    and not isinstance(extra["batch"], bool)):
@@ -63,7 +64,7 @@ def check(doc: dict, path) -> None:
             if extra.get(key) is not None and not isinstance(extra[key], str):
                 raise UserError(f"{where}: extra_info.{key} is {extra[key]!r}, not a string")
         for key in ("median", "rounds"):
-            if b["stats"].get(key) is not None and not _finite(b["stats"][key]):
+            if b["stats"].get(key) is not None and not finite_number(b["stats"][key]):
                 raise UserError(f"{where}: stats.{key} is {b['stats'][key]!r}, not a number")
 
 

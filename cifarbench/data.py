@@ -123,11 +123,8 @@ def _check_classes(classes) -> tuple[str, ...]:
 def _check_known(names, classes: tuple[str, ...], where: str) -> None:
     unknown = sorted(n for n in set(names) if n not in classes)
     if unknown:
-        generic = classes == tuple(f"class{i}" for i in range(len(classes)))  # a model that names none
         raise UserError(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
-                        f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})"
-                        + (f"; the model does not name its classes: give --classes with its {len(classes)} class "
-                           f"names in output order" if generic else ""))
+                        f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})")
 
 
 def _labels(names, which: np.ndarray, classes: tuple[str, ...], where: str) -> tuple[np.ndarray, tuple]:

@@ -543,7 +543,7 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
                 wshape = shapes.get(w) if isinstance(w, fx.Node) else None
                 if w is not None and isinstance(w, fx.Node) and w.op == "get_attr":
                     try:
-                        wshape = tuple(_fetch_attr(gm, w.target).shape)
+                        wshape = tuple(fetch_attr(gm, w.target).shape)
                     except AttributeError:
                         pass
                 if a.get("transposed"):
@@ -596,7 +596,8 @@ def _join_shapes(states: list, n, shapes: dict, carriers) -> object:
     return _join(states, n.name)
 
 
-def _fetch_attr(gm, target: str):
+def fetch_attr(gm, target: str):
+    """The attribute a dotted ``get_attr`` target (``block.0.weight``) names under ``gm``."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -49,6 +49,27 @@ def model_source(model, arch=None, arch_kw=None, mean=None, std=None, classes=No
                           input_size=input_size)
 
 
+def load_test_split(source, data, data_dir=None):
+    """The test split of ``data`` for ``source``: labels matched to its class names, checked to fit it
+    (:func:`check_data`). Where the class folders are not the model's because the model names no classes of its
+    own (``class0..`` or CIFAR-10's names for 10 outputs, when --classes was not given), the error says so."""
+    from .data import load_split
+    from .errors import UserError
+    from .source import default_classes
+
+    try:
+        dataset = load_split(data, "test", data_dir, classes=source.classes)
+    except UserError as exc:
+        n, message = source.num_classes, str(exc)
+        if "not among the model's classes" in message and tuple(source.classes) == default_classes(n):
+            raise UserError(f"{message}; the model does not name its classes: give --classes with its {n} class "
+                            f"names in output order (e.g. --classes "
+                            f"{','.join(f'name{i}' for i in range(min(n, 3)))}{',...' if n > 3 else ''})") from None
+        raise
+    check_data(source, dataset)
+    return dataset
+
+
 def check_data(source, dataset) -> None:
     """The data fits the model: as many classes (the labels were matched by name in ``load_split``) and images of
     the model's input size; one error line otherwise."""

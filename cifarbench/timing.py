@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .bench_report import is_pytest_benchmark
+from .bench_report import finite_number, is_pytest_benchmark
 from .errors import UserError
 
 FORMAT = "cifarbench-bench/1"
@@ -220,10 +220,7 @@ def load_results(path: str | Path) -> dict:
 
 
 def _number(value, positive: bool = False) -> bool:
-    import math
-
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return ok and (value > 0 if positive else value >= 0)
+    return finite_number(value) and (value > 0 if positive else value >= 0)
 
 
 def _check_run(doc: dict, path: Path) -> None:

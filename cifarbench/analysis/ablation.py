@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..filters import Selection, by_layer
+from ..filters import Selection, by_layer, fetch_attr
 from ..nets import CifarNet, ConvBlock
 from .metrics import confusion_matrix, difference, summary
 
@@ -108,22 +108,15 @@ def zeroed_model(model, selection: Selection, zero_bias: bool = False, table=Non
                 gm, _ = graph_module_of(variant)
                 if gm is None:
                     raise UserError(f"layer {layer} is a call in a torch.export graph the module does not hold")
-                _attr(gm, info.weight)[idx] = 0
+                fetch_attr(gm, info.weight)[idx] = 0
                 if zero_bias and info.bias is not None:
-                    _attr(gm, info.bias)[idx] = 0
+                    fetch_attr(gm, info.bias)[idx] = 0
                 continue
             conv = _find(variant, info.target)
             conv.weight[idx] = 0
             if zero_bias and conv.bias is not None:
                 conv.bias[idx] = 0
     return variant
-
-
-def _attr(root, dotted: str):
-    obj = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):

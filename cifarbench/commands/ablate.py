@@ -26,23 +26,18 @@ def open_analysis(source, select, backend: str, device: str | None, data: str, d
     mistake a UserError. ``select(table)`` resolves the filters (named by the model's own layer names) before the
     runtime is built, so a bad spec fails fast; the data's labels are matched to the source's class names.
     ``open_model`` False: no runtime (None; sharded runs open the model where each shard runs)."""
-    from ..data import load_split
     from ..errors import UserError
     from ..filters import layer_table
-    from ..options import check_data
+    from ..options import load_test_split
     from ..runtime import open_runtime
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1, got {limit}")
     table = layer_table(source)
     selection = select(table)
-    try:
-        dataset = load_split(data, "test", data_dir, classes=source.classes)
-    except UserError as exc:
-        raise UserError(_classes_hint(str(exc), source)) from None
+    dataset = load_test_split(source, data, data_dir)
     if limit is not None:
         dataset = dataset.subset(slice(0, limit))
-    check_data(source, dataset)
     runtime = open_runtime(source, backend=backend, device=device) if open_model else None
     return table, selection, runtime, dataset
 
@@ -81,19 +76,6 @@ def sharded_runtime_facts(source, backend: str, device: str | None, dist: dict) 
         else:
             precision = "fp32"   # a torch model exported to fp32 ONNX
     return {"backend": name, "precision": precision, "device": dev}
-
-
-def _classes_hint(message: str, source) -> str:
-    """``message`` with the way out where the data's class folders are not the model's because the model names no
-    classes of its own (``class0..classN-1``, or CIFAR-10's names for 10 outputs, when --classes was not given)."""
-    from ..source import default_classes
-
-    n = source.num_classes
-    if ("not among the model's classes" in message and "--classes" not in message
-            and tuple(source.classes) == default_classes(n)):
-        return (f"{message}; the model does not name its classes: give --classes with its {n} class names in output "
-                f"order (e.g. --classes {','.join(f'name{i}' for i in range(min(n, 3)))}{',...' if n > 3 else ''})")
-    return message
 
 
 def run_progress(total: int, what: str):

@@ -35,12 +35,10 @@ def _evaluate(source, data, data_dir, backend, device, out, json) -> None:
     from ..analysis.ablation import predictions
     from ..analysis.metrics import confusion_matrix, summary
     from ..console import console, emit_json, progress
-    from ..data import load_split
-    from ..options import check_data
+    from ..options import load_test_split
     from ..runtime import open_runtime
 
-    test = load_split(data, "test", data_dir, classes=source.classes)
-    check_data(source, test)
+    test = load_test_split(source, data, data_dir)
     runtime = open_runtime(source, backend=backend, device=device)
     with progress() as bar:
         task = bar.add_task("eval", total=len(test), status=runtime.name)

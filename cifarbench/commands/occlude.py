@@ -260,11 +260,9 @@ def _load(images, data, indices, data_dir, resize, source):
 
     if data is None:
         return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], (None, None)
-    from ..data import load_split
-    from ..options import check_data
+    from ..options import load_test_split
 
-    ds = load_split(data, "test", data_dir, classes=source.classes)
-    check_data(source, ds)
+    ds = load_test_split(source, data, data_dir)
     idx = list(dict.fromkeys(parse_indices(indices, len(ds))))  # "3,3" is one image, once
     sub = ds.subset(torch.tensor(idx))
     imgs = sub.float_images()

@@ -108,22 +108,20 @@ def check_tolerances(atol, rtol, top1) -> None:
         raise UserError(f"--top1 {top1}: expected a number in 0..1")
 
 
-#: backends that compile the module themselves (torch.compile / torch.export): a TorchScript module is neither
-COMPILING = ("torch-compile", "aoti")
 _KINDS = {"onnx": "an ONNX model", "aoti": "an AOTInductor package", "tensorrt": "a TensorRT engine",
           "torchscript": "a TorchScript module (torch.compile and torch.export cannot compile TorchScript)"}
 
 
 def backends_for(source, device) -> list[str]:
-    """The concrete backends (no ``auto``) that can run ``source``: those its kind allows (an ONNX file: no torch,
-    an AOTInductor package: aoti only), less the compiling backends for TorchScript."""
+    """The concrete backends (no ``auto``) that can run ``source``: those :func:`choose_backend` allows for its
+    kind (an ONNX file: no torch; an AOTInductor package: aoti only; TorchScript: no compiling backend)."""
     from ..artifacts import choose_backend
     from ..errors import UserError
     from ..runtime import BACKENDS
 
     ok = []
     for backend in BACKENDS:
-        if backend == "auto" or (source.kind == "torchscript" and backend in COMPILING):
+        if backend == "auto":
             continue
         try:
             choose_backend(source, backend, device)
@@ -217,9 +215,8 @@ def run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, im
     import torch
 
     from ..console import progress
-    from ..data import load_split
     from ..errors import UserError
-    from ..options import check_data
+    from ..options import load_test_split
     from ..parity import BackendSpec, default_backends, error_metrics, parse_backends
     from ..runtime import default_device
 
@@ -246,8 +243,7 @@ def run_verify(source, backends, reference, atol, rtol, top1, data, data_dir, im
         given = f"--backends {backends}" if backends else f"every backend that can run {source.name} here"
         raise UserError(f"nothing to compare: {given} is the reference {ref_spec.label} itself; name another "
                         f"backend with --backends or --reference")
-    test = load_split(data, "test", data_dir, classes=source.classes)
-    check_data(source, test)
+    test = load_test_split(source, data, data_dir)
     batch = test.subset(slice(0, images)).float_images()
     options = {"calib": calib, "calib_data": data}
     results, skipped = [], []

@@ -295,6 +295,20 @@ def test_bench_measures_each_backend_and_batch_once(capsys, models):
     assert [(r["backend"], r["batch"]) for r in json.loads(out)["results"]] == [("onnxruntime", 2)]
 
 
+def test_bench_says_when_two_backends_are_one_runtime(capsys, models):
+    """An int8 file on onnxruntime and on onnx-int8 is one session: measured once, and said, not dropped."""
+    from cifarbench.artifacts import open_runtime
+
+    int8 = open_runtime(str(models / "dyn.onnx"), "onnx-int8", device="cpu", calib=16,
+                        calib_data="synthetic:64").onnx_path()
+    code, out, err = run_cli(capsys, "bench", int8, "--backends", "onnxruntime,onnx-int8", "--batch", "2", *FAST,
+                             "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert len(doc["results"]) == 1 and doc["skipped"] == [{"backend": "onnx-int8:int8", "same_as": "onnxruntime:fp32"}]
+    assert "measured once" in err
+
+
 # ------------------------------------------------------------------ 6. messages and help
 
 @pytest.mark.parametrize("command", ["bench", "verify"])

@@ -162,7 +162,7 @@ def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data
 
     flops = flops_per_image(source)
     options = {"calib_data": calib_data} if calib_data else {}
-    rows, seen = [], set()
+    rows, seen, skipped = [], {}, []
     with progress() as bar:
         done = itertools.count()  # backends finished before the one starting now
         task = bar.add_task("bench", total=len(specs), status="")
@@ -170,13 +170,17 @@ def _measure(source, specs, batches, dev, warmup, iters, min_seconds, calib_data
             bar.update(task, completed=next(done), status=spec.label)
             rt = open_backend(source, spec, dev, **options)
             if identity(rt) in seen:  # e.g. onnxruntime and onnx-int8 of an int8 file: one session, measured once
+                skipped.append({"backend": spec.label, "same_as": seen[identity(rt)]})
+                console.print(f"{spec.label}: the same runtime as {seen[identity(rt)]} for {source.name}; measured "
+                              f"once, as {seen[identity(rt)]}")
                 continue
-            seen.add(identity(rt))
+            seen[identity(rt)] = spec.label
             rows += bench_runtime(rt, batches, warmup, iters, min_seconds, flops)
         bar.update(task, completed=len(specs), status="done")
     doc = {"format": FORMAT, "net": source.name, "source": str(source.path or "in-memory"), "model": source.describe(),
            "flops_per_image": flops, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine(), "warmup": warmup, "iters": iters, "results": rows}
+           "machine": machine(), "warmup": warmup, "iters": iters, "results": rows,
+           **({"skipped": skipped} if skipped else {})}
     from .publish import command_provenance, write_page_file
 
     doc["provenance"] = command_provenance(model=source, data=None, device=dev,

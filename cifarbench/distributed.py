@@ -411,7 +411,7 @@ def _mining_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
     return {"top_index": r.top_index.astype(np.int64) + shard.start, "top_response": r.top_response,
             "top_position": r.top_position, "top_patch": r.top_patch, "labels": r.labels,
             "selection": np.array(json.dumps(list(r.selection))), "dead": np.array(json.dumps(list(r.dead))),
-            "receptive_fields": np.array(json.dumps(r.receptive_fields))}
+            "receptive_fields": np.array(json.dumps(r.receptive_fields)), "note": np.array(r.note)}
 
 
 def _ablation_shard(opened: dict, data, shard: Shard, args: dict) -> dict:
@@ -815,7 +815,8 @@ def _merge_mining(ordered, args: dict, data):
     dead = tuple(tuple(f) for f in json.loads(str(first["dead"])) if all(tuple(f) in d for d in dead_sets))
     return MiningResult(selection, picked["top_index"], picked["top_response"], picked["top_position"],
                         picked["top_patch"], picked["labels"], tuple(data.classes),
-                        json.loads(str(first["receptive_fields"])), dead)
+                        json.loads(str(first["receptive_fields"])), dead,
+                        str(first["note"]) if "note" in first else "")  # (shards saved before notes: none)
 
 
 def _merge_ablation(ordered, args: dict, data) -> dict:

@@ -220,6 +220,12 @@ def test_mine_draws_no_box_where_the_field_is_unknown(arch, tmp_path, capsys):
     rows = (tmp_path / "mined" / "top_images.csv").read_text().splitlines()
     assert [r for r in rows if r.startswith("conv2,")][0].endswith(",,,,")   # no patch: empty cells
     assert (tmp_path / "mined" / "filters" / "conv2_filter0.png").is_file()
+    # in shards (--resume runs the sharded path here) the reason is the same, not a generic one
+    code, out, err = run_cli(capsys, "mine", *model, "conv1:0", "conv2:0", "--top", "2", "--show", "0", *DATA,
+                             "--backend", "torch", "--json", "--resume", "--out", tmp_path / "sharded")
+    assert code in (0, None), err
+    sharded = {f["layer"]: f for f in json.loads(out)["filters"]}
+    assert sharded["conv2"]["patch_unknown"] == got["conv2"]["patch_unknown"]
 
 
 def test_functional_pools_without_a_stride_take_the_kernel_as_stride(arch):

@@ -42,12 +42,20 @@ _MEANT = {"label": "target", "targets": "target", "cls": "target", "class_": "ta
           "normalize": "mean/std"}
 
 
-def check_options(options: dict, allowed, where: str) -> None:
+def check_options(options: dict, allowed, where: str, also=()) -> None:
     """A keyword no one reads would be dropped silently (``label="dog"`` instead of ``target="dog"`` gave a map
-    of the predicted class): refuse it as Python refuses an unknown keyword argument."""
+    of the predicted class): refuse it as Python refuses an unknown keyword argument, with the likeliest meant
+    one among ``allowed`` and the function's named parameters ``also``."""
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        hints = "; ".join(f"{u}: did you mean {_MEANT[u]}?" for u in unknown if u in _MEANT)
+        import difflib
+
+        known = [*allowed, *also]
+
+        def meant(name):
+            return _MEANT.get(name) or next(iter(difflib.get_close_matches(name, known, n=1)), None)
+
+        hints = "; ".join(f"{u}: did you mean {meant(u)}?" for u in unknown if meant(u))
         raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
                         + (f" ({hints})" if hints else "") + f"; its options are {', '.join(sorted(allowed))}")
 #: sources whose module the ONNX exporter is not trusted to trace: ``auto`` runs them on torch

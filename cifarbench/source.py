@@ -460,7 +460,8 @@ def _from_module(module) -> _Loaded:
     floats = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     # ep.module() replaces train()/eval() on the instance (they raise: its mode was fixed when it was exported)
     fixed_mode = "eval" in vars(module) or "train" in vars(module)
-    changes = (getattr(module, "training", False) and not fixed_mode) or any(d != torch.float32 for d in floats)
+    training = any(getattr(m, "training", False) for m in module.modules())  # a child in training mode too
+    changes = (training and not fixed_mode) or any(d != torch.float32 for d in floats)
     # the source owns a copy: the runtimes and engines put it in eval mode, float32, channels-last and on their
     # device, and the caller's module stays as it was (a notebook that goes on training it is not changed behind
     # its back); one copy here, none further down. An exported module is not copied: a copy loses the train()
@@ -932,6 +933,7 @@ def _ort_prober(path: Path):
         if session is None:
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
+            so.log_severity_level = 4  # a batch the graph refuses is an answer here, not an error to log
             session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
 
@@ -945,12 +947,12 @@ BATCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-4, "float16": 2e-2, "bfloat16"
 
 
 def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
-    """``(classes, fixed batch)`` of a model, from running it: on two different [3, S, S] images in [0, 1] at
-    once and on the first alone (a fixed-batch graph: on its batch). Checked: the output is logits [B, C]; an
-    image's logits do not depend on the other images in its batch (the analyses batch images; a model whose
-    output does, e.g. one normalizing with statistics over dim 0, would give numbers that depend on how images
-    happen to be chunked); a model that runs one image but not two (a ``reshape(1, -1)``) is taken as a
-    fixed batch of one."""
+    """``(classes, fixed batch)`` of a model, from running it. Checked: the output is logits [B, C]; an image's
+    logits do not depend on the other images in its batch (the analyses batch images; a model whose output does,
+    e.g. a BatchNorm in training mode or a statistic over dim 0, would give numbers that depend on how images
+    happen to be chunked); a model that runs one image but not two (a ``reshape(1, -1)``) is taken as a fixed
+    batch of one. A dark and a bright image are run together and the dark one alone (a fixed batch B: the dark
+    one beside B-1 bright ones, and B copies of it)."""
     import torch
 
     if loaded.module is not None:
@@ -962,51 +964,68 @@ def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
             with torch.no_grad():
                 return loaded.module(x.to(device, dtype))
     else:
-        device, dtype = torch.device("cpu"), torch.float32
-
         def run(x):
             with torch.no_grad():
                 return loaded.probe(x)
 
-    images = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    dark, bright = noise[:1] * 0.4, 0.6 + noise[1:] * 0.4  # unlike statistics, so a batch statistic shows
     fixed = loaded.fixed_batch
-    batch = images[:1].expand(fixed, -1, -1, -1).contiguous() if fixed else images
-    first = None
+    batch = torch.cat([dark, bright.expand(fixed - 1, -1, -1, -1)]) if fixed else torch.cat([dark, bright])
     try:
         out = run(batch)
     except Exception as exc:  # noqa: BLE001  (the model's own shape check: it does not take this input)
         if fixed:
             raise _does_not_run(loaded, list(batch.shape), exc) from None
         try:  # it may take one image at a time only
-            first = run(images[:1])
+            out = run(dark)
         except Exception:  # noqa: BLE001
             raise _does_not_run(loaded, [1, 3, size, size], exc) from None
-        out, fixed = first, 1
+        fixed = 1
     if not isinstance(out, torch.Tensor):
         raise UserError(f"{loaded.name} returns a {type(out).__name__}, not a logits tensor; wrap it in a module "
                         f"whose forward returns logits [N, classes]")
-    rows = fixed or 2
+    rows = len(batch) if loaded.fixed_batch or fixed is None else 1
     if out.ndim != 2 or out.shape[0] != rows:
         raise UserError(f"{loaded.name} returns {list(out.shape)} for a {[rows, 3, size, size]} batch; cifarbench "
                         f"needs logits [N, classes]")
-    if not fixed:
+    if rows > 1:
+        alone_batch = dark if fixed is None else dark.expand(fixed, -1, -1, -1).contiguous()
         try:
-            alone = run(images[:1])
+            alone = run(alone_batch)
         except Exception as exc:  # noqa: BLE001  (runs two images but not one: a model that wants pairs)
-            raise _does_not_run(loaded, [1, 3, size, size], exc) from None
-        # (NaN or infinite logits, e.g. NaN weights, are not the batch's doing: the analyses say so themselves)
-        if isinstance(alone, torch.Tensor) and alone.shape == out[:1].shape and bool(torch.isfinite(out[0]).all()):
-            gap = float((alone[0].double() - out[0].double()).abs().max())
-            scale = max(1.0, float(out[0].double().abs().max()))
+            raise _does_not_run(loaded, list(alone_batch.shape), exc) from None
+        if isinstance(alone, torch.Tensor) and alone.ndim == 2 and alone.shape[1] == out.shape[1]:
+            gap = _logit_gap(alone[0], out[0])
             tolerance = BATCH_TOLERANCE.get(str(out.dtype).replace("torch.", ""), 1e-4)
             if out.device.type == "cuda":  # TF32 convs and per-batch-size cuDNN algorithms round more
                 tolerance = max(tolerance, 1e-2)
-            if not gap <= tolerance * scale:
+            if gap is not None and not gap <= tolerance:
                 raise UserError(f"{loaded.name}'s output for an image depends on the other images in its batch "
-                                f"(its logits move by up to {gap:.3g} between a batch of 1 and of 2); cifarbench's "
-                                f"analyses batch images, so their numbers would depend on the batching — make the "
-                                f"model treat each image on its own (no statistics over the batch dimension)")
+                                f"(its logits, relative to their largest, move by up to {gap:.3g} when the other "
+                                f"images change); cifarbench's analyses batch images, so their numbers would depend "
+                                f"on the batching — make the model treat each image on its own (eval-mode "
+                                f"BatchNorm, no statistics over the batch dimension)")
     return int(out.shape[1]), fixed
+
+
+def _logit_gap(a, b) -> float | None:
+    """How far one image's logits moved between two runs, as softmax sees them: each row relative to its largest
+    logit (a constant added to every logit changes no probability), over the classes finite in both and scaled
+    by the larger of 1 and their spread; a different set of finite classes counts as infinitely far. None where
+    no class is finite (NaN weights: the analyses say so themselves)."""
+    import torch
+
+    a, b = a.double(), b.double()
+    fa, fb = torch.isfinite(a), torch.isfinite(b)
+    if not bool(fa.any()) and not bool(fb.any()):
+        return None
+    na, nb = a[~fa], b[~fb]
+    if not torch.equal(fa, fb) or not bool(((na == nb) | (na.isnan() & nb.isnan())).all()):
+        return float("inf")
+    a, b = a[fa] - a[fa].max(), b[fb] - b[fb].max()
+    scale = max(1.0, float(a.abs().max()), float(b.abs().max()))
+    return float((a - b).abs().max()) / scale
 
 
 def _does_not_run(loaded: _Loaded, shape: list, exc: Exception) -> UserError:
@@ -1025,9 +1044,10 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
         raise UserError(f"{loaded.name} takes {size}x{size} images; cifarbench runs at most "
                         f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
     probed, fixed_batch = None, loaded.fixed_batch
-    if loaded.kind not in ("zoo", "checkpoint") and (loaded.num_classes is None or loaded.module is not None) \
+    if loaded.kind not in ("zoo", "checkpoint") and (loaded.module is not None or loaded.probe is not None) \
             and not (loaded.normalizes_inside and loaded.kind == "module"):
-        # every torch model runs: the only way to know it takes S x S, and takes images one by one
+        # every model not cifarbench's own runs once here: the only way to know it takes S x S images and treats
+        # each image on its own (an ONNX graph declaring [N, C] may still hold a training-mode BatchNorm)
         probed, fixed_batch = _probe(loaded, size)
     num_classes = probed if probed is not None else loaded.num_classes
     if num_classes is None or num_classes < 2:

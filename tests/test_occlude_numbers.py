@@ -198,3 +198,31 @@ def test_numpy_sizes_and_torchs_cpu_0_are_taken(image):
     r = occlusion_map(model, torch.rand(3, 48, 48), np.int64(16), stride=np.int64(16), device="cpu:0",
                       input_size=np.int64(48), backend="torch")
     assert r.map.shape == (3, 3)
+
+
+def test_a_contract_given_with_an_opened_model_is_refused_not_dropped(image):
+    runtime = open_runtime(Small().eval(), "torch", device="cpu")
+    with pytest.raises(UserError, match="apply when a model is opened"):
+        occlusion_map(runtime, image, 8, stride=8, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
+
+
+def test_none_in_a_target_list_is_that_images_prediction(batch):
+    model = Small().eval()
+    engine = make_engine(model, 8, 8, mode="dense", backend="torch", device="cpu")
+    with torch.no_grad():
+        predicted = int(model(batch[:1]).argmax())
+    first, second = occlusion_maps(engine, batch[:2], 8, stride=8, targets=[None, 3])
+    assert (first.target, second.target) == (predicted, 3)
+    assert np.abs(first.map - _naive(model, batch[0], 8, 8, predicted)).max() <= 1e-6
+    with pytest.raises(UserError, match="3 targets for 2 images"):
+        occlusion_maps(engine, batch[:2], 8, stride=8, targets=[1, 2, 3])
+
+
+def test_digits_among_numeric_class_names_are_names_only():
+    from cifarbench.analysis.occlusion import resolve_target
+
+    numeric = [str(i) for i in range(1, 11)]
+    assert resolve_target("3", numeric) == 2 and resolve_target(3, numeric) == 3
+    with pytest.raises(UserError, match="unknown class"):
+        resolve_target("0", numeric)  # not a class name; read as an index it would be class "1"
+    assert resolve_target("0", [f"c{i}" for i in range(10)]) == 0  # names that are not numbers: an index

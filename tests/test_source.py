@@ -628,3 +628,72 @@ def test_a_model_class_without_a_source_file_resolves(monkeypatch):
                                                 "__module__": "__main__"})
     source = resolve_source(cls().eval())
     assert source.num_classes == 10 and source.digest
+
+
+class _BatchCentred(torch.nn.Module):
+    """Logits from features centred over the batch: what one image gets depends on the others."""
+
+    def __init__(self, offset: float = 0.0, masked: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.Linear(8, 10)
+        self.offset, self.masked = offset, masked
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).mean((2, 3))
+        y = self.fc(h - h.mean(0, keepdim=True)) * 4 + self.offset
+        if self.masked:  # a class masked out at -inf: legitimate, softmax gives it 0
+            y = torch.cat([y[:, :9], torch.full_like(y[:, 9:], float("-inf"))], 1)
+        return y
+
+
+@pytest.mark.parametrize("kw", [{}, {"offset": 3000.0}, {"masked": True}])
+def test_batch_dependence_is_seen_through_an_offset_and_a_masked_class(kw):
+    """A constant added to every logit changes no probability, and a -inf class is a legitimate mask: neither may
+    hide that the other images move an image's logits."""
+    assert "depends on the other images in its batch" in one_line_error(resolve_source, _BatchCentred(**kw))
+
+
+def test_onnx_graphs_are_probed_too(tmp_path):
+    """An ONNX file declaring [N, C] is run once like any model: a graph holding a training-mode BatchNorm is
+    refused; one declaring a dynamic batch but running one image only runs one by one, with its own logits."""
+    class BNTrain(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.fc = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    class OneOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.Linear(4 * 8 * 8, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).reshape(1, -1))
+
+    torch.manual_seed(0)
+    dyn = {"x": {0: "n"}, "y": {0: "n"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BNTrain().train(), (torch.rand(2, 3, 32, 32),), str(tmp_path / "bn.onnx"), dynamo=False,
+                          training=torch.onnx.TrainingMode.TRAINING, do_constant_folding=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes=dyn)
+        one = OneOnly().eval()
+        torch.onnx.export(one, (torch.rand(1, 3, 32, 32),), str(tmp_path / "one.onnx"), dynamo=False,
+                          input_names=["x"], output_names=["y"], dynamic_axes=dyn)
+    assert "depends on the other images" in one_line_error(resolve_source, tmp_path / "bn.onnx")
+    assert resolve_source(tmp_path / "one.onnx").fixed_batch == 1
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        want = torch.cat([one(x[i:i + 1]) for i in range(3)])
+    got = open_runtime(tmp_path / "one.onnx", "onnxruntime", device="cpu").logits(x)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_module_with_a_child_in_training_mode_is_copied():
+    model = build("resnet20").eval()
+    model.bn1.train()
+    source = resolve_source(model)
+    assert model.bn1.training and not any(m.training for m in source.module.modules())

@@ -165,7 +165,10 @@ def resolve_target(target, classes=None) -> int | None:
     folded = [c.casefold() for c in names]
     if text.casefold() in folded:
         return folded.index(text.casefold())
-    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names):
+    # digits are an index, except where the classes are numbers themselves: "0" among classes "1".."10" is
+    # neither, rather than index 0 (class "1") read one way and "3" (index 2) the other
+    numeric = all(c.strip().lstrip("-").isdigit() for c in names)
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(names) and not numeric:
         return int(text)
     shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
     raise UserError(f"unknown class {target!r}; use 0-{len(names) - 1} or one of {shown}")
@@ -857,7 +860,8 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     from ..runtime import default_device, parse_device
 
     check_options(options, CONTRACT + tuple(o for o in RUNTIME_OPTIONS if o != "mode") + APPROX_OPTIONS,
-                  "make_engine (and occlusion_map)")
+                  "make_engine (and occlusion_map)",
+                  also=("k", "stride", "backend", "mode", "device", "chunk", "target", "baseline", "resize"))
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -866,11 +870,16 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
     contract = {key: options.pop(key) for key in CONTRACT if key in options}
     contract = {key: v for key, v in contract.items() if v is not None}
     if "source" not in cache:
+        from ..source import ModelSource, resolve_source
+
+        if contract and (_is_runtime(model) or isinstance(model, ModelSource)):
+            # the contract is settled when a model is resolved; here it would be dropped silently
+            raise UserError(f"{', '.join(sorted(contract))} apply when a model is opened; this "
+                            f"{'Runtime' if _is_runtime(model) else 'ModelSource'} has its contract already "
+                            f"(give them to open_runtime / resolve_source, or pass the model itself)")
         if _is_runtime(model):
             cache["runtime"], cache["source"], cache["given_runtime"] = model, model.source, True
         else:
-            from ..source import ModelSource, resolve_source
-
             cache["source"] = model if isinstance(model, ModelSource) else resolve_source(model, **contract)
     source = cache["source"]
     check_window(k, stride, source.input_size)
@@ -943,7 +952,11 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
         fixed = resolve_target(targets, classes)
         tgt = predicted if fixed is None else torch.full_like(predicted, fixed)
     else:
-        tgt = torch.tensor([resolve_target(t, classes) for t in targets], device=predicted.device)
+        if len(targets) != len(images):
+            raise UserError(f"{len(targets)} targets for {len(images)} images")
+        # None in the list: that image's clean prediction
+        tgt = torch.tensor([int(predicted[b]) if t is None else resolve_target(t, classes)
+                            for b, t in enumerate(targets)], device=predicted.device)
     if len(tgt) != len(images):
         raise UserError(f"{len(tgt)} targets for {len(images)} images")
     if len(tgt) and int(tgt.max()) >= clean.shape[1]:

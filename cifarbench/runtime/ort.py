@@ -101,8 +101,9 @@ class OrtRuntime(Runtime):
         if self.precision == "int8":
             self.name = "onnx-int8"
         self.input_name = contract["input"]
-        # a graph exported with a fixed batch N runs N images a call: larger batches are split, smaller padded
-        self.fixed_batch = self.max_batch = contract["batch"]
+        # a graph exported with a fixed batch N runs N images a call: larger batches are split, smaller padded;
+        # so does a graph that declares a dynamic batch but runs one image only (found when its source was probed)
+        self.fixed_batch = self.max_batch = contract["batch"] or self.source.fixed_batch
         self.output_names = [o.name for o in proto.graph.output]
         providers = choose_providers(self.device, available_providers(), tensorrt_ep)
         try:
@@ -129,7 +130,13 @@ class OrtRuntime(Runtime):
         """Every graph output (probe graphs have several) for a checked, contiguous batch on ``self.device``."""
         if self.device.type == "cuda":
             return self._run_bound(batch)
-        results = self.session.run(self.output_names, {self.input_name: batch.numpy()})
+        try:
+            results = self.session.run(self.output_names, {self.input_name: batch.numpy()})
+        except Exception as exc:  # noqa: BLE001  (ORT's own error types: the graph failed on this input)
+            from ..errors import error_reason
+
+            raise UserError(f"{self.source.name} failed on a batch of {tuple(batch.shape)} in onnxruntime: "
+                            f"{error_reason(exc)}") from None
         return {name: torch.from_numpy(value) for name, value in zip(self.output_names, results)}
 
     def _run(self, batch: torch.Tensor) -> torch.Tensor:

@@ -123,6 +123,25 @@ def test_a_failed_export_is_one_warning_line_and_nothing_else(capfd):
     assert "data-dependent" in lines[0] and lines[0].endswith("running it on torch instead")
 
 
+def test_an_export_its_own_checker_refuses_falls_back_to_torch(capfd):
+    """torch's exporter writes ceil-mode pools with padding whose shapes ONNX's checker refuses (9 vs 8): under
+    ``auto`` that is one warning and the torch runtime, not a traceback."""
+    from cifarbench.artifacts import open_runtime
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.AvgPool2d(2, 2, padding=1,
+                                                                                     ceil_mode=True),
+                                torch.nn.Conv2d(4, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32))  # the lazy layer takes its size
+    capfd.readouterr()
+    runtime = open_runtime(model.eval(), "auto", device="cpu")
+    err = capfd.readouterr().err
+    assert runtime.name == "torch"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: cannot export") and "checker" in lines[0], err
+
+
 def test_export_writes_out_path(tmp_path):
     out = export(random_model("net1"), to="onnx", out=tmp_path / "sub" / "m.onnx")
     assert out.is_file() and read_metadata(load_onnx(out))["net"] == "net1"

@@ -130,7 +130,11 @@ def to_onnx_proto(model) -> "onnx.ModelProto":  # noqa: F821
     except Exception as exc:  # the exporters raise many types for an op or a control flow they cannot trace
         raise UserError(f"cannot export {source.name} to ONNX: {_reason(exc)}; use --backend torch") from None
     set_metadata(proto, model_metadata(source))
-    onnx.checker.check_model(proto, full_check=True)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # noqa: BLE001  (the exporter wrote a graph its own checker refuses: ceil-mode pools)
+        raise UserError(f"cannot export {source.name} to ONNX: the exported graph fails ONNX's checker "
+                        f"({_reason(exc)}); use --backend torch") from None
     return proto
 
 

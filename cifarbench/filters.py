@@ -7,9 +7,13 @@ count (output channels), kernel, stride and receptive field, from the geometry, 
 its own: ``r_out = r_in + (k - 1) * j_in``, ``j_out = j_in * s`` (``k`` the dilated kernel), ``start_out = start_in
 + ((k - 1) / 2 - p) * j_in``; where paths join (a residual add, a concat) the field is the union of the paths'
 fields (the largest one where they are centred alike: max over paths). An adaptive pool is followed where it is a
-fixed pool (input side divisible by output side); after any op whose geometry is not known exactly (an
-interpolation, a pixel shuffle, a reshape, an adaptive pool that is not a fixed window, paths of different strides
-meeting) the geometry of every conv downstream is unknown (None), never guessed.
+fixed pool (input side divisible by output side), a mean or max over both spatial axes (keeping them) as a global
+pool, constant padding (``ZeroPad2d``, ``F.pad``, an ONNX ``Pad`` in constant mode) as a shift, ``start -= pad_begin
+* j``; a ceil-mode pool drops a last window that would start in the end padding (PyTorch's rule, which ONNX Runtime
+follows and ONNX shape inference does not: sizes come from this arithmetic first). After any op whose geometry is
+not known exactly (an interpolation, a pixel shuffle, a reshape, reflect padding, an adaptive pool that is not a
+fixed window, paths of different strides meeting, e.g. a map times a globally pooled gate) the geometry of every conv
+downstream is unknown (None), never guessed; such a conv is still listed (and can be selected, zeroed and mined).
 
 A selection is a tuple of ``(layer, filter)`` pairs in net order (layer order, then filter index), without
 duplicates, so the same filters always give the same cache keys, tables and file names. The report's default
@@ -433,9 +437,10 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
     """Per conv (module path, or graph node name for a conv call), its per-axis ``(rf, jump, start)`` and output
     size from a ``torch.fx`` graph (a ``torch.export`` program's, or a symbolic trace), with shapes from running it
     once on zeros. Only ops whose geometry is known exactly are followed: convs, fixed pools, adaptive pools where
-    they are fixed pools (input divisible by output), element-wise and per-channel ops; after anything else (an
-    interpolation, a pixel shuffle, a reshape, a pool that is not a fixed window) positions no longer map to input
-    pixels, and every conv downstream gets an unknown geometry, never a guessed one."""
+    they are fixed pools (input divisible by output), spatial means/maxes kept as 1x1 maps (global pools), constant
+    padding, element-wise and per-channel ops; after anything else (an interpolation, a pixel shuffle, a reshape, a
+    pool that is not a fixed window) positions no longer map to input pixels, and every conv downstream gets an
+    unknown geometry, never a guessed one. Every conv call of a graph is in ``graph_convs``, known or not."""
     import torch
     from torch import fx
 
@@ -493,6 +498,39 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
         d = (_pair(a.get("dilation", 1)) or (1, 1)) if dilation else (1, 1)
         return window(prev, k, s, p, d)
 
+    def conv_call(n):
+        """(arguments by name, weight node, weight shape or None) of a conv call."""
+        a = _args(n, _CONVOLUTION_ARGS if _fname(n.target) == "convolution" else _CONV_ARGS)
+        w = a.get("weight")
+        wshape = shapes.get(w) if isinstance(w, fx.Node) else None
+        if isinstance(w, fx.Node) and w.op == "get_attr":
+            try:
+                wshape = tuple(fetch_attr(gm, w.target).shape)
+            except AttributeError:
+                pass
+        return a, w, wshape
+
+    def pad_geo(prev, n, pads, mode="constant"):
+        """Constant padding (``F.pad``, ``ZeroPad2d``, ``aten.constant_pad_nd``): pads ``(left, right, top,
+        bottom, ...)``, the last axis first. Position 0 moves ``pad_begin`` positions before the old one: start -=
+        pad_begin * jump, rf and jump unchanged (a negative pad crops: the same formula). Reflect, replicate and
+        circular padding copy pixels to other positions: unknown."""
+        if mode not in ("constant", None):
+            return _Unknown(f"{mode} padding ({n.name}) copies pixels to other positions")
+        pads = list(pads) if isinstance(pads, (list, tuple)) else None
+        if not pads or len(pads) % 2 or not all(isinstance(v, int) for v in pads):   # a computed pad: unknown
+            return _Unknown(f"padding {pads!r} ({n.name})")
+        begin = (pads[2] if len(pads) >= 4 else 0, pads[0])   # (height, width)
+        return tuple((rf, j, st - begin[a] * j) for a, (rf, j, st) in enumerate(prev))
+
+    def global_reduce(prev, n, dims, keepdim):
+        """``x.mean((2, 3), keepdim=True)`` and friends: one window over the whole map (a global pool)."""
+        src = hw(n.all_input_nodes[0]) if n.all_input_nodes else None
+        dims = [dims] if isinstance(dims, int) else list(dims or ())
+        if src is None or not keepdim or sorted(d % 4 for d in dims) != [2, 3]:
+            return _Unknown(f"{_fname(n.target) if n.op == 'call_function' else n.target} ({n.name})")
+        return window(prev, src, src, (0, 0))
+
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             if not state:
@@ -513,7 +551,11 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
             if n.op == "call_module" and isinstance(mods.get(n.target), torch.nn.Conv2d):
                 conv_key = n.target
             elif n.op == "call_function" and _fname(n.target) in ("conv2d", "convolution"):
-                conv_key = n.name
+                a, w, wshape = conv_call(n)
+                if not a.get("transposed") and wshape is not None and len(wshape) == 4:
+                    conv_key = n.name
+                    if isinstance(w, fx.Node) and w.op == "get_attr":   # listed, its geometry unknown
+                        geo.graph_convs.append(_graph_conv(gm, n, w, a, wshape))
         elif n.op == "call_module":
             m = mods.get(n.target)
             if isinstance(m, torch.nn.Conv2d):
@@ -531,6 +573,8 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
                                dilation=False)
             elif isinstance(m, (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)):
                 new = adaptive(prev, n, m.output_size, type(m).__name__)
+            elif isinstance(m, torch.nn.ConstantPad2d):   # ZeroPad2d too
+                new = pad_geo(prev, n, m.padding)
             elif _pointwise_module(m):
                 new = _join_shapes(known, n, shapes, carriers)
             else:
@@ -538,14 +582,7 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
         elif n.op in ("call_function", "call_method"):
             name = _fname(n.target) if n.op == "call_function" else n.target
             if name in ("conv2d", "convolution"):
-                a = _args(n, _CONVOLUTION_ARGS if name == "convolution" else _CONV_ARGS)
-                w = a.get("weight")
-                wshape = shapes.get(w) if isinstance(w, fx.Node) else None
-                if w is not None and isinstance(w, fx.Node) and w.op == "get_attr":
-                    try:
-                        wshape = tuple(fetch_attr(gm, w.target).shape)
-                    except AttributeError:
-                        pass
+                a, w, wshape = conv_call(n)
                 if a.get("transposed"):
                     new = _Unknown(f"transposed convolution {n.name}")
                 elif wshape is None or len(wshape) != 4:
@@ -561,6 +598,12 @@ def _fx_geometry(module, size: int, batch: int = 1) -> _Geometry:
                 new = pool_geo(prev, _args(n, _AVGPOOL_ARGS), dilation=False)
             elif name in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"):
                 new = adaptive(prev, n, _args(n, _ADAPTIVE_ARGS).get("output_size"), name)
+            elif name in ("pad", "constant_pad_nd"):
+                a = _args(n, ("input", "pad", "mode", "value") if name == "pad" else ("input", "pad", "value"))
+                new = pad_geo(prev, n, a.get("pad"), a.get("mode", "constant"))
+            elif name in ("mean", "amax", "sum") and len(n.all_input_nodes) == 1:
+                a = _args(n, ("input", "dim", "keepdim"))
+                new = global_reduce(prev, n, a.get("dim"), a.get("keepdim", False))
             elif name in ("cat", "concat", "concatenate"):
                 a = _args(n, ("tensors", "dim"))
                 dim = a.get("dim", 0)
@@ -738,11 +781,59 @@ def onnx_layer_table(proto, size: int, name: str = "model", zoo: bool = False) -
     def attrs(node):
         return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
-    def side_of(t, fallback):
+    def side_of(t, arith):
+        """(H, W) of tensor ``t``: the geometry's own arithmetic where it has one (shape inference does not follow
+        ONNX Runtime's and PyTorch's ceil-mode rule), else shape inference's, else None."""
+        if arith and None not in arith:
+            return tuple(int(v) for v in arith)
         s = shapes.get(t)
         if s and len(s) == 4 and s[2] and s[3]:
             return (int(s[2]), int(s[3]))
-        return fallback
+        return None
+
+    producers = {o: n for n in g.node for o in n.output}
+    folded: dict = {}
+
+    def constant(t):
+        """The value of tensor ``t`` when it depends on no graph input (an initializer, a Constant, or a small
+        subgraph of them, e.g. the legacy exporter's computed Pad amounts, folded here), else None."""
+        if not t:
+            return None
+        if t in folded:
+            return folded[t]
+        from onnx import numpy_helper
+
+        value = None
+        try:
+            if t in inits:
+                value = numpy_helper.to_array(next(i for i in g.initializer if i.name == t))
+            elif t in producers and producers[t].op_type == "Constant":
+                value = numpy_helper.to_array(producers[t].attribute[0].t) \
+                    if producers[t].attribute[0].name == "value" else None
+            elif t in producers:
+                needed, todo = {}, [t]
+                while todo and len(needed) <= 64:
+                    n = producers.get(todo.pop())
+                    if n is None or n.name + "/" + n.output[0] in needed:
+                        continue
+                    if n.op_type in ("Shape", "Size") or any(i in graph_in for i in n.input):
+                        return None   # depends on the image: not a constant
+                    needed[n.name + "/" + n.output[0]] = n
+                    todo += [i for i in n.input if i and i not in inits]
+                if todo or not needed:
+                    return None
+                from onnx.reference import ReferenceEvaluator
+
+                order = [n for n in g.node if (n.name + "/" + n.output[0]) in needed]
+                used = {i for n in order for i in n.input}
+                sub = onnx.helper.make_graph(order, "const", [], [onnx.helper.make_tensor_value_info(t, 0, None)],
+                                             [i for i in g.initializer if i.name in used])
+                model = onnx.helper.make_model(sub, opset_imports=list(proto.opset_import))
+                value = ReferenceEvaluator(model).run(None, {})[0]
+        except Exception:   # noqa: BLE001  (external data, an op the evaluator lacks...): not known
+            value = None
+        folded[t] = value
+        return value
 
     def window(prev, node, k, s, d, pads, auto, ceil):
         axes, hw = prev
@@ -765,10 +856,41 @@ def onnx_layer_table(proto, size: int, name: str = "model", zoo: bool = False) -
             new_axes.append(_axis_step(axes[a], int(k[a]), int(s[a]), pad_lo, int(d[a])))
             if side is not None:
                 num = side + pad_lo + pad_hi - keff
-                new_hw.append((-(-num // int(s[a])) if ceil else num // int(s[a])) + 1)
+                out = (-(-num // int(s[a])) if ceil else num // int(s[a])) + 1
+                if ceil and (out - 1) * int(s[a]) >= side + pad_lo:
+                    out -= 1   # a last window starting in the end padding is dropped (PyTorch's, ORT's rule)
+                new_hw.append(out)
             else:
                 new_hw.append(None)
         return tuple(new_axes), tuple(new_hw)
+
+    def pad_state(prev, node, a, where):
+        """A constant-mode Pad: per axis, position 0 moves ``pad_begin`` positions before the old one (start -=
+        pad_begin * jump) and the side grows by both pads; any other mode, or amounts that are not constants:
+        unknown."""
+        mode = a.get("mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            return _Unknown(f"Pad {where} in {mode} mode copies pixels to other positions")
+        pads = a.get("pads")
+        if pads is None and len(node.input) > 1:
+            pads = constant(node.input[1])
+        axes_in = constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if pads is None:
+            return _Unknown(f"Pad {where} by amounts that are not constants")
+        pads = [int(v) for v in pads]
+        rank = len(pads) // 2
+        which = [int(v) % 4 for v in axes_in] if axes_in is not None else list(range(4 - rank, 4)) \
+            if rank <= 4 else None
+        if which is None or len(which) != rank:
+            return _Unknown(f"Pad {where} of an unexpected rank")
+        begin = {ax: pads[i] for i, ax in enumerate(which)}
+        end = {ax: pads[i + rank] for i, ax in enumerate(which)}
+        axes, hw = prev
+        new_axes = tuple((rf, j, st - begin.get(2 + i, 0) * j) for i, (rf, j, st) in enumerate(axes))
+        new_hw = tuple(None if not hw or hw[i] is None else hw[i] + begin.get(2 + i, 0) + end.get(2 + i, 0)
+                       for i in range(2))
+        return new_axes, new_hw
 
     count = 0
     for node in g.node:
@@ -801,8 +923,21 @@ def onnx_layer_table(proto, size: int, name: str = "model", zoo: bool = False) -
                 out_state = (tuple(_axis_step(axes[i], hw[i], hw[i], 0) for i in range(2)), (1, 1))
             else:
                 out_state = _Unknown(f"{node.op_type} {where} on an input of unknown size")
+        elif node.op_type == "Pad":
+            out_state = pad_state(ins[0], node, a, where)
+        elif node.op_type in ("ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2"):
+            axes, hw = ins[0]
+            red = a.get("axes")
+            if red is None and len(node.input) > 1:
+                red = constant(node.input[1])
+            red = sorted(int(v) % 4 for v in red) if red is not None else None
+            if red == [2, 3] and a.get("keepdims", 1) and hw and None not in hw:   # a global pool
+                out_state = (tuple(_axis_step(axes[i], hw[i], hw[i], 0) for i in range(2)), (1, 1))
+            else:
+                out_state = _Unknown(f"{node.op_type} {where}")
         elif node.op_type in _ONNX_POINTWISE or (node.op_type == "Concat" and a.get("axis") in (1, -3)):
-            in_sizes = {side_of(t, None) for t in node.input if t in state}
+            in_sizes = {side_of(t, state[t][1]) for t in node.input
+                        if t in state and not isinstance(state[t], _Unknown)}
             in_sizes.discard(None)
             if len(in_sizes) > 1:
                 out_state = _Unknown(f"inputs of different spatial sizes meet at {where}")

@@ -93,7 +93,36 @@ class Tiny(nn.Module):             # conv1 + BN, max-pool, a grouped conv in nes
         x = F.relu(self.dw(self.block(x)))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
+class CeilPool(nn.Module):         # c1 3x3 s2 (32 -> 15), AvgPool2d(2, 2, padding=1, ceil_mode=True) (15 -> 8), c2 3x3
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, stride=2); self.pool = nn.AvgPool2d(2, 2, padding=1, ceil_mode=True)
+        self.c2 = nn.Conv2d(4, 4, 3); self.fc = nn.Linear(4, num_classes)
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(self.pool(F.relu(self.c1(x))))).mean((2, 3)))
+
+class Padded(nn.Module):           # ZeroPad2d (left 1, top 2) -> a 3x3 -> F.pad 1 all round -> b 3x3 stride 2
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.pad = nn.ZeroPad2d((1, 0, 2, 0)); self.a = nn.Conv2d(3, 4, 3)
+        self.b = nn.Conv2d(4, 4, 3, stride=2); self.fc = nn.Linear(4, num_classes)
+    def forward(self, x):
+        x = F.pad(F.relu(self.a(self.pad(x))), (1, 1, 1, 1))
+        return self.fc(F.relu(self.b(x)).mean((2, 3)))
+
+class Gated(nn.Module):            # squeeze-and-excitation: c1, global mean -> fc 1x1 -> sigmoid, c1 * gate -> c2
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 3, padding=1); self.fc = nn.Conv2d(4, 4, 1)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1); self.out = nn.Linear(4, num_classes)
+    def forward(self, x):
+        y = self.c1(x)
+        g = torch.sigmoid(self.fc(y.mean((2, 3), keepdim=True)))
+        return self.out(F.relu(self.c2(y * g)).mean((2, 3)))
+
 def adaptive(num_classes=10): return AdaptiveMid(num_classes)
+def ceilpool(num_classes=10): return CeilPool(num_classes)
+def padded(num_classes=10): return Padded(num_classes)
 def ragged(num_classes=10): return Ragged(num_classes)
 def upsampled(num_classes=10): return Upsampled(num_classes)
 def separable(num_classes=10): return Separable(num_classes)
@@ -527,3 +556,208 @@ def test_torch_probe_feeds_a_fixed_batch_graph_exactly(arch):
     s, am, mx = got["conv1"]
     assert s.shape == (10, 8) and torch.allclose(s, want.sum((2, 3)), atol=1e-3)
     assert torch.allclose(mx, want.flatten(2).amax(2), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- every conv listed
+def _pt2(net, path, batch=2, dynamic=True):
+    shapes = ({0: torch.export.Dim("n")},) if dynamic else None
+    ep = torch.export.export(net, (torch.zeros(batch, 3, 32, 32),), dynamic_shapes=shapes)
+    torch.export.save(ep, str(path))
+    return path
+
+
+def test_pt2_lists_every_conv_after_an_op_of_unknown_geometry(arch, tmp_path, capsys):
+    # an interpolation between conv1 and conv2: conv2's field is unknown, but conv2 is still a conv layer of the
+    # program (it was dropped: `layers` listed conv1 alone, `mine conv2:0` said "unknown layer", --all mined half)
+    net = _net(arch, "Upsampled")
+    path = _pt2(net, tmp_path / "up.pt2")
+    code, out, err = run_cli(capsys, "layers", path, "--json")
+    assert code in (0, None), err
+    layers = {d["name"]: d for d in json.loads(out)["layers"]}
+    assert list(layers) == ["conv1", "conv2"]
+    assert layers["conv1"]["receptive_field"] == 3 and layers["conv2"]["receptive_field"] is None
+    assert layers["conv2"]["filters"] == 4 and layers["conv2"]["out_hw"] == [62, 62]   # 64 - 2
+    code, out, err = run_cli(capsys, "mine", path, "--all", "--top", "1", "--show", "0", *DATA, "--json")
+    assert code in (0, None), err
+    got = json.loads(out)
+    assert [(f["layer"], f["filter"]) for f in got["filters"]] == [(c, j) for c in ("conv1", "conv2")
+                                                                   for j in range(4)]
+    assert all(t["patch"] is None for f in got["filters"] if f["layer"] == "conv2" for t in f["top"])
+    assert got["receptive_fields"] == {"conv1": 3, "conv2": None}
+
+
+# ------------------------------------------------------------------------------------------- constant padding
+# ZeroPad2d (left 1, top 2): start (0.5 - 2, 0.5 - 1) = (-1.5, -0.5), input 34 x 33; a k3: r 3, start (-0.5, 0.5),
+# out 32 x 31; F.pad 1: start (-1.5, -0.5), 34 x 33; b k3 s2: r 5, j 2, start (-0.5, 0.5), out 16 x 16
+PADDED = {"a": ((3, 3), (1, 1), (-0.5, 0.5), (32, 31)), "b": ((5, 5), (2, 2), (-0.5, 0.5), (16, 16))}
+
+
+def _geo4(layer):
+    return layer.rf_hw, layer.jump_hw, layer.start_hw, layer.out_hw
+
+
+def test_constant_padding_has_exact_geometry_in_every_format(arch, tmp_path):
+    import onnx
+
+    from cifarbench.source import resolve_source
+
+    net = _net(arch, "Padded")
+    assert {n: _geo4(layer) for n, layer in layer_table(net, 32).layers.items()} == PADDED
+    program = layer_table(resolve_source(str(_pt2(net, tmp_path / "padded.pt2"))))
+    assert {n: _geo4(layer) for n, layer in program.layers.items()} == PADDED   # was: no conv layers at all
+    path = tmp_path / "padded.onnx"   # the legacy exporter computes F.pad's amounts in a small subgraph
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False)
+    graph = onnx_layer_table(onnx.load(str(path)), 32)
+    assert any(n.op_type == "Pad" for n in onnx.load(str(path)).graph.node)
+    assert [_geo4(layer) for layer in graph.layers.values()] == list(PADDED.values())
+    assert not graph.note and not program.note
+    # b at (0, 0): rows -0.5 +- 2.5 -> -3..2 clipped to 0..2; columns 0.5 +- 2.5 -> -2..3 clipped to 0..3
+    assert receptive_patch(graph[list(graph.layers)[1]], 0, 0, 32) == (0, 0, 2, 3)
+
+
+def test_reflect_padding_stays_unknown():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(torch.nn.functional.pad(self.a(x), (1, 1, 1, 1), mode="reflect"))
+
+    table = layer_table(Net().eval(), 32)
+    assert table["a"].rf == 3 and table["b"].rf is None and "reflect" in table.note
+
+
+def test_ablate_on_a_pt2_that_starts_with_padding(arch, tmp_path, capsys):
+    net = _net(arch, "Padded")
+    path = _pt2(net, tmp_path / "padded.pt2")
+    code, out, err = run_cli(capsys, "ablate", path, "a:0-3", *DATA, "--json")
+    assert code in (0, None), err
+    from cifarbench.data import load_split
+
+    data = load_split("synthetic:100", "test")
+    variant = copy.deepcopy(net)
+    with torch.no_grad():
+        variant.a.weight.zero_()
+        after = variant(data.float_images()).argmax(1).numpy()
+    assert json.loads(out)["after"]["accuracy"] == pytest.approx(np.mean(after == data.labels.numpy()))
+
+
+# ------------------------------------------------------------------------------------------- global pools, gates
+# c1 k3 p1: r 3, j 1, start 0.5, 32 x 32; the mean over (2, 3) is one 32 x 32 window: r 3 + 31 = 34, j 32,
+# start 0.5 + 15.5 = 16.0; fc 1x1 keeps it; c2 reads c1 * gate (a 32 x 32 map times a 1 x 1 one): unknown
+GATED_FC = ((34, 34), (32, 32), (16.0, 16.0), (1, 1))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "legacy", "legacy18"])
+def test_global_mean_is_a_global_pool_and_a_gate_is_unknown_everywhere(arch, tmp_path, fmt):
+    import onnx
+
+    net = _net(arch, "Gated")
+    if fmt == "torch":
+        table = layer_table(net, 32)
+    else:   # ReduceMean with axes as an attribute (opset 17) or as an input (opset 18, as the dynamo exporter)
+        path = tmp_path / f"{fmt}.onnx"
+        torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
+                          opset_version=18 if fmt == "legacy18" else 17)
+        proto = onnx.load(str(path))
+        assert any(n.op_type == "ReduceMean" for n in proto.graph.node)
+        table = onnx_layer_table(proto, 32)
+    c1, fc, c2 = table.layers.values()
+    assert _geo4(fc) == GATED_FC and _geo4(c1)[0] == (3, 3)
+    assert not c2.geometry_known and "different spatial sizes" in table.note
+
+
+# ------------------------------------------------------------------------------------------- ceil-mode pools
+# c1 k3 s2: 32 -> 15, r 3, j 2, start 1.5. AvgPool2d(2, 2, padding=1, ceil_mode=True) on 15: ceil((15 + 2 - 2) / 2)
+# + 1 = 9 windows, but the last starts at 8 * 2 = 16 >= 15 + 1, inside the end padding: dropped (PyTorch's rule,
+# which ONNX Runtime follows; ONNX shape inference says 9): 8; r 3 + 1 * 2 = 5, j 4, start 1.5 + (0.5 - 1) * 2 = 0.5.
+# c2 k3: 8 -> 6, r 5 + 2 * 4 = 13, j 4, start 0.5 + 1 * 4 = 4.5
+CEIL_C2 = ((13, 13), (4, 4), (4.5, 4.5), (6, 6))
+
+
+@pytest.fixture(scope="module")
+def ceil_onnx(arch, tmp_path_factory):
+    net = _net(arch, "CeilPool")
+    path = tmp_path_factory.mktemp("ceil") / "ceil.onnx"
+    torch.onnx.export(net, (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False)
+    return net, path
+
+
+def test_ceil_mode_pool_drops_a_window_starting_in_the_padding(arch, ceil_onnx):
+    import onnx
+
+    net, path = ceil_onnx
+    with torch.no_grad():
+        assert net.c2(net.pool(net.c1(torch.zeros(1, 3, 32, 32)))).shape[-2:] == (6, 6)   # torch agrees
+    assert _geo4(layer_table(net, 32)["c2"]) == CEIL_C2
+    c1, c2 = onnx_layer_table(onnx.load(str(path)), 32).layers.values()
+    assert _geo4(c2) == CEIL_C2 and c1.out_hw == (15, 15)
+
+
+def test_mine_decodes_positions_with_the_probed_maps_width(ceil_onnx, capsys):
+    net, path = ceil_onnx
+    code, out, err = run_cli(capsys, "mine", path, "/c2/Conv:1", "--top", "3", "--show", "0", *DATA, "--json")
+    assert code in (0, None), err
+    from cifarbench.data import load_split
+
+    data = load_split("synthetic:100", "test")
+    with torch.no_grad():
+        m = net.c2(net.pool(torch.relu(net.c1(data.float_images()))))[:, 1]     # [N, 6, 6]
+    resp = m.sum((1, 2))
+    order = sorted(range(len(data)), key=lambda i: (-resp[i].item(), i))[:3]
+    top = json.loads(out)["filters"][0]["top"]
+    assert [t["index"] for t in top] == order
+    for t in top:
+        y, x = divmod(int(m[t["index"]].flatten().argmax()), 6)
+        cy, cx = 4.5 + 4 * y, 4.5 + 4 * x                                        # r 13: +- 6.5
+        assert t["patch"] == [max(round(cy - 6.5), 0), max(round(cx - 6.5), 0), min(round(cy + 6.5), 32),
+                              min(round(cx + 6.5), 32)]
+
+
+def test_onnx_probe_reports_the_width_it_read(ceil_onnx):
+    # ONNX Runtime folds a Shape node into shape inference's 7: the probe counts the row it computed instead
+    from cifarbench.analysis.mining import probe_for
+    from cifarbench.runtime import open_runtime
+    from cifarbench.source import resolve_source
+
+    source = resolve_source(str(ceil_onnx[1]))
+    rt = open_runtime(source, backend="onnxruntime", device="cpu")
+    probe = probe_for(rt, source)
+    probe(torch.rand(3, 3, 32, 32))
+    assert probe.widths == {"/c1/Conv": 15, "/c2/Conv": 6}
+
+
+# ------------------------------------------------------------------------------------------- static-batch .pt2
+def test_ablate_a_static_batch_pt2_keeps_its_batch(arch, tmp_path, capsys):
+    # exported for exactly 4 images: the zeroed variant must be fed 4 at a time too, like the program itself
+    net = _net(arch, "Tiny", seed=5)
+    path = _pt2(net, tmp_path / "tiny4.pt2", batch=4, dynamic=False)
+    code, out, err = run_cli(capsys, "ablate", path, "conv1:0-7", "--zero-bias", *DATA, "--json")
+    assert code in (0, None), err
+    from cifarbench.data import load_split
+
+    data = load_split("synthetic:100", "test")
+    variant = copy.deepcopy(net)
+    with torch.no_grad():
+        variant.conv1.weight.zero_(), variant.conv1.bias.zero_()
+        after = variant(data.float_images()).argmax(1).numpy()
+    assert json.loads(out)["after"]["accuracy"] == pytest.approx(np.mean(after == data.labels.numpy()))
+
+
+def test_mine_a_ceil_mode_model_on_the_default_backend(arch, tmp_path, capsys):
+    # the ONNX exporter writes ceil-mode shapes its own checker refuses: auto runs the model on torch, one warning
+    net, model = _saved(arch, tmp_path, "ceilpool", "CeilPool")
+    code, out, err = run_cli(capsys, "mine", *model, "c2:1", "--top", "1", "--show", "0", *DATA, "--json")
+    assert code in (0, None) and "Traceback" not in err, err
+    from cifarbench.data import load_split
+
+    data = load_split("synthetic:100", "test")
+    with torch.no_grad():
+        m = net.c2(net.pool(torch.relu(net.c1(data.float_images()))))[:, 1]
+    best = int(m.sum((1, 2)).argmax())
+    y, x = divmod(int(m[best].flatten().argmax()), 6)
+    top = json.loads(out)["filters"][0]["top"][0]
+    cy, cx = 4.5 + 4 * y, 4.5 + 4 * x
+    assert top["index"] == best and top["patch"] == [max(round(cy - 6.5), 0), max(round(cx - 6.5), 0),
+                                                    min(round(cy + 6.5), 32), min(round(cx + 6.5), 32)]

@@ -193,6 +193,20 @@ def zero_bias_note(model, table, selection: Selection) -> dict | None:
     return {"zeroed": zeroed, "note": FUSED_BIAS_NOTE}
 
 
+def variant_source(source, selection: Selection, zero_bias: bool = False, table=None):
+    """``source`` (a :class:`cifarbench.source.ModelSource` with a torch module) with its module replaced by the
+    filter-zeroed copy, everything else of its contract kept (fixed batch, classes, mean/std, input size), and a
+    digest of its own (the source's digest, the selection and ``zero_bias``)."""
+    import dataclasses
+    import hashlib
+
+    from ..filters import format_selection
+
+    zeroed = zeroed_model(source.module, selection, zero_bias, source if table is None else table)
+    key = f"{source.digest}|zeroed:{format_selection(tuple(selection))}|zero_bias={bool(zero_bias)}"
+    return dataclasses.replace(source, module=zeroed, digest=hashlib.sha256(key.encode()).hexdigest())
+
+
 def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = False):
     """The same backend running the filter-zeroed variant. A runtime with a torch module: a zeroed deep copy of
     it (opened with the same backend, device and precision: a compiled backend compiles the variant). Without
@@ -208,9 +222,12 @@ def variant_runtime(runtime, table, selection: Selection, zero_bias: bool = Fals
     source = getattr(runtime, "source", None)
     backend = getattr(runtime, "backend", None) or runtime.name
     opts = {"device": runtime.device, "precision": getattr(runtime, "precision", "fp32")}
+    if source is not None and getattr(source, "module", None) is not None and hasattr(source, "digest"):
+        # the source's own module zeroed, under the source's whole contract (fixed batch, classes, mean/std, input
+        # size): a fresh in-memory module would lose the contract (a static-batch .pt2 runs only its batch). Its
+        # digest names the variant, so a compiled backend's cache never hands back the unzeroed model's artifact.
+        return open_runtime(variant_source(source, selection, zero_bias, table), backend=backend, **opts)
     module = torch_module_of(runtime)
-    if module is None and source is not None and getattr(source, "module", None) is not None:
-        module = source.torch_module()   # a compiled runtime of a torch model: compile the zeroed module
     if module is not None:
         return open_runtime(zeroed_model(module, selection, zero_bias, table), backend=backend, **opts)
     graph = onnx_graph_of(runtime)

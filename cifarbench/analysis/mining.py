@@ -2,13 +2,14 @@
 
 One pass over the data serves every layer. Per batch a *probe* returns, for every conv layer, three [B, C]
 tensors reduced on the runtime's device: the response (spatial sum of the pre-ReLU map), the flat position of its
-first maximum and the maximum itself. The map of a conv layer is its output, or the output of the BatchNorm that
-is the conv's only consumer (for the zoo nets: the pre-ReLU map after BN, as in the report). The torch probe reads
-the maps with forward hooks on a copy of the model; the ONNX probe is the runtime's own graph
-(``onnx_graph()``) with those reductions as extra outputs, opened by ``runtime.variant`` (same device and
-contract). Layers are named as :mod:`cifarbench.filters` names them. Top-K is a streaming selection: the running K
-best are merged with each batch by a stable sort, so memory does not grow with the data and ties go to the lower
-image index.
+first maximum and the maximum itself; the probe's ``widths`` say how wide each map it read was, and the flat
+positions are decoded with that width (not the layer table's, nor ONNX shape inference's). The map of a conv
+layer is its output, or the output of the BatchNorm that is the conv's only consumer (for the zoo nets: the
+pre-ReLU map after BN, as in the report). The torch probe reads the maps with forward hooks on a copy of the model;
+the ONNX probe is the runtime's own graph (``onnx_graph()``) with those reductions as extra outputs, opened by
+``runtime.variant`` (same device and contract). Layers are named as :mod:`cifarbench.filters` names them. Top-K is
+a streaming selection: the running K best are merged with each batch by a stable sort, so memory does not grow with
+the data and ties go to the lower image index.
 """
 from __future__ import annotations
 
@@ -46,14 +47,17 @@ def torch_probe(net, channels_last: bool = False, table=None, fixed_batch: int |
     param = next(iter(net.parameters()), None)
     mods = dict(net.named_modules())
 
+    widths: dict[str, int] = {}
+
     def hook(layer):
         def fn(_module, _inputs, output):
             found[layer] = reduce_map(output)
+            widths[layer] = int(output.shape[-1])
         return fn
 
     graph_layers = [layer for layer in table if table[layer].node is not None]
     if graph_layers:   # a torch.export program: its convs are calls in its graph, recorded by calls added after them
-        _record_in_graph(net, table, graph_layers, found)
+        _record_in_graph(net, table, graph_layers, found, widths)
     for layer in table:
         if table[layer].node is not None:
             continue
@@ -89,12 +93,13 @@ def torch_probe(net, channels_last: bool = False, table=None, fixed_batch: int |
             parts.append({k: tuple(t[:len(chunk) - pad] for t in v) for k, v in run(chunk).items()})
         return {k: tuple(torch.cat([p[k][i] for p in parts]) for i in range(3)) for k in parts[0]}
 
+    probe.widths = widths   # the width of each map probed: what decodes its flat argmax (filled by each call)
     return probe
 
 
-def _record_in_graph(net, table, layers, found: dict) -> None:
+def _record_in_graph(net, table, layers, found: dict, widths: dict | None = None) -> None:
     """Add to the ``torch.fx`` graph inside ``net`` (a copy: it is edited), after each layer's probe node, a call
-    that stores :func:`reduce_map` of that node's output in ``found[layer]``."""
+    that stores :func:`reduce_map` of that node's output in ``found[layer]`` (and its width in ``widths``)."""
     from ..filters import graph_module_of
 
     gm, _ = graph_module_of(net)
@@ -106,6 +111,8 @@ def _record_in_graph(net, table, layers, found: dict) -> None:
     def recorder(i, layer):
         def record(output):
             found[layer] = reduce_map(output)
+            if widths is not None:
+                widths[layer] = int(output.shape[-1])
         record.__name__ = record.__qualname__ = f"cifarbench_record_{i}"
         return record
 
@@ -121,7 +128,9 @@ def _record_in_graph(net, table, layers, found: dict) -> None:
 def probe_proto(graph, table, layers=None):
     """A copy of ONNX ``graph`` with, per conv layer, its probe tensor (the Conv's output, or the output of the
     BatchNormalization that is its only consumer) reduced inside the graph to three [N, C] outputs (sum, first
-    argmax, max): no feature map leaves ONNX Runtime. Returns (proto, {layer: (sum, argmax, max) output names})."""
+    argmax, max), plus its width (``<prefix>width``, a scalar: the flat argmax is decoded with the map's own
+    width, not shape inference's): no feature map leaves ONNX Runtime. Returns (proto, {layer: (sum, argmax, max) output
+    names})."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -132,7 +141,10 @@ def probe_proto(graph, table, layers=None):
     layers = list(layers or table)
     g.initializer.extend([helper.make_tensor("cifarbench.probe.axes_hw", TensorProto.INT64, [2], [2, 3]),
                           helper.make_tensor("cifarbench.probe.shape", TensorProto.INT64, [3], [0, 0, -1]),
-                          helper.make_tensor("cifarbench.probe.k1", TensorProto.INT64, [1], [1])])
+                          helper.make_tensor("cifarbench.probe.k1", TensorProto.INT64, [1], [1]),
+                          helper.make_tensor("cifarbench.probe.zero3", TensorProto.INT64, [3], [0, 0, 0]),
+                          helper.make_tensor("cifarbench.probe.one3", TensorProto.INT64, [3], [1, 1, 1]),
+                          helper.make_tensor("cifarbench.probe.axes3", TensorProto.INT64, [3], [0, 1, 2])])
     names = {}
     for i, layer in enumerate(layers):
         t = table[layer].probe
@@ -150,9 +162,24 @@ def probe_proto(graph, table, layers=None):
                                         **({"axes": [2]} if opset < 13 else {"axis": 1}), name=p + "mx"),
                        helper.make_node("Squeeze" if opset < 13 else "Flatten", [p + "am3"], [am],
                                         **({"axes": [2]} if opset < 13 else {"axis": 1}), name=p + "am")])
+        # the width, counted over one row of the map as computed: a Shape node would be folded by ONNX Runtime
+        # into shape inference's size, which is wrong where a ceil-mode pool drops a last window
+        if opset >= 10:
+            g.node.append(helper.make_node("Slice", [t, "cifarbench.probe.zero3", "cifarbench.probe.one3",
+                                                     "cifarbench.probe.axes3"], [p + "row"], name=p + "row"))
+        else:
+            g.node.append(helper.make_node("Slice", [t], [p + "row"], starts=[0, 0, 0], ends=[1, 1, 1],
+                                           axes=[0, 1, 2], name=p + "row"))
+        g.node.extend([helper.make_node("IsNaN", [p + "row"], [p + "nan"], name=p + "nan"),
+                       helper.make_node("Not", [p + "nan"], [p + "num"], name=p + "num"),
+                       helper.make_node("Or", [p + "nan", p + "num"], [p + "ones"], name=p + "ones"),
+                       helper.make_node("Cast", [p + "ones"], [p + "ones64"], to=TensorProto.INT64,
+                                        name=p + "ones64"),
+                       helper.make_node("ReduceSum", [p + "ones64"], [p + "width"], keepdims=0, name=p + "width")])
         g.output.extend([helper.make_tensor_value_info(s, TensorProto.FLOAT, None),
                          helper.make_tensor_value_info(am, TensorProto.INT64, None),
-                         helper.make_tensor_value_info(mx, TensorProto.FLOAT, None)])
+                         helper.make_tensor_value_info(mx, TensorProto.FLOAT, None),
+                         helper.make_tensor_value_info(p + "width", TensorProto.INT64, [])])
         names[layer] = (s, am, mx)
     return proto, names
 
@@ -169,6 +196,9 @@ def onnx_probe(runtime, table, layers=None) -> Probe:
     probed = runtime.variant(proto)
     source = runtime.source
     fixed = probed.fixed_batch or probed.max_batch
+    widths: dict[str, int] = {}
+    shape_outs = {layer: trio[0].removesuffix("sum") + "width" for layer, trio in names.items()}
+    shape_names = set(shape_outs.values())
 
     def run(x: torch.Tensor) -> dict:
         if not fixed or len(x) == fixed:
@@ -179,15 +209,18 @@ def onnx_probe(runtime, table, layers=None) -> Probe:
             pad = fixed - len(chunk) if probed.fixed_batch else 0
             if pad:
                 chunk = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])])
-            parts.append({k: v[:len(chunk) - pad] for k, v in probed.outputs(chunk.contiguous()).items()})
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+            parts.append({k: v if k in shape_names else v[:len(chunk) - pad]
+                          for k, v in probed.outputs(chunk.contiguous()).items()})
+        return {k: parts[0][k] if k in shape_names else torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def probe(batch: torch.Tensor):
         x = source.normalize(batch.float().to(probed.device)).contiguous()
         outs = run(x)
+        widths.update((layer, int(outs[n])) for layer, n in shape_outs.items())
         # the Flatten'd TopK outputs are [N, C]: max values and flat positions y * W + x, ties to the lower index
         return {layer: tuple(outs[n] for n in trio) for layer, trio in names.items()}
 
+    probe.widths = widths   # the width of each map probed (ONNX Runtime's, not shape inference's)
     return probe
 
 
@@ -319,12 +352,15 @@ def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,
         if progress:
             progress(len(batch))
     idx, resp, pos, patch = [], [], [], []
+    probed = getattr(probe, "widths", None) or {}
     for layer, top in tops.items():
         geo = table[layer]
-        if geo.out_hw is None:
+        # the flat argmax is decoded with the width of the map the probe actually read; the table's size only
+        # where a probe does not say (a caller's own probe)
+        width = probed.get(layer) or (geo.out_hw[1] if geo.out_hw is not None else None)
+        if width is None:
             raise UserError(f"the output size of {layer} is unknown, so its max-response positions cannot be "
                             f"placed; mine the model as ONNX or as a state_dict with --arch")
-        width = geo.out_hw[1]
         y, x = top.payload // width, top.payload % width
         idx.append(top.index), resp.append(top.values), pos.append(torch.stack([y, x], -1))
         if not geo.geometry_known:   # no readable graph, or an op with no exact geometry: no patch, never guessed

@@ -20,6 +20,7 @@ import json
 import math
 import numbers
 import os
+import urllib.parse
 from pathlib import Path
 
 STYLE = """
@@ -80,7 +81,10 @@ def _figure(fig, out_dir: Path) -> str:
     if not isinstance(fig, dict):
         fig = {"path": fig}
     path = Path(fig["path"])
-    full = path if path.is_absolute() else out_dir / path
+    # a relative path is the page's own (``confusion.png``), unless it was built as ``out / name`` from a relative
+    # --out (``abl1/confusion.png`` with out_dir ``abl1``): that one is relative to the working folder already
+    inside = out_dir.parts and path.parts[:len(out_dir.parts)] == out_dir.parts
+    full = path if path.is_absolute() or inside else out_dir / path
     caption = fig.get("caption") or ""
     alt = html.escape(caption or path.name, quote=True)
     try:
@@ -88,7 +92,8 @@ def _figure(fig, out_dir: Path) -> str:
     except ValueError:  # another drive on Windows
         rel = None
     if not fig.get("embed") and rel is not None and not rel.parts[0] == "..":
-        src = html.escape(rel.as_posix(), quote=True)
+        # a URL, not a path: "#", "?" and "%" in a file name would cut or change the link
+        src = html.escape(urllib.parse.quote(rel.as_posix()), quote=True)
     else:
         src = "data:image/png;base64," + base64.b64encode(full.read_bytes()).decode("ascii")
     cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""

@@ -38,8 +38,12 @@ def test_mine_page_shows_existing_figures_and_the_jsons_numbers(tmp_path, capsys
 
     # the numbers in the page's sentences: the dead filters and those with only negative top responses
     chunks = [" ".join(c.split()) for c in page.text]
-    dead = [m for c in chunks if (m := re.fullmatch(r"(\d+) filters? whose pre-ReLU map is <= 0 .*", c))]
+    dead = [m for c in chunks if (m := re.fullmatch(r"(\d+) filters? whose pre-ReLU map is <= 0 [^:.]*"
+                                                     r"(?:: ([\w:, ]+))?\.?", c))]
     assert len(dead) == 1 and int(dead[0].group(1)) == len(result["dead_filters"]), chunks
+    # which ones, as dead_filters.csv names them
+    assert (dead[0].group(2) or "").split(", ") == \
+        ([f"{d['layer']}:{d['filter']}" for d in result["dead_filters"]] or [""])
     negative = [m for c in chunks if (m := re.fullmatch(r"(\d+) filters? whose largest response is below 0[^:]*"
                                                          r"(?:: ([\w:, ]+))?\.?", c))]
     assert len(negative) == 1, chunks

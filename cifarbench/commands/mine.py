@@ -67,12 +67,19 @@ def write_mining(result: dict, data, out: Path, show: int) -> list[Path]:
                                                 "rows": [[k, rf_text(v)]
                                                          for k, v in result["receptive_fields"].items()]}},
         {"title": "Dead filters", "text": f"{_count(len(result['dead_filters']), 'filter')} whose pre-ReLU map "
-                                          f"is <= 0 everywhere on every image."},
+                                          f"is <= 0 everywhere on every image"
+                                          + (": " + ", ".join(_dead_names(result)[:200]) if result["dead_filters"]
+                                             else ".")},
         {"title": "Filters with only negative top responses",
          "text": f"{_count(len(negative), 'filter')} whose largest response is below 0, so their top images are "
                  f"only the least negative ones" + (": " + ", ".join(negative[:200]) if negative else ".")},
     ], result)
     return [*paths, out / "mining.json", page]
+
+
+def _dead_names(result: dict) -> list[str]:
+    """``layer:filter`` of each dead filter, as dead_filters.csv and the terminal name them."""
+    return [f"{d['layer']}:{d['filter']}" for d in result["dead_filters"]]
 
 
 def rf_text(rf) -> str | int:

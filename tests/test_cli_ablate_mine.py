@@ -37,6 +37,11 @@ def test_ablate_json_and_files(ckpt, tmp_path, capsys):
     rows = list(csv.reader((tmp_path / "per_class.csv").open()))
     assert rows[-1][0] == "overall" and len(rows) == 12
     assert float(rows[-1][1]) == pytest.approx(result["before"]["accuracy"])
+    # the diff's cells are after - before, and its corner says so
+    diff = list(csv.reader((tmp_path / "confusion_diff.csv").open()))
+    assert "after - before" in diff[0][0]
+    assert [[int(v) for v in r[1:]] for r in diff[1:]] == \
+        [[a - b for a, b in zip(ra, rb)] for ra, rb in zip(result["confusion"]["after"], result["confusion"]["before"])]
 
 
 def test_ablate_sweep(ckpt, tmp_path, capsys):

@@ -122,7 +122,9 @@ def write_ablation(result: dict, data, out: Path) -> list[Path]:
     before, after = np.array(result["confusion"]["before"]), np.array(result["confusion"]["after"])
     for name, mat in (("before", before), ("after", after), ("diff", after - before)):
         path = out / f"confusion_{name}.csv"
-        write_text(path, _csv([["true\\predicted", *classes], *([c, *map(int, r)] for c, r in zip(classes, mat))]))
+        # the diff's sign is said in its corner cell: counts after minus before (per_class.csv's is before - after)
+        corner = "true \\ predicted" + (" (after - before)" if name == "diff" else "")
+        write_text(path, _csv([[corner, *classes], *([c, *map(int, r)] for c, r in zip(classes, mat))]))
         paths.append(path)
     prov = result.get("provenance") or {}
     name = (prov.get("model") or {}).get("name") or "model"

@@ -232,12 +232,22 @@ def test_int8_of_a_net_with_nothing_to_quantize_is_refused(tmp_path):
     left; the file would be fp32 labelled int8."""
     from cifarbench.export.int8 import export_int8
 
+    class Gated(torch.nn.Module):  # activations ONNX Runtime wraps in Q/DQ pairs, but still no int8 weight
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4 * 16 * 16, 10)
+
+        def forward(self, x):
+            y = torch.nn.functional.max_pool2d(self.conv(x), 2)
+            return self.fc((y + torch.sigmoid(y)).flatten(1))
+
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                 torch.nn.Flatten(), torch.nn.Linear(4, 10)).eval()
-    with pytest.raises(UserError, match="nothing in the model could be quantized"):
-        export_int8(model, tmp_path / "q.onnx", torch.rand(16, 3, 32, 32))
-    assert not (tmp_path / "q.onnx").exists()
+    for model in (plain, Gated().eval()):
+        with pytest.raises(UserError, match="nothing in the model could be quantized"):
+            export_int8(model, tmp_path / "q.onnx", torch.rand(16, 3, 32, 32))
+        assert not (tmp_path / "q.onnx").exists()
 
 
 def test_int8_accuracy_report_counts_like_naive():

@@ -366,6 +366,7 @@ class _Loaded:
     num_classes: int | None = None  # read from a graph
     normalizes_inside: bool = False  # a zoo net (or an export of one): (x - 0.5) / 0.5 is in the model
     probe: Any = None  # callable(batch) -> logits, for sources without a module (AOTI)
+    fingerprint: str = ""  # sha256 of the probe's outputs (set by _probe)
 
 
 def resolve_source(spec, *, arch: str | None = None, arch_kw=None, mean=None, std=None, classes=None,
@@ -828,6 +829,9 @@ def build_arch(arch: str, kw: dict | None = None):
                 raise UserError(f"--arch {arch}: no such file {file}")
             spec = importlib.util.spec_from_file_location(f"_cifarbench_arch_{file.stem}", file)
             mod = importlib.util.module_from_spec(spec)
+            folder = str(file.resolve().parent)
+            if folder not in sys.path:  # as `python file.py` runs it: modules beside it import
+                sys.path.insert(0, folder)
             spec.loader.exec_module(mod)
         else:
             cwd = os.getcwd()
@@ -1006,6 +1010,10 @@ def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
                                 f"images change); cifarbench's analyses batch images, so their numbers would depend "
                                 f"on the batching — make the model treat each image on its own (eval-mode "
                                 f"BatchNorm, no statistics over the batch dimension)")
+    # what the model computes on these images, to 3 significant digits (half precision: bit noise from thread
+    # counts does not reach it): part of a Python model's digest, since its code can reach beyond any file cifarbench
+    # can hash (a helper module the --arch file imports, attributes a factory sets)
+    loaded.fingerprint = hashlib.sha256(out.detach().double().cpu().numpy().astype("float16").tobytes()).hexdigest()
     return int(out.shape[1]), fixed
 
 
@@ -1033,6 +1041,14 @@ def _does_not_run(loaded: _Loaded, shape: list, exc: Exception) -> UserError:
     return UserError(f"{loaded.name} does not run on a {shape} batch "
                      f"({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}); if it takes another "
                      f"image size, give input_size= (--input-size)")
+
+
+def _behaviour_digest(loaded: _Loaded) -> str:
+    """The digest caches are keyed by: the content digest, and for a model built by Python code (a module, a
+    state_dict with --arch) the fingerprint of its outputs on the probe's images as well."""
+    if loaded.kind in ("module", "state-dict") and loaded.fingerprint:
+        return hashlib.sha256(f"{loaded.digest}:{loaded.fingerprint}".encode()).hexdigest()
+    return loaded.digest
 
 
 def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
@@ -1081,7 +1097,7 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
     names = names or default_classes(num_classes)
     return ModelSource(kind=loaded.kind, name=loaded.name, module=loaded.module, onnx_path=loaded.onnx_path,
                        input_size=size, num_classes=num_classes, classes=tuple(names), mean=mean, std=std,
-                       digest=loaded.digest, provenance=loaded.provenance, path=loaded.path,
+                       digest=_behaviour_digest(loaded), provenance=loaded.provenance, path=loaded.path,
                        fixed_batch=fixed_batch, metadata=dict(meta))
 
 

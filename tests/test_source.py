@@ -611,6 +611,36 @@ def test_an_edited_arch_file_is_a_new_model_for_every_cache(tmp_path):
     assert torch.allclose(second, -first, atol=1e-5)
 
 
+def test_a_helper_module_the_arch_file_imports_is_part_of_the_model(tmp_path):
+    """The forward's behaviour lives in a module beside the --arch file (importable as `python file.py` would
+    have it): editing that module must not reuse the export of the old code either."""
+    import sys
+
+    (tmp_path / "acts.py").write_text("import torch\n\ndef act(x):\n    return torch.relu(x)\n")
+    (tmp_path / "withhelper.py").write_text(ARCH_FILE.replace("SIGN * self.fc(self.conv(x).relu()",
+                                                              "self.fc(acts.act(self.conv(x))")
+                                            .replace("import torch\n", "import torch\nimport acts\n", 1))
+    spec = f"{tmp_path / 'withhelper.py'}:net"
+    from cifarbench.source import build_arch
+
+    try:
+        torch.save(build_arch(spec).state_dict(), tmp_path / "w.pt")
+        x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        first = open_runtime(tmp_path / "w.pt", "onnxruntime", device="cpu", arch=spec).logits(x)
+        (tmp_path / "acts.py").write_text("import torch\n\ndef act(x):\n    return torch.sigmoid(x) * 5\n")
+        sys.modules.pop("acts", None)  # a new process would import the edited file
+        model = build_arch(spec)
+        model.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+        with torch.no_grad():
+            want = model.eval()(x)
+        second = open_runtime(tmp_path / "w.pt", "onnxruntime", device="cpu", arch=spec).logits(x)
+        assert torch.allclose(second, want, atol=1e-5) and not torch.allclose(second, first, atol=1e-3)
+    finally:
+        sys.modules.pop("acts", None)
+        if str(tmp_path) in sys.path:
+            sys.path.remove(str(tmp_path))
+
+
 def test_a_model_class_without_a_source_file_resolves(monkeypatch):
     """A class defined where Python keeps no file (``python -c``, some notebooks): inspect raises OSError for it;
     its digest falls back to the class's name instead of failing."""

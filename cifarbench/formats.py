@@ -209,7 +209,7 @@ def require_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise UserError("TensorRT is not installed here (pip install tensorrt on a machine with an NVIDIA GPU); "
-                        "use --backend onnxruntime or aoti") from None
+                        "use onnxruntime or aoti instead") from None
     if not torch.cuda.is_available():
-        raise UserError("TensorRT needs an NVIDIA GPU and none is visible here; use --backend onnxruntime or aoti")
+        raise UserError("TensorRT needs an NVIDIA GPU and none is visible here; use onnxruntime or aoti instead")
     return trt

@@ -320,6 +320,14 @@ def compare(base: dict, other: dict, base_name: str = "the base run", other_name
     return rows
 
 
+def unpaired(base: dict, other: dict) -> dict[str, list[str]]:
+    """The rows of each run that :func:`compare` finds no partner for, as ``backend precision batch B`` (said, so a
+    comparison is never read as covering rows it dropped)."""
+    a, b = {_key(r) for r in base["results"]}, {_key(r) for r in other["results"]}
+    text = lambda keys: [f"{k[0]} {k[1]} batch {k[2]}" for k in sorted(keys, key=str)]  # noqa: E731
+    return {"base": text(a - b), "other": text(b - a)}
+
+
 def batch_label(row: dict) -> str:
     """The batch, and how it ran when the model takes a fixed (or largest) batch: ``16 (16 calls of 1)``."""
     if row.get("calls") and row.get("model_batch"):

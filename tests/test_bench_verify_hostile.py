@@ -261,9 +261,15 @@ def test_cpu_run_compares_with_gpu_run_of_the_same_model(capsys, tmp_path):
     code, out, err = run_cli(capsys, "bench", "--from", write(tmp_path, "cpu.json", cpu), "--compare",
                              write(tmp_path, "gpu.json", gpu), "--json")
     assert code == 0, err
-    (row,) = json.loads(out)["rows"]
+    doc = json.loads(out)
+    (row,) = doc["rows"]
     assert (row["batch"], row["device"], row["other_device"]) == (64, "cpu", "cuda:0")
     assert row["speedup"] == pytest.approx(8000 / 1000) and row["p50_ratio"] == pytest.approx(8.0 / 10.0)
+    # the rows with no partner are said, not dropped silently
+    assert len(doc["unpaired"]["base"]) == 1 and "batch 1" in doc["unpaired"]["base"][0]
+    assert len(doc["unpaired"]["other"]) == 1 and "batch 625" in doc["unpaired"]["other"][0]
+    code, _, err = run_cli(capsys, "bench", "--from", tmp_path / "cpu.json", "--compare", tmp_path / "gpu.json")
+    assert code == 0 and "not compared" in err and "batch 625" in err
 
 
 def test_compare_of_two_models_is_refused_unless_allowed(capsys, tmp_path):

@@ -62,10 +62,11 @@ def register(app: typer.Typer) -> None:
         """
         import torch
 
-        from ..console import emit_json, make_console
+        from ..console import console, emit_json, make_console
         from ..errors import UserError
         from ..io import output_file
-        from ..timing import compare, compare_table, load_results, model_identity, results_table, same_model
+        from ..timing import (compare, compare_table, load_results, model_identity, results_table, same_model,
+                              unpaired)
 
         if from_ is not None:
             # a rendered report is the command's result: stdout (``bench --from run.json > report.txt``), whole
@@ -98,12 +99,16 @@ def register(app: typer.Typer) -> None:
             rows = compare(doc, other, str(from_), str(compare_), allow_different_models)
             same = same_model(doc, other)
             note = None if same else f"DIFFERENT MODELS: {doc['net']} vs {other['net']}"
+            alone = unpaired(doc, other)
             if json:
                 emit_json({"base": str(from_), "other": str(compare_), "same_model": same,
                            "models": {"base": model_identity(doc)[0], "other": model_identity(other)[0]},
-                           "rows": rows})
+                           "rows": rows, "unpaired": alone})
             else:
                 report.print(compare_table(rows, str(from_), str(compare_), note))
+                for side, path in (("base", from_), ("other", compare_)):
+                    if alone[side]:
+                        console.print(f"only in {path} (not compared): {', '.join(alone[side])}")
             return
         if compare_ is not None:
             raise UserError("--compare needs --from (the run to compare against)")

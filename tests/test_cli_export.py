@@ -126,6 +126,8 @@ def test_percentile_matches_numpy():
     (("export", "{ckpt}", "--to", "tflite"), "unknown export target"),
     (("export", "{ckpt}", "--to", "onnx", "--int8"), "--int8"),
     (("export", "{ckpt}", "--to", "tensorrt", "--device", "cpu"), "TensorRT"),
+    (("export", "{ckpt}", "--to", "aoti", "--out", "g.onnx"), "is a .pt2 file; name it g.pt2"),
+    (("export", "{ckpt}", "--to", "onnx", "--out", "g.pt2"), "is a .onnx file"),
     (("verify", "{ckpt}", "--backends", "torch,tflite", "--data", "synthetic"), "unknown backend"),
     (("verify", "{ckpt}", "--backends", "torch:fp64", "--data", "synthetic"), "unknown precision"),
     (("verify", "{ckpt}", "--images", "0", "--data", "synthetic"), "--images"),

@@ -90,6 +90,13 @@ def register(app: typer.Typer) -> None:
                             f"it was built from")
         if out is None:
             out = Path(f"{source.name}{'-int8' if to == 'onnx-int8' else ''}{SUFFIXES[to]}")
+        else:
+            # every reader tells a model's format by its suffix: an AOTInductor package named .onnx would be opened
+            # as a (corrupt) ONNX file later
+            allowed = (".engine", ".plan") if to == "tensorrt" else (SUFFIXES[to],)
+            if Path(out).suffix.lower() not in allowed:
+                raise UserError(f"--out {out}: a --to {to} artifact is a {' or '.join(allowed)} file; name it "
+                                f"{Path(out).with_suffix(allowed[0]).name}")
         test_set = None
         if to == "onnx-int8" and eval_images > 0:
             # read before minutes of calibration, and before an artifact is written that a failed check would leave

@@ -16,7 +16,7 @@ from cifarbench.analysis import occlusion as occ
 from cifarbench.analysis.occlusion import make_engine, occlusion_maps
 from cifarbench.errors import UserError
 from cifarbench.kernels.incremental_graph import GraphOcclusion
-from cifarbench.source import module_digest
+from cifarbench.source import resolve_source
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_the_decision_is_measured_once_then_cached(cache_dir, model, monkeypatch
     assert occ.CALIBRATIONS["runs"] == runs + 1
     (record,) = _records(cache_dir)
     assert record["key"]["k"] == 8 and record["key"]["stride"] == 3 and record["key"]["size"] == 32
-    assert record["key"]["model"] == module_digest(model) and first.describe()["auto"]["file"].endswith(".json")
+    assert record["key"]["model"] == resolve_source(model).digest and first.describe()["auto"]["file"].endswith(".json")
     assert record["choice"] == first.mode and record["incremental_ms"] > 0 and record["dense_ms"] > 0
     # the faster estimate wins
     assert (record["incremental_ms"] < record["dense_ms"]) == (first.mode == "incremental")

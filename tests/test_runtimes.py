@@ -224,8 +224,9 @@ def test_ort_cuda_iobinding():
 @pytest.mark.data
 def test_int8_agreement_on_real_data(shared_data):
     """The issue's bar for onnx-int8 on net4: top-1 agreement >= 99 % with fp32 on real test images (trained
-    weights; the first 1,000 test images, which cover every class: at most 10 may disagree), calibrated as a user's run is by default: on
-    the bundled 250-image calibration set (the artifact the other int8 tests share from the cache)."""
+    weights; the first 1,000 test images, which cover every class: at most 10 may disagree), calibrated as a
+    user's run is by default: on the bundled 250-image calibration set (the artifact the other int8 tests share
+    from the cache)."""
     from cifarbench.data import load_split
     from cifarbench.zoo import bundled_weights, load_model
 

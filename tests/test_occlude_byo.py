@@ -179,7 +179,7 @@ def test_numeric_class_names_label_by_name_on_the_cli_and_an_int_target_is_an_in
     API's ``target=3`` (an int) is index 3 (class "4")."""
     numeric = ",".join(str(i) for i in range(1, 11))
     doc = occlude_json(capsys, tmp_path, files["image"], "--model", files["state_dict"], "--arch", RESNET,
-                       "--classes", numeric, "--label", "3")
+                       "--classes", numeric, "--label", "3", "--mode", "dense", "--backend", "torch")
     (r,) = doc["results"]
     assert r["target"] == 2 and r["target_class"] == "3"
     ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8, target=2)
@@ -190,7 +190,8 @@ def test_numeric_class_names_label_by_name_on_the_cli_and_an_int_target_is_an_in
     ref, _ = naive_map(models["resnet20"], files["pixels"], 8, 8, target=3)
     assert np.abs(api.map - ref).max() <= 1e-5
     with pytest.raises(UserError, match="index 10"):
-        occlusion_map(models["resnet20"], files["pixels"], 8, stride=8, target=10, classes=numeric.split(","))
+        occlusion_map(models["resnet20"], files["pixels"], 8, stride=8, target=10, classes=numeric.split(","),
+                      mode="dense", backend="torch", device="cpu")
 
 
 def test_fixed_batch_onnx_runs_incremental_on_its_graph_and_dense_when_asked(files, models, tmp_path, capsys):

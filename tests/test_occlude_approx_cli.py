@@ -1,4 +1,4 @@
-"""``--mode approx`` through the API and the CLI, against a naive occlusion loop written here."""
+"""``--mode approx`` through the API and the CLI, against the naive occlusion loop (tests/occlusion_reference.py)."""
 import json
 from pathlib import Path
 
@@ -8,20 +8,9 @@ import torch
 
 from cifarbench.cli import main
 from cifarbench.zoo import load_model
+from occlusion_reference import naive_map
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def naive_map(model, image, k, stride, target):
-    n = (image.shape[-1] - k) // stride + 1
-    out = np.empty((n, n), np.float32)
-    with torch.no_grad():
-        for i in range(n):
-            for j in range(n):
-                x = image.clone()
-                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = 0.5
-                out[i, j] = torch.softmax(model(x[None]), 1)[0, target]
-    return out
 
 
 def image(name):
@@ -37,7 +26,7 @@ def test_api_approx_with_tau_0_in_fp32_is_exact():
     r = occlusion_map(model, img, 8, stride=2, mode="approx", tau=0.0, coarse=2, approx_precision="fp32")
     target = int(torch.softmax(model(img[None]), 1).argmax())
     assert r.engine["mode"] == "approx" and r.engine["tau"] == 0.0
-    np.testing.assert_allclose(r.map, naive_map(model, img, 8, 2, target), atol=1e-5)
+    np.testing.assert_allclose(r.map, naive_map(model, img, 8, 2, target)[0], atol=1e-5)
 
 
 def test_cli_approx_default_is_close_and_says_so(tmp_path, capsys):
@@ -48,7 +37,7 @@ def test_cli_approx_default_is_close_and_says_so(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)["results"][0]
     assert r["engine"]["mode"] == "approx" and r["engine"]["exact_positions"] < r["engine"]["positions"]
     model, img = load_model("net1"), image("cat.png")
-    exact = naive_map(model, img, 8, 1, r["target"])
+    exact = naive_map(model, img, 8, 1, r["target"])[0]
     got = np.load(tmp_path / "cat_k8.npy")
     assert np.abs(got - exact).mean() <= 0.01
 
@@ -61,7 +50,7 @@ def test_cli_approx_precision_fp32_with_every_position_computed_is_the_exact_map
     r = json.loads(capsys.readouterr().out)["results"][0]
     assert r["engine"]["precision"] == "fp32" and r["engine"]["exact_positions"] == r["engine"]["positions"]
     model, img = load_model("net1"), image("cat.png")
-    np.testing.assert_allclose(np.load(tmp_path / "cat_k8.npy"), naive_map(model, img, 8, 3, r["target"]),
+    np.testing.assert_allclose(np.load(tmp_path / "cat_k8.npy"), naive_map(model, img, 8, 3, r["target"])[0],
                                atol=1e-5)
 
 

@@ -1,7 +1,8 @@
 """``occlude`` on models cifarbench did not make (issues 13/14): a CIFAR ResNet-20 and a MobileNetV2-style net as a
 module, a state_dict with --arch, a fixed-batch ONNX file and TorchScript; a 64x64 model; an ImageNet-normalized
-model with --mean/--std. Every map is checked against a naive loop written here (the definition: patch the image,
-run the unmodified model, softmax), never against cifarbench's own output. A stride equal to K keeps the loop short.
+model with --mean/--std. Every map is checked against the naive loop of tests/occlusion_reference.py (the
+definition: patch the image, run the unmodified model, softmax), never against cifarbench's own output. A stride
+equal to K keeps the loop short.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from byo_models import IMAGENET_MEAN, IMAGENET_STD, build
 from cli_helpers import assert_user_error, run_cli
+from occlusion_reference import naive_map
 from PIL import Image
 from torch import nn
 
@@ -22,27 +24,6 @@ from cifarbench.analysis.occlusion import occlusion_map
 torch.set_num_threads(1)
 RESNET = "tests.byo_models:resnet20"
 CLASSES = ",".join(f"c{i}" for i in range(10))
-
-
-def naive_map(model, image, k, stride, target=None, fill=0.5, mean=None, std=None):
-    """Occlusion by definition, one patched copy at a time through ``model`` (normalized as the model expects)."""
-    def norm(x):
-        if mean is None:
-            return x
-        return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-
-    size = image.shape[-1]
-    n = (size - k) // stride + 1
-    with torch.no_grad():
-        clean = torch.softmax(model(norm(image)[None]), 1)[0]
-        target = int(clean.argmax()) if target is None else target
-        out = np.zeros((n, n), np.float32)
-        for i in range(n):
-            for j in range(n):
-                x = image.clone()
-                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = fill
-                out[i, j] = torch.softmax(model(norm(x)[None]), 1)[0, target]
-    return out, target
 
 
 def png(path, size=32, seed=0):

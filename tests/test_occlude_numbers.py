@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_user_error, run_cli
+from occlusion_reference import naive_map
 from PIL import Image
 from torch import nn
 
@@ -108,18 +109,6 @@ from cifarbench.analysis.occlusion import make_engine, occlusion_maps  # noqa: E
 from cifarbench.artifacts import open_runtime  # noqa: E402
 
 
-def _naive(model, image, k, stride, target):
-    n = (image.shape[-1] - k) // stride + 1
-    out = np.zeros((n, n), np.float32)
-    with torch.no_grad():
-        for i in range(n):
-            for j in range(n):
-                x = image.clone()
-                x[:, i * stride:i * stride + k, j * stride:j * stride + k] = 0.5
-                out[i, j] = torch.softmax(model(x[None]), 1)[0, target]
-    return out
-
-
 @pytest.fixture
 def batch():
     return torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4))
@@ -128,7 +117,7 @@ def batch():
 def test_batches_in_other_forms_give_the_definitions_maps(batch):
     model = Small().eval()
     engine = make_engine(model, 8, 8, mode="dense", backend="torch", device="cpu")
-    want = [_naive(model, batch[b], 8, 8, t) for b, t in enumerate((1, 5, 9))]
+    want = [naive_map(model, batch[b], 8, 8, t)[0] for b, t in enumerate((1, 5, 9))]
     for images, targets in ((batch.numpy(), torch.tensor([1, 5, 9])),
                             (batch.clone().requires_grad_(), np.array([1, 5, 9])),
                             (batch, [1.0, np.int64(5), torch.tensor(9)])):
@@ -179,7 +168,7 @@ def test_the_callers_module_is_never_changed(image, mode):
     reference.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
     with torch.no_grad():
         target = int(reference(image[None]).argmax())
-    assert np.abs(r.map - _naive(reference, image, 8, 8, target)).max() <= 1e-5
+    assert np.abs(r.map - naive_map(reference, image, 8, 8, target)[0]).max() <= 1e-5
 
 
 def test_a_float32_eval_module_is_not_changed_either(image):
@@ -213,7 +202,7 @@ def test_none_in_a_target_list_is_that_images_prediction(batch):
         predicted = int(model(batch[:1]).argmax())
     first, second = occlusion_maps(engine, batch[:2], 8, stride=8, targets=[None, 3])
     assert (first.target, second.target) == (predicted, 3)
-    assert np.abs(first.map - _naive(model, batch[0], 8, 8, predicted)).max() <= 1e-6
+    assert np.abs(first.map - naive_map(model, batch[0], 8, 8, predicted)[0]).max() <= 1e-6
     with pytest.raises(UserError, match="3 targets for 2 images"):
         occlusion_maps(engine, batch[:2], 8, stride=8, targets=[1, 2, 3])
 

@@ -120,10 +120,14 @@ def _check_classes(classes) -> tuple[str, ...]:
     return classes
 
 
+class UnknownClasses(UserError):
+    """Class folders the model's class names do not include (a caller may add what to do about it)."""
+
+
 def _check_known(names, classes: tuple[str, ...], where: str) -> None:
     unknown = sorted(n for n in set(names) if n not in classes)
     if unknown:
-        raise UserError(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
+        raise UnknownClasses(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
                         f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})")
 
 

@@ -53,15 +53,15 @@ def load_test_split(source, data, data_dir=None):
     """The test split of ``data`` for ``source``: labels matched to its class names, checked to fit it
     (:func:`check_data`). Where the class folders are not the model's because the model names no classes of its
     own (``class0..`` or CIFAR-10's names for 10 outputs, when --classes was not given), the error says so."""
-    from .data import load_split
+    from .data import UnknownClasses, load_split
     from .errors import UserError
     from .source import default_classes
 
     try:
         dataset = load_split(data, "test", data_dir, classes=source.classes)
-    except UserError as exc:
+    except UnknownClasses as exc:
         n, message = source.num_classes, str(exc)
-        if "not among the model's classes" in message and tuple(source.classes) == default_classes(n):
+        if tuple(source.classes) == default_classes(n):
             raise UserError(f"{message}; the model does not name its classes: give --classes with its {n} class "
                             f"names in output order (e.g. --classes "
                             f"{','.join(f'name{i}' for i in range(min(n, 3)))}{',...' if n > 3 else ''})") from None

@@ -882,8 +882,8 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
         else:
             cache["source"] = model if isinstance(model, ModelSource) else resolve_source(model, **contract)
     source = cache["source"]
-    check_window(k, stride, source.input_size)
     k, stride = as_int(k, "K"), as_int(stride, "stride")
+    check_window(k, stride, source.input_size)
     backend = backend or "auto"
     key = ("engine", k, stride, mode)
     if key in cache:
@@ -934,8 +934,8 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     :func:`make_engine`). ``targets``: one class (index or name) for all, a sequence per image, or ``None`` (clean
     prediction); names are the model's (``classes``, default the engine's)."""
     size = int(getattr(engine, "size", IMAGE_SIZE))
-    n = check_window(k, stride, size)
     k, stride = as_int(k, "K"), as_int(stride, "stride")
+    n = check_window(k, stride, size)
     images = _as_batch(images, size)
     if not len(images):
         return []

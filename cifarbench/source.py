@@ -366,7 +366,6 @@ class _Loaded:
     num_classes: int | None = None  # read from a graph
     normalizes_inside: bool = False  # a zoo net (or an export of one): (x - 0.5) / 0.5 is in the model
     probe: Any = None  # callable(batch) -> logits, for sources without a module (AOTI)
-    fingerprint: str = ""  # sha256 of the probe's outputs (set by _probe)
 
 
 def resolve_source(spec, *, arch: str | None = None, arch_kw=None, mean=None, std=None, classes=None,
@@ -944,19 +943,20 @@ def _ort_prober(path: Path):
     return probe
 
 
-#: how far one image's logits may move between a batch of one and a batch of two (relative to the larger of 1
-#: and its largest logit) before the model counts as batch-dependent: kernels for other batch sizes round
-#: differently (~1e-6 in float32), a statistic over the batch moves them by whole percents
+#: how far one image's logits may move when the other images in its batch change (:func:`_logit_gap`: relative
+#: to the row's largest logit, over the larger of 1 and their spread) before the model counts as batch-dependent:
+#: kernels for other batch sizes round differently (~1e-6 in float32), a statistic over the batch moves them by
+#: whole percents
 BATCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}
 
 
-def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
-    """``(classes, fixed batch)`` of a model, from running it. Checked: the output is logits [B, C]; an image's
-    logits do not depend on the other images in its batch (the analyses batch images; a model whose output does,
-    e.g. a BatchNorm in training mode or a statistic over dim 0, would give numbers that depend on how images
-    happen to be chunked); a model that runs one image but not two (a ``reshape(1, -1)``) is taken as a fixed
-    batch of one. A dark and a bright image are run together and the dark one alone (a fixed batch B: the dark
-    one beside B-1 bright ones, and B copies of it)."""
+def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None, str]:
+    """``(classes, fixed batch, output fingerprint)`` of a model, from running it. Checked: the output is logits
+    [B, C]; an image's logits do not depend on the other images in its batch (the analyses batch images; a model
+    whose output does, e.g. a BatchNorm in training mode or a statistic over dim 0, would give numbers that depend
+    on how images happen to be chunked); a model that runs one image but not two (a ``reshape(1, -1)``) is taken
+    as a fixed batch of one. A dark and a bright image are run together and the dark one alone (a fixed batch B:
+    the dark one beside B-1 bright ones, and B copies of it)."""
     import torch
 
     if loaded.module is not None:
@@ -1013,8 +1013,8 @@ def _probe(loaded: _Loaded, size: int) -> tuple[int, int | None]:
     # what the model computes on these images, to 3 significant digits (half precision: bit noise from thread
     # counts does not reach it): part of a Python model's digest, since its code can reach beyond any file cifarbench
     # can hash (a helper module the --arch file imports, attributes a factory sets)
-    loaded.fingerprint = hashlib.sha256(out.detach().double().cpu().numpy().astype("float16").tobytes()).hexdigest()
-    return int(out.shape[1]), fixed
+    fingerprint = hashlib.sha256(out.detach().double().cpu().numpy().astype("float16").tobytes()).hexdigest()
+    return int(out.shape[1]), fixed, fingerprint
 
 
 def _logit_gap(a, b) -> float | None:
@@ -1043,11 +1043,11 @@ def _does_not_run(loaded: _Loaded, shape: list, exc: Exception) -> UserError:
                      f"image size, give input_size= (--input-size)")
 
 
-def _behaviour_digest(loaded: _Loaded) -> str:
+def _behaviour_digest(loaded: _Loaded, fingerprint: str) -> str:
     """The digest caches are keyed by: the content digest, and for a model built by Python code (a module, a
     state_dict with --arch) the fingerprint of its outputs on the probe's images as well."""
-    if loaded.kind in ("module", "state-dict") and loaded.fingerprint:
-        return hashlib.sha256(f"{loaded.digest}:{loaded.fingerprint}".encode()).hexdigest()
+    if loaded.kind in ("module", "state-dict") and fingerprint:
+        return hashlib.sha256(f"{loaded.digest}:{fingerprint}".encode()).hexdigest()
     return loaded.digest
 
 
@@ -1059,12 +1059,12 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
     if size > MAX_INPUT_SIZE:
         raise UserError(f"{loaded.name} takes {size}x{size} images; cifarbench runs at most "
                         f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
-    probed, fixed_batch = None, loaded.fixed_batch
+    probed, fixed_batch, fingerprint = None, loaded.fixed_batch, ""
     if loaded.kind not in ("zoo", "checkpoint") and (loaded.module is not None or loaded.probe is not None) \
             and not (loaded.normalizes_inside and loaded.kind == "module"):
         # every model not cifarbench's own runs once here: the only way to know it takes S x S images and treats
         # each image on its own (an ONNX graph declaring [N, C] may still hold a training-mode BatchNorm)
-        probed, fixed_batch = _probe(loaded, size)
+        probed, fixed_batch, fingerprint = _probe(loaded, size)
     num_classes = probed if probed is not None else loaded.num_classes
     if num_classes is None or num_classes < 2:
         raise UserError(f"{loaded.name} outputs {num_classes} value(s) per image; cifarbench needs one logit per "
@@ -1097,7 +1097,8 @@ def _finish(loaded: _Loaded, mean, std, names, input_size) -> ModelSource:
     names = names or default_classes(num_classes)
     return ModelSource(kind=loaded.kind, name=loaded.name, module=loaded.module, onnx_path=loaded.onnx_path,
                        input_size=size, num_classes=num_classes, classes=tuple(names), mean=mean, std=std,
-                       digest=_behaviour_digest(loaded), provenance=loaded.provenance, path=loaded.path,
+                       digest=_behaviour_digest(loaded, fingerprint), provenance=loaded.provenance,
+                       path=loaded.path,
                        fixed_batch=fixed_batch, metadata=dict(meta))
 
 

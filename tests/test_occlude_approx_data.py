@@ -1,5 +1,5 @@
 """``--mode approx`` on a dataset slice (``occlude --data D --indices A:B``): the knobs travel to the shards (local
-and Ray), the JSON names them, a resume with other knobs computes anew; maps against the naive loop of test_occlude_approx_cli."""
+and Ray), the JSON names them, a resume with other knobs computes anew; maps against the naive loop of occlusion_reference."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from cifarbench.cli import main
 from cifarbench.distributed import run_sharded
 from cifarbench.kernels.approx import DEFAULT_COARSE
 from cifarbench.zoo import load_model
-from test_occlude_approx_cli import naive_map  # the definition, one copy
+from occlusion_reference import naive_map  # the definition, one copy
 
 K, STRIDE = 8, 4  # a 7x7 map: the naive loop stays short
 INDICES = [3, 17, 42, 250]
@@ -29,7 +29,7 @@ def slice_(shared_data):
     images = sub.float_images()
     with torch.no_grad():
         targets = model(images).argmax(1).tolist()
-    refs = [naive_map(model, img, K, STRIDE, t) for img, t in zip(images, targets)]
+    refs = [naive_map(model, img, K, STRIDE, t)[0] for img, t in zip(images, targets)]
     return sub, refs, targets
 
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from .errors import UserError, warn
+from .images import SUFFIXES as IMAGE_SUFFIXES
 from .io import atomic_path
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_DATA_DIR = Path(os.environ.get("CIFARBENCH_DATA_DIR", Path.home() / ".cache" / "cifarbench" / "data"))
 #: names the default ``--data`` (a path to a CIFAR-10 folder or archive, or ``cifar10``/``synthetic``), so a
 #: machine without internet can point every command at its own copy once
@@ -52,7 +52,7 @@ MAX_ARCHIVE_BYTES = 8 << 30
 #: pax and GNU long-name headers, which tarfile reads whole into memory before handing out the member
 MAX_TAR_HEADER_BYTES = 1 << 20
 #: bump when the cache file's layout or the decoding changes, so old files are never read as new ones
-CACHE_FORMAT = "v3"
+CACHE_FORMAT = "v4"  # v4: EXIF orientation applied, gif/tiff/ppm images read
 
 
 @dataclass
@@ -144,7 +144,7 @@ def _labels(names, which: np.ndarray, classes: tuple[str, ...], where: str) -> t
     missing = tuple(c for c, p in zip(classes, present) if not p)
     if missing:
         warn(f"{where}: no images of class{'es' if len(missing) > 1 else ''} {', '.join(missing)}; "
-             f"{'their' if len(missing) > 1 else 'its'} accuracy is reported as missing")
+             f"{'their' if len(missing) > 1 else 'its'} per-class results are missing (not zero)")
     return labels, missing
 
 
@@ -239,10 +239,12 @@ def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Pat
     the file's inode, mtime and ctime: rewriting an image of the same size and setting its mtime back (``cp -p``,
     a reproducible archive's fixed mtimes, ``os.utime``) still changes its ctime, which no program can set, so
     the decoded cache is never served for changed pixels; a copied folder is decoded again (same identity)."""
-    files = []
+    files, skipped = [], []
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(cls_dir.iterdir()):
-            if f.suffix.lower() not in IMAGE_SUFFIXES or not f.is_file():
+            if not _is_image_name(f.name) or not f.is_file():
+                if not f.name.startswith("."):  # hidden files (.DS_Store, macOS's ._x.png) go unmentioned
+                    skipped.append(f"{cls_dir.name}/{f.name}" + ("/" if f.is_dir() else ""))
                 continue
             st = f.stat()
             if st.st_size > MAX_IMAGE_BYTES:
@@ -253,7 +255,22 @@ def _list_folder(root: Path, where: str, split: str) -> list[tuple[str, str, Pat
                 raise UserError(f"{where}: more than {MAX_IMAGES:,} images under {split}/")
     if not files:
         raise UserError(f"{where}: no images found under {split}/<class>/")
+    _warn_skipped(skipped, where, split)
     return files
+
+
+def _is_image_name(name: str) -> bool:
+    """Whether an image folder's file is read as an image: an image suffix, and not hidden (macOS puts a
+    ``._x.png`` of resource data beside every ``x.png`` it copies)."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _warn_skipped(skipped: list[str], where: str, split: str) -> None:
+    if skipped:
+        shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warn(f"{where}: skipped {len(skipped)} entr{'ies' if len(skipped) > 1 else 'y'} under {split}/<class>/ "
+             f"that {'are' if len(skipped) > 1 else 'is'} not an image file ({shown}); images are read from "
+             f"{', '.join(IMAGE_SUFFIXES)} files")
 
 
 def _decode_files(files, where: str, split: str) -> dict:
@@ -298,7 +315,7 @@ def _decode_tar(path: Path, where: str, split: str) -> dict:
     before its bytes are read; the member count and the total size walked are bounded."""
     import zlib
 
-    entries = {}
+    entries, skipped = {}, []
     members = walked = 0
     try:
         with tarfile.open(path, tarinfo=_BoundedTarInfo) as tar:
@@ -312,7 +329,9 @@ def _decode_tar(path: Path, where: str, split: str) -> dict:
                                     f"{MAX_ARCHIVE_BYTES >> 30} GiB; not a CIFAR image folder")
                 parts = Path(m.name).parts
                 parts = parts[parts.index(split):] if split in parts else ()
-                if not (m.isfile() and len(parts) == 3 and Path(parts[2]).suffix.lower() in IMAGE_SUFFIXES):
+                if not (m.isfile() and len(parts) == 3 and _is_image_name(parts[2])):
+                    if m.isfile() and len(parts) >= 3 and not parts[-1].startswith("."):
+                        skipped.append("/".join(parts[1:]))
                     continue
                 name = f"{where}: {'/'.join(parts)}"
                 if m.size > MAX_IMAGE_BYTES:
@@ -329,6 +348,7 @@ def _decode_tar(path: Path, where: str, split: str) -> dict:
         raise UserError(f"{where}: corrupt or truncated archive ({type(exc).__name__}: {exc})") from None
     if not entries:
         raise UserError(f"{where}: no images found under {split}/<class>/")
+    _warn_skipped(skipped, where, split)
     return entries
 
 
@@ -477,7 +497,6 @@ def build_calibration(archive: str | Path, out_dir: str | Path, per_class: int =
         python -c "from cifarbench.data import build_calibration as b; b('../shared/data/cifar10-jpeg75.tar.gz', 'models/weights')"
     """
     import io
-    import json
 
     from .io import write_json
 

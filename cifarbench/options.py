@@ -6,6 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .errors import UserError
+
 #: said wherever a command takes MODEL: a .pt2 is native code, unlike checkpoints (safetensors, weights-only
 #: torch.load) and ONNX files, which are data
 PT2_WARNING = ("Security: an AOTInductor .pt2 package is a shared library, and opening one runs its code; "
@@ -104,7 +106,18 @@ DataOpt = Annotated[str, typer.Option(
     help="cifar10 (official, via torchvision), synthetic[:N], or PATH (official folder, image-folder root or its "
          ".tar.gz). Default: $CIFARBENCH_DATA when set, else cifar10.")]
 DataDirOpt = Annotated[Optional[Path], typer.Option("--data-dir", help="Where torchvision keeps CIFAR-10.")]
-OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder for CSV, NPY and PNG files.")]
+def _check_out(value: Optional[str]) -> Optional[Path]:
+    """``--out ""`` would be Path(""), the current folder, which the user did not name; refused while parsing."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise UserError("--out is empty; give a folder (. for the current one)")
+    return Path(value)
+
+
+# parsed as text, so an empty value is still seen as empty (a Path would already be "."); commands get a Path
+OutOpt = Annotated[Optional[str], typer.Option("--out", "-o", callback=_check_out,
+                                               help="Output folder for CSV, NPY and PNG files.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document on stdout.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (recorded with the results).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(

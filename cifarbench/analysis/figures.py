@@ -37,14 +37,20 @@ def figure_title(fig) -> str:
 
 def save_figure(fig, path: str | Path, dpi: int = 110, caption: str | None = None) -> Path:
     """Write ``fig`` as PNG atomically, its title and caption in the PNG metadata, and close it."""
+    import warnings
+
     path = Path(path)
-    _tuck_caption(fig)
-    meta = {"Title": figure_title(fig), "Software": "cifarbench"}
-    text = caption or getattr(fig, "_cifarbench_caption", None)
-    if text:
-        meta["Description"] = text
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=meta)
+    with warnings.catch_warnings():
+        # a file name in a script DejaVu Sans lacks (CJK, say) draws as boxes in a title; matplotlib's four-line
+        # warning per glyph would bury the command's one-line output, and the PNG metadata keeps the real text
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font")
+        _tuck_caption(fig)
+        meta = {"Title": figure_title(fig), "Software": "cifarbench"}
+        text = caption or getattr(fig, "_cifarbench_caption", None)
+        if text:
+            meta["Description"] = text
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=meta)
     _plt().close(fig)
     return path
 

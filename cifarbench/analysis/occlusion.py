@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError, error_reason
+from ..errors import UserError, error_reason, warn
 from .occlusion_result import OcclusionResult  # noqa: F401 (its home is torch-free; re-exported here)
 
 #: the side of CIFAR images, the default input size (a model's own comes from its source)
@@ -86,8 +86,9 @@ def check_window(k: int, stride: int, size: int = IMAGE_SIZE) -> int:
     k, stride = as_int(k, "K"), as_int(stride, "stride")
     if not 1 <= k <= int(size):
         raise UserError(f"K must be between 1 and {size} (the model's {size}x{size} input), got {k}")
-    if stride < 1:
-        raise UserError(f"stride must be at least 1, got {stride}")
+    if not 1 <= stride <= int(size):
+        # past the image side every stride gives the same one-position map; a huge one would overflow the engines
+        raise UserError(f"stride must be between 1 and {size} (the model's {size}x{size} input), got {stride}")
     return (int(size) - k) // stride + 1
 
 
@@ -102,8 +103,11 @@ def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[tor
             raise UserError(f"{path}: " + ("a folder, not an image file" if path.is_dir() else "no such image file"))
         # read_rgb checks the header's size before decoding (a 12 KB PNG can claim 10000x10000) and scales
         # 16-bit images instead of clipping them
+        notes: list[str] = []
         rgb = read_rgb(path, str(path), size=size, resize=resize,
-                       hint=f"the model takes {size}x{size} images; pass --resize to scale it")
+                       hint=f"the model takes {size}x{size} images; pass --resize to scale it", notes=notes)
+        for note in notes:
+            warn(f"{path}: {note}")
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255), str(path)
     t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
     if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:

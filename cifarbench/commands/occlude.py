@@ -1,6 +1,7 @@
 """``cifarbench occlude``: occlusion maps for image files or a dataset slice, as NPY, CSV, PNG and JSON."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,31 +19,53 @@ GRID_MAX = 48
 INDEX = "index.html"
 
 
-def parse_indices(text: str, size: int) -> list[int]:
-    """``A:B`` (a slice, either end optional), ``I`` or ``I,J,...`` -> indices into a split of ``size`` images."""
+DEFAULT_IMAGES = 256  # --data without --indices: the first this many test images (fewer if the split is smaller)
+_WHOLE = re.compile(r"[0-9]+")  # ASCII digits only: int() would also take "1_0" and other scripts' digits
+
+
+def parse_indices(text: str | None):
+    """The syntax of ``--indices``, checked before any data is opened: ``A:B`` (either end optional) as
+    ``("slice", A, B)``, ``I`` or ``I,J,...`` as ``("list", [I, J, ...])``, None (not given) as ``("default",)``."""
     from ..errors import UserError
 
-    try:
-        if ":" in text:
-            a, b = text.split(":", 1)
-            ends = [int(v) for v in (a, b) if v]
-            if any(v < 0 for v in ends):
-                # Python would read -2 as size - 2: an index the user did not write
-                raise UserError(f"--indices {text!r}: indices start at 0 (the split has {size} images, 0 to "
-                                f"{size - 1})")
-            if b and int(b) > size:  # a slice would be cut to the split silently, and the JSON record A:B
-                raise UserError(f"--indices {text!r}: the split has {size} images (0 to {size - 1}); give an "
-                                f"end of at most {size}")
-            idx = list(range(*slice(int(a) if a else None, int(b) if b else None).indices(size)))
-        else:
-            idx = [int(t) for t in text.split(",")]
-    except ValueError:
-        raise UserError(f"--indices {text!r}: expected A:B, I or I,J,...") from None
+    if text is None:
+        return ("default",)
+    parts = text.split(":")
+    if len(parts) == 2 and all(not p.strip() or _WHOLE.fullmatch(p.strip()) for p in parts):
+        a, b = (int(p) if p.strip() else None for p in parts)
+        return ("slice", a, b)
+    items = [t.strip() for t in text.split(",")]
+    if len(parts) == 1 and items and all(_WHOLE.fullmatch(t) for t in items):
+        return ("list", [int(t) for t in items])
+    if any(t.strip().startswith("-") for t in re.split("[:,]", text)):
+        # Python would read -2 as size - 2: an index the user did not write
+        raise UserError(f"--indices {text!r}: indices start at 0 and count up (A:B, I or I,J,...)")
+    raise UserError(f"--indices {text!r}: expected A:B, I or I,J,... with whole numbers")
+
+
+def select_indices(spec, text: str | None, size: int) -> tuple[list[int], str]:
+    """The indices ``spec`` (from :func:`parse_indices`) selects in a split of ``size`` images, each once, and
+    the ``A:B`` / list text that the results record."""
+    from ..errors import UserError
+
+    if spec[0] == "default":
+        end = min(DEFAULT_IMAGES, size)
+        if end == 0:
+            raise UserError("the split has no images")
+        return list(range(end)), f"0:{end}"
+    if spec[0] == "slice":
+        a, b = spec[1], spec[2]
+        if b is not None and b > size:  # a slice would be cut to the split silently, and the JSON record A:B
+            raise UserError(f"--indices {text!r}: the split has {size} images (0 to {size - 1}); give an end of "
+                            f"at most {size}")
+        idx = list(range(a or 0, size if b is None else b))
+    else:
+        idx = list(dict.fromkeys(spec[1]))  # "3,3" is one image, once
     bad = [i for i in idx if not 0 <= i < size]
     if bad or not idx:
-        raise UserError(f"--indices {text!r}: out of range for {size} images" if bad else
+        raise UserError(f"--indices {text!r}: out of range for {size} images (0 to {size - 1})" if bad else
                         f"--indices {text!r} selects no images")
-    return idx
+    return idx, text
 
 
 def register(app: typer.Typer) -> None:
@@ -86,7 +109,9 @@ def register(app: typer.Typer) -> None:
         resize: Annotated[bool, typer.Option(help="Scale images that are not the model's input size.")] = False,
         data: Annotated[Optional[str], typer.Option(
             "--data", help="Occlude test images of a dataset instead (cifar10, synthetic or PATH).")] = None,
-        indices: Annotated[str, typer.Option(help="With --data: A:B, I or I,J,...")] = "0:256",
+        indices: Annotated[Optional[str], typer.Option(
+            help=f"With --data: A:B, I or I,J,... (default: the first {DEFAULT_IMAGES} test images, or all of a "
+                 "smaller split).", show_default=False)] = None,
         data_dir: DataDirOpt = None,
         calib_data: Annotated[Optional[str], typer.Option(
             "--calib-data", help="With --backend onnx-int8 on a torch net: INT8 calibration images (as --data; "
@@ -154,6 +179,9 @@ def register(app: typer.Typer) -> None:
             if data is None and (executor != "local" or resume or address):
                 raise UserError("--executor, --address and --resume shard a --data run; image files run here "
                                 "(give --data DATA --indices A:B)")
+            if data is None and indices is not None:
+                raise UserError("--indices selects test images of --data; give --data DATA or leave it out")
+            indices = (parse_indices(indices), indices)  # its syntax now, before a model or data is opened
             if data is not None:
                 from ..distributed import check_executor
 
@@ -253,22 +281,33 @@ def grid_names(ks: list[int]) -> list[str]:
 
 def _load(images, data, indices, data_dir, resize, source):
     """(name, image tensor, label or None) for every distinct image to occlude, and (the selected images as a
-    dataset, the whole split) for --data, else (None, None)."""
+    dataset, the whole split, the --indices text recorded) for --data, else Nones."""
     import torch
 
     from ..analysis.occlusion import load_image
 
     if data is None:
-        return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], (None, None)
+        return [(str(p), load_image(p, resize, source.input_size)[0], None) for p in images], (None, None, None)
     from ..options import load_test_split
 
     ds = load_test_split(source, data, data_dir)
-    idx = list(dict.fromkeys(parse_indices(indices, len(ds))))  # "3,3" is one image, once
+    idx, recorded = select_indices(*indices, len(ds))
     sub = ds.subset(torch.tensor(idx))
     imgs = sub.float_images()
-    stem = Path(data).name.split('.')[0].split(":")[0]
+    stem = _data_stem(data)
     items = [(f"{stem}-test-{i:05d}", imgs[j], int(sub.labels[j])) for j, i in enumerate(idx)]
-    return items, (sub, ds)
+    return items, (sub, ds, recorded)
+
+
+def _data_stem(data: str) -> str:
+    """The name --data results are called by: the folder or archive's own name (``--data .`` included), a
+    source's name without its ``:N``."""
+    path = Path(data)
+    name = path.resolve().name if path.exists() else data.split(":")[0]
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+    return re.sub(r"[^\w.-]+", "_", name).strip("._-") or "data"
 
 
 def _run(images, data, indices, data_dir, model, out, st: Settings) -> None:
@@ -306,7 +345,7 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
     for kk in st.ks:
         check_window(kk, st.stride, source.input_size)
     target = resolve_target(st.label, source.classes)
-    items, (dataset, split) = _load(images, data, indices, data_dir, st.resize, source)
+    items, (dataset, split, recorded) = _load(images, data, indices, data_dir, st.resize, source)
     if bases is None:
         bases = [name for name, _, _ in items]  # dataset names are distinct and hold no path
         grids = grid_names(st.ks) if st.figures else []
@@ -332,20 +371,21 @@ def _occlude(images, data, indices, data_dir, model, out, st: Settings, bases) -
                                      **({"approx": {key: engine_info.get(key) for key in
                                                     ("tau", "coarse", "precision")}} if st.mode == "approx" else {}),
                                      "baseline": st.baseline,
-                                     **({"indices": indices, "images": len(items)} if dataset is not None else {})})
+                                     **({"indices": recorded, "images": len(items)} if dataset is not None else {})})
     cap = caption(prov, f"{st.baseline} patches" if st.baseline != "gray" else None)
     files: dict[int, list[str]] = {}
     figures = []
     draw = getattr(st, "draw", None) or Draw()  # the figure worker when the command forked one, else in-process
     for base, (name, img, true_label) in zip(bases, items):
         for r in results[base]:
-            stem = out / f"{base}_k{r.k}"
-            with atomic_path(stem.with_suffix(".npy")) as tmp:
+            # the names files_for checked; not Path.with_suffix, which would cut "my.cat_k8" to "my"
+            npy, csv = (out / name for name in files_for(base, [r.k], False))
+            with atomic_path(npy) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, r.map)
             # 9 significant digits: a float32 map reads back from the CSV exactly
-            write_text(stem.with_suffix(".csv"), "\n".join(",".join(f"{v:.9g}" for v in row) for row in r.map) + "\n")
-            files[id(r)] = [str(stem.with_suffix(".npy")), str(stem.with_suffix(".csv"))]
+            write_text(csv, "\n".join(",".join(f"{v:.9g}" for v in row) for row in r.map) + "\n")
+            files[id(r)] = [str(npy), str(csv)]
         if st.figures:
             from ..analysis.occlusion_plot import plot_occlusion
 

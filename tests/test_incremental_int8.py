@@ -23,7 +23,7 @@ def int8_runtime(net, seed=21, **overrides):
     return model, open_runtime(cached_artifact(model, "onnx-int8", **CALIB), device="cpu")
 
 
-needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN int8 conv (non-x86)")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="no oneDNN int8 conv with ONNX Runtime's integers here (needs an AVX512-VNNI or AMX x86 CPU)")
 
 
 @pytest.mark.parametrize("net,k,stride,overrides", [

@@ -99,9 +99,9 @@ def _show(dims) -> str:
 
 def graph_io(proto, what: str) -> dict:
     """The image input and logits output of an ONNX graph, checked when it is opened, before any work:
-    one input ``[N, 3, S, S]`` of float32 (N symbolic or fixed), a first output ``[N, C]`` of floats with a fixed
-    class count ``C``. Returns ``input`` (name), ``batch`` (an int if fixed, else ``None``), ``input_size`` S and
-    ``num_classes`` C; anything else is one :class:`UserError` naming the shape found."""
+    one input ``[N, 3, S, S]`` of float32 (N symbolic or fixed, S fixed or H and W both symbolic), a first output
+    ``[N, C]`` of floats with a fixed class count ``C``. Returns ``input`` (name), ``batch`` (an int if fixed, else
+    ``None``), ``input_size`` S (``None`` where the graph takes any size) and ``num_classes`` C; anything else is one :class:`UserError` naming the shape found."""
     import onnx
     from onnx import TensorProto
 
@@ -118,8 +118,12 @@ def graph_io(proto, what: str) -> dict:
         raise UserError(f"{what}: input {image.name!r} is {_type_name(image.type.tensor_type.elem_type)}; "
                         f"cifarbench feeds float32 images in [0, 1]")
     dims = _dims(image)
-    if dims is None or len(dims) != 4 or dims[1] != 3 or not isinstance(dims[2], int) or dims[2] != dims[3] \
-            or dims[2] < 1 or (isinstance(dims[0], int) and dims[0] < 1):
+    # H and W both symbolic (an export with dynamic spatial axes): the size is the source's (S = 32, or the
+    # caller's input_size); one fixed and one symbolic, or two different fixed sides, are not square images
+    free = dims is not None and len(dims) == 4 and not isinstance(dims[2], int) and not isinstance(dims[3], int)
+    if dims is None or len(dims) != 4 or dims[1] != 3 or (not free and (not isinstance(dims[2], int) or
+                                                                         dims[2] != dims[3] or dims[2] < 1)) \
+            or (isinstance(dims[0], int) and dims[0] < 1):
         shown = "of unknown rank" if dims is None else _show(dims)
         raise UserError(f"{what}: input {image.name!r} is {shown}; cifarbench feeds square RGB images "
                         f"[N, 3, S, S] (S = 32 for CIFAR)")
@@ -136,19 +140,19 @@ def graph_io(proto, what: str) -> dict:
                                                  TensorProto.BFLOAT16):
         raise UserError(f"{what}: output {logits.name!r} is "
                         f"{_type_name(logits.type.tensor_type.elem_type)}, not float logits")
-    io_ = {"input": image.name, "batch": dims[0] if isinstance(dims[0], int) else None, "input_size": dims[2],
-           "num_classes": out[1]}
+    io_ = {"input": image.name, "batch": dims[0] if isinstance(dims[0], int) else None,
+           "input_size": None if free else dims[2], "num_classes": out[1]}
     check_supported(io_["input_size"], io_["num_classes"], what)
     return io_
 
 
-def check_supported(input_size: int, num_classes: int, what: str) -> None:
+def check_supported(input_size: int | None, num_classes: int, what: str) -> None:
     """What any pipeline can run: square images of 1..MAX_INPUT_SIZE pixels (the model's own S, checked against
     the images by the analyses through ``runtime.input_size``) and at least two classes (the model's own C,
     checked against the data and the class names by :func:`cifarbench.source.resolve_source`)."""
     from .source import MAX_INPUT_SIZE
 
-    if not 1 <= input_size <= MAX_INPUT_SIZE:
+    if input_size is not None and not 1 <= input_size <= MAX_INPUT_SIZE:
         raise UserError(f"{what} takes {input_size}x{input_size} images; cifarbench runs at most "
                         f"{MAX_INPUT_SIZE}x{MAX_INPUT_SIZE}")
     if num_classes < 2:

@@ -580,6 +580,11 @@ def _from_zip(path: Path, arch, kw) -> _Loaded:
             raise UserError(f"corrupt or incompatible torch.export program {path}: "
                             f"{str(exc).strip().splitlines()[0][:200]}") from None
         return _from_program(program, path)
+    if path.suffix.lower() != ".pt2":
+        # torch's C++ loader would extract and dlopen the package's library whatever the name: a "weights.pt"
+        # must never run native code; the .pt2 name is the user's statement that it is a package (see PT2_WARNING)
+        raise UserError(f"{path} is an AOTInductor package (a shared library: opening it runs native code), not "
+                        f"the weights its name suggests; if you built it or trust it, rename it to .pt2")
     return _from_aoti(path)
 
 
@@ -600,31 +605,55 @@ def _from_torchscript(path: Path) -> _Loaded:
                                     "TorchScript code in torch's interpreter (torch operators only, no Python)"))
 
 
+#: the payloads a plain-tensor ExportedProgram archive holds (torch.export.pt2_archive.constants): weights and
+#: tensor constants, raw bytes read by ``torch.as_strided``. torch also reads ``custom_obj_*`` (torchbind's
+#: pickler) and ``opaque_obj_*`` (plain ``pickle.loads``) constants, and ``use_pickle`` payloads with
+#: ``weights_only=False``: each can run code, so only these prefixes pass (an allow-list: a prefix a later torch
+#: adds is refused, not trusted)
+_PROGRAM_PAYLOADS = {"data/weights/": "weight_", "data/constants/": "tensor_"}
+
+
 def _check_program_archive(path: Path) -> None:
-    """Refuse an ExportedProgram archive that ``torch.export.load`` would unpickle with ``weights_only=False``:
-    payloads marked ``use_pickle`` and ``.pt`` members that ``weights_only=True`` cannot read."""
+    """Refuse an ExportedProgram archive that ``torch.export.load`` would unpickle: a payload config entry that is
+    not a raw weight or tensor constant (``use_pickle``, ``custom_obj_*``, ``opaque_obj_*``, anything else), a
+    payload member of another kind, and legacy ``.pt`` members that ``weights_only=True`` cannot read."""
     import io
 
     import torch
 
+    def refuse(what: str):
+        raise UserError(f"{path} holds {what}, which torch.export.load unpickles and which can run code; "
+                        f"re-export the model with plain tensors only, or export it to ONNX")
+
     with zipfile.ZipFile(path) as z:
         for info in z.infolist():
             inner = info.filename.split("/", 1)[-1]
-            if inner.endswith("_config.json") and inner.startswith("data/"):
+            folder = next((f for f in _PROGRAM_PAYLOADS if inner.startswith(f)), None)
+            if inner.startswith("data/") and inner.endswith("_config.json"):
                 try:
                     config = json.loads(z.read(info)).get("config", {})
-                except ValueError:
+                    entries = list(config.items())
+                except (ValueError, AttributeError):
                     raise UserError(f"corrupt torch.export program {path}: bad {inner}") from None
-                if any(isinstance(v, dict) and v.get("use_pickle") for v in config.values()):
-                    raise UserError(f"{path} holds pickled tensors (tensor subclasses) that torch.export.load "
-                                    f"reads with weights_only=False, which can run code; re-export it with plain "
-                                    f"tensors, or export to ONNX")
+                prefix = "weight_" if "weights" in inner else "tensor_"
+                for fqn, entry in entries:
+                    if not isinstance(entry, dict):
+                        raise UserError(f"corrupt torch.export program {path}: bad {inner}")
+                    name = str(entry.get("path_name", ""))
+                    if entry.get("use_pickle"):
+                        refuse(f"a pickled payload ({fqn}: {name}, e.g. a tensor subclass, read with "
+                               f"weights_only=False)")
+                    if not name.startswith(prefix):
+                        refuse(f"a payload that is not a plain tensor ({fqn}: {name})")
             elif inner.endswith(".pt"):
                 try:
                     torch.load(io.BytesIO(z.read(info)), map_location="cpu", weights_only=True)
                 except Exception:
                     raise UserError(f"{path} holds a pickled object ({inner}) that only weights_only=False can "
                                     f"read, which can run code; re-export it, or export to ONNX") from None
+            elif folder is not None and inner != folder and not inner[len(folder):].startswith(
+                    _PROGRAM_PAYLOADS[folder]):
+                refuse(f"a payload that is not a plain tensor ({inner})")
 
 
 def _from_program(program, path: Path | None) -> _Loaded:
@@ -634,7 +663,12 @@ def _from_program(program, path: Path | None) -> _Loaded:
         raise UserError(f"the exported program takes {len(users)} inputs; cifarbench feeds one image batch")
     node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == users[0])
     fixed, size = _placeholder_dims(node, "the exported program")
-    module = _classes().ExportedModule(program.module())
+    try:
+        module = _classes().ExportedModule(program.module())
+    except Exception as exc:  # constants that do not fit its graph, a foreign-version program: unusable here
+        where = f" {path}" if path is not None else ""
+        raise UserError(f"corrupt or incompatible torch.export program{where}: "
+                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}") from None
     if path is None:
         return _Loaded("exported-program", "ExportedProgram", module=module, digest=module_digest(module),
                        fixed_batch=fixed, size=size,
@@ -900,11 +934,21 @@ def _from_onnx(path: Path) -> _Loaded:
     if len(dims) != 4:
         raise UserError(f"{path} takes {len(dims)}-d input; cifarbench feeds [N, 3, S, S]")
     _check_layout(dims, str(path))
-    out_dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
-                for d in proto.graph.output[0].type.tensor_type.shape.dim]
+
+    def shape(value) -> list:
+        return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+                for d in value.type.tensor_type.shape.dim]
+
+    if len(proto.graph.output) != 1:
+        # which output holds the logits is the user's knowledge: the first of (features, logits) or (probs,
+        # logits) would run every analysis on the wrong tensor, and its width passes for a class count
+        shown = ", ".join(f"{o.name!r} {_show_dims(shape(o))}" for o in proto.graph.output[:6])
+        raise UserError(f"{path} has {len(proto.graph.output)} outputs ({shown}); cifarbench reads one, the "
+                        f"logits [N, classes]: re-export the model with only its logits as output")
+    out_dims = [d if isinstance(d, int) else None for d in shape(proto.graph.output[0])]
     if out_dims and len(out_dims) != 2:
-        raise UserError(f"{path} outputs {len(out_dims)}-d {proto.graph.output[0].name}; cifarbench needs logits "
-                        f"[N, classes]")
+        raise UserError(f"{path}: output {proto.graph.output[0].name!r} is {len(out_dims)}-d "
+                        f"{_show_dims(shape(proto.graph.output[0]))}; cifarbench needs logits [N, classes]")
     zoo = "spec" in meta
     external = sorted(locations)
     fmt = "ONNX" + (f" (external data: {', '.join(p.name for p in external)})" if external else "")
@@ -915,6 +959,10 @@ def _from_onnx(path: Path) -> _Loaded:
                    probe=_ort_prober(path),
                    provenance=_prov(path, fmt, False, "a graph of ONNX operators run by onnxruntime",
                                     external_data=[p.name for p in external]))
+
+
+def _show_dims(dims: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _all_tensors(proto):

@@ -56,15 +56,15 @@ _BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div":
 _REDUCE = {"ReduceMean": torch.mean, "ReduceMax": torch.amax, "ReduceSum": torch.sum}
 
 
-def onnx_module(proto) -> nn.Module:
+def onnx_module(proto, size: int | None = None) -> nn.Module:
     """An eval-mode module computing ``proto``'s first output from its image input, for any batch.
 
     ``proto``: an ``onnx.ModelProto`` of an fp32 CNN classifier whose single input is ``[N, 3, S, S]`` float
-    (``N`` fixed or symbolic). Raises :class:`~.graph.UnsupportedOp` for an op (or an attribute of one) it does
+    (``N`` fixed or symbolic; ``S`` fixed, or symbolic with ``size`` the side it runs at). Raises :class:`~.graph.UnsupportedOp` for an op (or an attribute of one) it does
     not translate, and for a quantized or non-float32 graph."""
     import onnx  # heavy and optional: only callers that hold an ONNX graph pay for it
 
-    return _Translator(proto, onnx).build()
+    return _Translator(proto, onnx, size).build()
 
 
 # ---------------------------------------------------------------------------------------------- the module
@@ -108,7 +108,7 @@ _N = _Batch()
 
 
 class _Translator:
-    def __init__(self, proto, onnx):
+    def __init__(self, proto, onnx, size: int | None = None):
         self.proto, self.onnx = proto, onnx
         graph = proto.graph
         for node in graph.node:  # first: a quantized graph is named as such, not by its int8 tensors
@@ -124,6 +124,8 @@ class _Translator:
         self.input = inputs[0]
         dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
                 for d in self.input.type.tensor_type.shape.dim]
+        if len(dims) == 4 and dims[2] is None and dims[3] is None and size is not None:
+            dims[2] = dims[3] = int(size)  # a graph of any size, run at the source's side
         if len(dims) != 4 or dims[2] is None or dims[3] is None:
             raise ValueError(f"the graph's input is {dims}; occlusion needs [N, 3, S, S] with a fixed S")
         self.fixed_batch = dims[0]

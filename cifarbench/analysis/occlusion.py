@@ -392,7 +392,10 @@ def _cost_ratio(engine, k: int, stride: int, dense_speed: float = 1.0, size: int
     (every position a whole forward pass) scaled by that backend's speed relative to eager torch."""
     size = size or getattr(engine, "size", IMAGE_SIZE)
     n = ((size - k) // stride + 1) ** 2
-    return engine.flops(k, stride) * 1.15 / (engine.dense_flops() * n / dense_speed)
+    dense = engine.dense_flops()
+    if dense <= 0:  # no conv (an MLP): nothing for a plan to skip, and nothing to divide by
+        return math.inf
+    return engine.flops(k, stride) * 1.15 / (dense * n / dense_speed)
 
 
 def choose_mode(module, backend: str, device: torch.device, k: int, stride: int, size: int = IMAGE_SIZE) -> str:
@@ -768,7 +771,7 @@ def _onnx_module(source, proto):
     pixels; raises ``UnsupportedOp`` naming an op it cannot translate."""
     from ..kernels.onnx_module import onnx_module
 
-    return _traceable(source, onnx_module(proto), own_input=True)
+    return _traceable(source, onnx_module(proto, source.input_size), own_input=True)
 
 
 def _graph_kind(source) -> str:
@@ -907,6 +910,8 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
         on = f" on the {engine.graph}" if getattr(engine, "graph", None) else ""
         if engine is not None and mode == "incremental":
             chosen = ChosenEngine(engine, f"--mode incremental{on}")
+        elif engine is not None and engine.dense_flops() <= 0:
+            why = "auto: dense, as the model has no convolution (nothing for the incremental plan to skip)"
         elif engine is not None:
             concrete = cache["runtime"].name if "runtime" in cache else choose_backend(source, backend, device)
             speed = _DENSE_SPEED.get(device.type, {}).get(concrete, 1.0)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..nets import IMAGE_SIZE
 from .base import Runtime
 
 #: (source, claimed precision) pairs already warned about
@@ -86,7 +87,8 @@ class OrtRuntime(Runtime):
         self.proto = proto  # the graph itself: variant and probe builders edit a copy of it
         self.metadata = read_metadata(proto)
         self.source = source if source is not None else _graph_source(proto, self.path, contract, self.metadata)
-        if (contract["input_size"], contract["num_classes"]) != (self.source.input_size, self.source.num_classes):
+        if (contract["input_size"] or self.source.input_size, contract["num_classes"]) != \
+                (self.source.input_size, self.source.num_classes):  # a graph of any size runs the source's
             raise UserError(f"{what} takes {contract['input_size']}x{contract['input_size']} images and outputs "
                             f"{contract['num_classes']} classes, but {self.source.name} takes "
                             f"{self.source.input_size}x{self.source.input_size} and outputs "
@@ -168,7 +170,7 @@ def _graph_source(proto, path, contract: dict, metadata: dict):
 
     digest = file_digest(path) if path else hashlib.sha256(proto.SerializeToString()).hexdigest()
     name = metadata.get("net") or (path.stem if path else "onnx-graph")
-    return source_from_contract("onnx", name, input_size=contract["input_size"],
+    return source_from_contract("onnx", name, input_size=contract["input_size"] or IMAGE_SIZE,
                                 num_classes=contract["num_classes"], metadata=metadata, path=path, onnx_path=path,
                                 fixed_batch=contract["batch"], digest=digest)
 

@@ -26,6 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable
 
+import numpy as np
+
 from .errors import UserError
 
 Selection = tuple[tuple[str, int], ...]
@@ -1056,6 +1058,22 @@ def resolve_layers(model, spec: str) -> list[str]:
 
 def _short(name: str) -> str:
     return repr(name if len(name) <= 60 else name[:57] + "...")
+
+
+def check_selection(table: "LayerTable", selection: Selection) -> Selection:
+    """``selection`` in ``table``'s names, every (layer, filter) checked: a layer the table holds and a filter
+    ``0 <= j < filters``. For selections built by hand in the API (``resolve_selection`` builds checked ones): a
+    ``-1`` would zero the last filter through Python's indexing while the results said ``-1``."""
+    checked = []
+    for layer, j in selection:
+        if layer not in table:
+            shown = ", ".join(list(table.layers)[:12]) + (", ..." if len(table.layers) > 12 else "")
+            raise UserError(f"unknown layer {layer!r}; the model's conv layers are {shown}")
+        info = table[layer]
+        if isinstance(j, (bool, np.bool_)) or not isinstance(j, (int, np.integer)) or not 0 <= int(j) < info.filters:
+            raise UserError(f"{info.name}: filter {j!r} does not exist (it has filters 0-{info.filters - 1})")
+        checked.append((info.name, int(j)))
+    return tuple(checked)
 
 
 def by_layer(selection: Selection) -> OrderedDict[str, list[int]]:

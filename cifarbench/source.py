@@ -53,7 +53,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, warn
 
 KINDS = ("zoo", "checkpoint", "module", "torchscript", "exported-program", "aoti", "onnx", "state-dict", "tensorrt")
 #: the ``metadata_props`` prefix of cifarbench's ONNX files (the same as ``cifarbench.export.onnx.META_PREFIX``)
@@ -206,6 +206,12 @@ def parse_contract(mean, std) -> tuple[tuple | None, tuple | None]:
     if std is not None and not all(v >= MIN_STD for v in std):
         # (x - mean) / std must stay finite in float32: 1e-45 is positive, and overflows every pixel to infinity
         raise UserError(f"--std takes three numbers of at least {MIN_STD:g}, got {','.join(map(str, std))}")
+    if mean is not None and (max(abs(v) for v in mean) > 1.5 or max(std) > 1.5):
+        # cifarbench feeds [0, 1] pixels; torchvision's 0..255-scale constants (123.7, 58.4) map every pixel to
+        # about -2 and give a model of saturated images, a mistake that runs without any error
+        warn(f"--mean {','.join(map(str, mean))} --std {','.join(map(str, std))} look like 0..255-scale values; "
+             f"cifarbench's pixels are in [0, 1], so 0..1-scale values (e.g. 0.485,0.456,0.406 and "
+             f"0.229,0.224,0.225) are usual")
     return mean, std
 
 
@@ -264,6 +270,10 @@ def parse_classes(value) -> tuple[str, ...] | None:
     elif isinstance(value, str):
         names = [n.strip() for n in value.split(",")]
     else:
+        if isinstance(value, (set, frozenset, dict)) or type(value).__name__ in ("dict_keys", "dict_values"):
+            # names are bound to outputs by position: a set's order is its hash order, different per run
+            raise UserError(f"class names must be in the model's output order (a list or tuple), got a "
+                            f"{type(value).__name__}")
         names = [str(n).strip() for n in value]
     if not names or any(not n for n in names):
         raise UserError(f"class names must be non-empty, got {value!r}")
@@ -460,18 +470,17 @@ def _from_module(module) -> _Loaded:
     floats = [t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
     # ep.module() replaces train()/eval() on the instance (they raise: its mode was fixed when it was exported)
     fixed_mode = "eval" in vars(module) or "train" in vars(module)
-    training = any(getattr(m, "training", False) for m in module.modules())  # a child in training mode too
-    changes = (training and not fixed_mode) or any(d != torch.float32 for d in floats)
     # the source owns a copy: the runtimes and engines put it in eval mode, float32, channels-last and on their
     # device, and the caller's module stays as it was (a notebook that goes on training it is not changed behind
     # its back); one copy here, none further down. An exported module is not copied: a copy loses the train()
     # and eval() that say so (and it has no mode to change)
     try:
         module = module if fixed_mode else copy.deepcopy(module)
-    except Exception as exc:  # noqa: BLE001  (a module holding something deepcopy cannot copy)
-        if changes:
-            raise UserError(f"{type(module).__name__} is in training mode or not float32, and cannot be copied to "
-                            f"run it in eval mode ({type(exc).__name__}); pass model.eval().float()") from None
+    except Exception as exc:  # noqa: BLE001  (a module holding something deepcopy cannot copy: a lock, a handle)
+        # running the caller's own object would change it (eval mode, float32, channels-last weights, a device)
+        raise UserError(f"{type(module).__name__} cannot be copied ({type(exc).__name__}: "
+                        f"{str(exc)[:100]}); cifarbench runs a copy so that your module is never changed: make it "
+                        f"deep-copyable (move the attribute that is not out of the module)") from None
     if any(d != torch.float32 for d in floats):
         module = module.float()
     try:

@@ -139,6 +139,16 @@ def load_model(name_or_path: str | Path, device: str | torch.device = "cpu") -> 
             path = path / "best.safetensors"
         if not path.is_file():
             raise UserError(f"no such net or checkpoint: {text} (known nets: {', '.join(list_models())})")
+    # checked before the weights are read; runtime.parse_device is the CLI's fuller check, but models sit below
+    # runtime in the import order
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(device)!r}: no CUDA GPU here; use cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N")
     model = _load_checkpoint_model(path)
     model.source = str(path)
     return model.eval().to(device)

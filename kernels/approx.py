@@ -83,6 +83,8 @@ MAX_COARSE = 16
 def check_knobs(tau, coarse, precision: str = DEFAULT_PRECISION) -> tuple[float, int]:
     """``(tau, coarse)`` as float and int, or a ValueError with a one-line reason (the CLI turns it into its
     ``error:`` line)."""
+    if isinstance(tau, (np.integer, np.floating)):
+        tau = tau.item()  # np.float32(0.1), as K, stride and target take numpy scalars
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or not 0 <= tau <= 1:
         raise ValueError(f"--tau must be a probability spread in [0, 1], got {tau!r}")
     if isinstance(coarse, bool) or not isinstance(coarse, (int, np.integer)) or not 1 <= coarse <= MAX_COARSE:

@@ -202,7 +202,45 @@ def build_graph(module: nn.Module, size: int | tuple[int, int] = 32, channels: i
     """The IR of ``module`` (eval semantics: BN uses running statistics, dropout is identity) for square or
     ``(H, W)`` inputs of ``size``. Raises :class:`UnsupportedOp` for a spatial op it cannot represent."""
     size = (size, size) if isinstance(size, int) else tuple(size)
-    return _Builder(trace(module), size, channels).build()
+    return _Builder(functionalize(trace(module)), size, channels).build()
+
+
+def _mutates(n: fx.Node, modules: dict) -> bool:
+    """Whether ``n`` writes into its first argument: ``x.relu_()``, ``x.sub_(m)``, ``torch.relu_(x)``,
+    ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)(x)``, ``x += y``."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.endswith("__")
+    if n.op == "call_function":
+        name = getattr(n.target, "__name__", "")
+        return n.target in _INPLACE or bool(n.kwargs.get("inplace")) or \
+            (name.endswith("_") and not name.endswith("__") and getattr(n.target, "__module__", "") in
+             ("torch", "torch._C._VariableFunctions", "torch.nn.functional"))
+    if n.op == "call_module":
+        return bool(getattr(modules.get(n.target), "inplace", False))
+    return False
+
+
+def functionalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose in-place ops are data flow: after ``x.relu_()`` (its result often unused), every
+    later reader of ``x`` reads the op's node, as it reads the mutated tensor when the module runs. Without it
+    the IR would drop the unused node and compute the model without its in-place ops."""
+    modules = dict(gm.named_modules())
+    order = list(gm.graph.nodes)
+    if not any(_mutates(n, modules) for n in order):
+        return gm
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))  # graph_copy copies every node but the output
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    for i, n in enumerate(nodes):
+        if _mutates(n, modules):
+            target = n.args[0]
+            for user in list(target.users):
+                if user is not n and position.get(user, -1) > i:
+                    user.replace_input_with(target, n)
+    return fx.GraphModule(gm, graph)
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
@@ -503,8 +541,9 @@ class _Builder:
             self._add(n, Node(n.name, "concat", tuple(self.index[a] for a in tensors)))
         elif t is F.conv2d:
             self._functional_conv(n, opname)
-        elif t in (F.max_pool2d, F.avg_pool2d):
-            self._functional_pool(n, t, opname)
+        elif t in (F.max_pool2d, F.avg_pool2d, torch.max_pool2d):
+            # torch.max_pool2d is the op F.max_pool2d wraps (same arguments, stride [] meaning the kernel)
+            self._functional_pool(n, F.max_pool2d if t is torch.max_pool2d else t, opname)
         elif t is F.batch_norm:
             raise UnsupportedOp(opname, n.name, "is a functional batch_norm (use nn.BatchNorm2d)")
         elif t in _UNARY_FUNCTIONS or t in _BINARY_FUNCTIONS:

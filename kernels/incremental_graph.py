@@ -302,7 +302,7 @@ class GraphOcclusion:
         g = self.graph(size)
         x = torch.rand(2, g.nodes[0].shape[0], *g.size, generator=torch.Generator().manual_seed(0))
         x = x.to(self.device)
-        ref = self.module(x)
+        ref = self.module(x.clone())  # a copy: a model that writes into its input (x.sub_(m)) leaves x as it was
         if not isinstance(ref, torch.Tensor) or ref.dim() != 2:
             raise UnsupportedOp("model output", "-", "is not one [N, classes] tensor of logits")
         got = g.run(x.contiguous(memory_format=torch.channels_last))[1]
@@ -420,7 +420,7 @@ class GraphOcclusion:
         g = self.graph(tuple(images.shape[2:]))
         x = images.contiguous(memory_format=torch.channels_last)
         acts, logits = g.run(x)
-        ref = self.module(images)
+        ref = self.module(images.clone())  # a model that writes into its input must not change the images
         tol = 1e-3 * (1 + float(ref.abs().max()))
         if ref.shape != logits.shape or float((ref - logits).abs().max()) > tol:
             raise RuntimeError("the layer-graph IR does not reproduce the model's clean output; "
@@ -508,7 +508,7 @@ class GraphOcclusion:
         logits = self.logits(images, baselines, k, stride)
         if targets is None:
             with torch.inference_mode():
-                targets = self.module(images).argmax(1)
+                targets = self.module(images.clone()).argmax(1)
         probs = torch.softmax(logits.float(), -1)
         t = torch.as_tensor(targets, device=probs.device).view(-1, 1, 1).expand(-1, probs.shape[1], 1)
         h = (images.shape[2] - k) // stride + 1

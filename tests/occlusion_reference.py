@@ -18,7 +18,7 @@ def naive_map(model, image, k, stride, target=None, fill=0.5, mean=None, std=Non
     size = image.shape[-1]
     n = (size - k) // stride + 1
     with torch.no_grad():
-        clean = torch.softmax(model(norm(image)[None]), 1)[0]
+        clean = torch.softmax(model(norm(image.clone())[None]), 1)[0]  # a copy: a model may write into its input
         target = int(clean.argmax()) if target is None else target
         out = np.zeros((n, n), np.float32)
         for i in range(n):

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import UserError
-from ..filters import Selection, by_layer, fetch_attr
+from ..filters import Selection, by_layer, check_selection, fetch_attr
 from ..nets import CifarNet, ConvBlock
 from .metrics import confusion_matrix, difference, summary
 
@@ -99,6 +99,7 @@ def zeroed_model(model, selection: Selection, zero_bias: bool = False, table=Non
     from ..filters import graph_module_of
 
     table = layer_table(model if table is None else table)
+    selection = check_selection(table, selection)
     variant = copy.deepcopy(model)
     variant.eval()
     with torch.no_grad():
@@ -128,6 +129,7 @@ def zeroed_onnx(proto, table, selection: Selection, zero_bias: bool = False):
     import onnx
     from onnx import numpy_helper
 
+    selection = check_selection(table, selection)
     out = onnx.ModelProto()
     out.CopyFrom(proto)
     inits = {t.name: t for t in out.graph.initializer}
@@ -382,7 +384,7 @@ def sweep_confusions(runtime, model, data: Dataset, selection: Selection, zero_b
     Confusion matrices of disjoint image ranges sum to the whole range's (what sharded sweeps merge)."""
     from ..filters import layer_table
 
-    table = layer_table(model)
+    selection = check_selection(layer_table(model), selection)
     net = torch_module_of(runtime)
     if not isinstance(net, CifarNet):
         nc, labels = len(data.classes), data.labels.numpy()

@@ -21,7 +21,7 @@ import torch
 
 from ..data import Dataset
 from ..errors import UserError
-from ..filters import Selection, all_filters, by_layer
+from ..filters import Selection, all_filters, by_layer, check_selection
 
 DEFAULT_BATCH = 250
 Probe = Callable[[torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
@@ -334,6 +334,7 @@ def mine(runtime, model, data: Dataset, selection: Selection, k: int = 20,
         raise UserError(f"--top must be at least 1, got {k}")
     if not selection:
         raise UserError("no filters selected")
+    selection = check_selection(table, selection)
     probe = probe or probe_for(runtime, table)
     layers = by_layer(selection)
     selection = tuple((layer, j) for layer, idx in layers.items() for j in idx)

@@ -109,7 +109,8 @@ def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[tor
         for note in notes:
             warn(f"{path}: {note}")
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255), str(path)
-    t = torch.as_tensor(np.asarray(image) if not isinstance(image, torch.Tensor) else image)
+    # np.array copies (a PIL image or read-only array gives a writable one; the caller's array is never shared)
+    t = torch.as_tensor(np.array(image) if not isinstance(image, torch.Tensor) else image)
     if t.ndim == 3 and t.shape[-1] == 3 and t.shape[0] != 3:
         t = t.permute(2, 0, 1)
     if t.ndim != 3 or t.shape[0] != 3:
@@ -117,7 +118,7 @@ def load_image(image, resize: bool = False, size: int = IMAGE_SIZE) -> tuple[tor
     if t.dtype != torch.uint8 and not t.is_floating_point():
         raise UserError(f"expected uint8 pixels or float pixels in [0, 1], got {t.dtype}")
     t = t.detach()
-    t = t.float().div(255) if t.dtype == torch.uint8 else t.float()
+    t = t.float().div(255) if t.dtype == torch.uint8 else t.float().clone()  # never the caller's storage
     if bool(torch.isnan(t).any()):
         raise UserError("the image holds NaN pixels")
     if tuple(t.shape[1:]) != (size, size):
@@ -166,9 +167,15 @@ def resolve_target(target, classes=None) -> int | None:
     else:
         names = tuple(str(c) for c in classes)
     text = str(target).strip()
+    if text in names:  # exact first: classes "a" and "A" are two classes
+        return names.index(text)
     folded = [c.casefold() for c in names]
-    if text.casefold() in folded:
-        return folded.index(text.casefold())
+    hits = [i for i, c in enumerate(folded) if c == text.casefold()]
+    if len(hits) > 1:
+        raise UserError(f"class {target!r} matches {', '.join(names[i] for i in hits)} when case is ignored; give "
+                        f"the name exactly or its index")
+    if hits:
+        return hits[0]
     # digits are an index, except where the classes are numbers themselves: "0" among classes "1".."10" is
     # neither, rather than index 0 (class "1") read one way and "3" (index 2) the other
     numeric = all(c.strip().lstrip("-").isdigit() for c in names)
@@ -261,7 +268,8 @@ class IncrementalEngine:
 
     @torch.inference_mode()
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self.device)).float()
+        # a copy: a model that normalizes in place (x.sub_(m)) would write into the images the windows read
+        return self.module(images.to(self.device, copy=True)).float()
 
     def logits(self, images, baselines, k, stride):
         return self.engine.logits(images, baselines, k, stride)
@@ -355,7 +363,8 @@ class ApproxEngine:
 
     @torch.inference_mode()
     def clean_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.module(images.to(self.device)).float()
+        # a copy: a model that normalizes in place (x.sub_(m)) would write into the images the windows read
+        return self.module(images.to(self.device, copy=True)).float()
 
     def probability_maps(self, images, baselines, k, stride, targets):
         maps, info = self.engine.probability_maps(images, baselines, k, stride, targets)
@@ -872,6 +881,12 @@ def make_engine(model, k: int, stride: int = 1, backend: str | None = None, mode
 
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "approx":
+        # refused whatever engine auto then picks (ignored by incremental, passed on to open_runtime by dense)
+        stray = [key for key in APPROX_OPTIONS if options.pop(key, None) is not None]
+        if stray:
+            raise UserError(f"{', '.join(stray)}: knob{'s' if len(stray) > 1 else ''} of mode='approx', not of "
+                            f"mode={mode!r}")
     cache = {} if cache is None else cache
     device = parse_device(device) if device is not None else default_device()
     contract = {key: options.pop(key) for key in CONTRACT if key in options}
@@ -948,6 +963,10 @@ def occlusion_maps(engine, images: torch.Tensor, k: int, *, stride: int = 1, bas
     images = _as_batch(images, size)
     if not len(images):
         return []
+    if names is not None:
+        names = list(names)
+        if len(names) != len(images):
+            raise UserError(f"names: {len(names)} for {len(images)} images; give one name per image")
     classes = classes if classes is not None else getattr(engine, "classes", None)
     images = images.to(engine.device, torch.float32)
     bases = baseline_values(baseline, images)

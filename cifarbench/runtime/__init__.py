@@ -77,8 +77,7 @@ def resolve_module(model) -> torch.nn.Module:
         if module is None:
             raise UserError(f"the {model.name} runtime of {model.net} has no torch module; use --backend torch")
         return module
-    if isinstance(model, torch.nn.Module):
-        return model.eval()
+    # a module too goes through its source, which runs a copy: the caller's module keeps its mode and device
     return resolve_source(model).torch_module()
 
 

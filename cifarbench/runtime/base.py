@@ -18,6 +18,10 @@ from abc import ABC, abstractmethod
 
 import torch
 
+#: the most input pixels one forward of ``Runtime.logits`` takes (4096 CIFAR images: bench's largest GPU batch
+#: runs whole); a larger batch, or a model without a fixed or maximum batch, runs in chunks of this size
+LOGITS_PIXELS = 4096 * 32 * 32
+
 
 class Runtime(ABC):
     #: backend name as given to ``--backend`` (``torch``, ``onnxruntime``, ...)
@@ -94,14 +98,24 @@ class Runtime(ABC):
             if not (0.0 <= low and high <= 1.0):
                 raise UserError(f"expected pixels in [0, 1], got values from {low:g} to {high:g}" +
                                 (" (0..255 images: divide by 255)" if high > 1.0 else ""))
+        # at most LOGITS_PIXELS of input per forward: a 200,000-image batch (or an expand()ed view of one image)
+        # runs in bounded memory, each chunk moved, normalized and made contiguous on its own
+        step = self.fixed_batch or self.max_batch or max(1, LOGITS_PIXELS // (size * size))
+        if len(batch) <= step and not (self.fixed_batch and len(batch) < self.fixed_batch):
+            return self._run(self._prepare(batch))
+        out = torch.empty(len(batch), self.num_classes, device=self.device)
+        for i in range(0, len(batch), step):
+            out[i:i + step] = self._chunk(self._prepare(batch[i:i + step]))
+        return out
+
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+        given = batch
         batch = batch.to(self.device, torch.float32)
         if self.applies_normalization:
             batch = self.source.normalize(batch)
         batch = batch.contiguous()
-        step = self.fixed_batch or self.max_batch or len(batch)
-        if len(batch) == step:
-            return self._run(batch)
-        return torch.cat([self._chunk(batch[i:i + step]) for i in range(0, len(batch), step)])
+        # a model that normalizes in place (x.sub_(mean)) must not write into the caller's images
+        return batch.clone() if batch.data_ptr() == given.data_ptr() else batch
 
     def _chunk(self, chunk: torch.Tensor) -> torch.Tensor:
         n = self.fixed_batch

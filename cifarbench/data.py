@@ -127,8 +127,11 @@ class UnknownClasses(UserError):
 def _check_known(names, classes: tuple[str, ...], where: str) -> None:
     unknown = sorted(n for n in set(names) if n not in classes)
     if unknown:
+        def few(items, n=12):  # a 100-class model's names would make a 1,000-character error line
+            return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
         raise UnknownClasses(f"{where}: class {'folder' if len(unknown) == 1 else 'folders'} "
-                        f"{', '.join(unknown)} not among the model's classes ({', '.join(classes)})")
+                             f"{few(unknown)} not among the model's classes ({few(list(classes))})")
 
 
 def _labels(names, which: np.ndarray, classes: tuple[str, ...], where: str) -> tuple[np.ndarray, tuple]:

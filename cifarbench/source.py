@@ -806,15 +806,24 @@ def _find_state_dict(obj, path: Path) -> tuple[dict, str | None]:
                     f"torch.save")
 
 
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
 def _with_arch(path: Path, state: dict, arch, kw: dict, fmt: str, file_executes: str) -> _Loaded:
     if not arch:
         raise UserError(f"{path} is a state_dict (weights without an architecture); name the model with "
                         f"--arch PKG.MODULE:FACTORY (a callable that builds it, e.g. --arch mypkg.models:resnet20)")
     module = build_arch(arch, kw)
-    stripped = None
+    stripped = ""
     own = module.state_dict()
-    if all(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in own):
-        state, stripped = {k[len("module."):]: v for k, v in state.items()}, "module."  # saved from DataParallel
+    # wrappers that prefix every key: DataParallel/DDP (module.), torch.compile (_orig_mod.), a Lightning
+    # module holding the net as self.model (model.); stripped only where every key has it and the net's have not
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in own):
+                state, stripped, changed = {k[len(prefix):]: v for k, v in state.items()}, stripped + prefix, True
     _check_state(path, state, own, arch, kw)
     module.load_state_dict(state, strict=False)  # every key was checked above; BN counters may be absent
     module.eval()
@@ -1095,9 +1104,15 @@ def _logit_gap(a, b) -> float | None:
 
 def _does_not_run(loaded: _Loaded, shape: list, exc: Exception) -> UserError:
     text = str(exc).strip()
-    return UserError(f"{loaded.name} does not run on a {shape} batch "
-                     f"({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}); if it takes another "
-                     f"image size, give input_size= (--input-size)")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # TorchScript's first line is "The following operation failed in the TorchScript interpreter.": the line
+    # that says what was expected is further down
+    first = next((line for line in lines if "expected" in line.lower()), lines[0] if lines else "")[:160]
+    # the probe runs more than one batch size: name the layout, not the one batch that failed
+    layout = f"[N, 3, {shape[-2]}, {shape[-1]}]" if len(shape) == 4 else str(shape)
+    hint = ("cifarbench feeds RGB images (3 channels): wrap a model of another channel count"
+            if "channels" in text else "if it takes another image size, give --input-size (API: input_size=)")
+    return UserError(f"{loaded.name} does not run on {layout} batches ({type(exc).__name__}: {first}); {hint}")
 
 
 def _behaviour_digest(loaded: _Loaded, fingerprint: str) -> str:

@@ -184,3 +184,42 @@ def test_an_onnx_graph_of_any_spatial_size_runs_at_the_sources_size(tmp_path, ca
                                  "--mode", mode, "--json", "--no-figures", "--out", tmp_path / mode)
         assert code == 0, err
         np.testing.assert_allclose(np.load(tmp_path / mode / "img_k8.npy"), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", ["model.", "_orig_mod.", "module._orig_mod."])
+def test_state_dicts_saved_through_a_wrapper_load_with_the_prefix_stripped(tmp_path, prefix):
+    """Lightning (self.model), torch.compile (_orig_mod.) and DataParallel (module.) prefix every key."""
+    from cifarbench.source import resolve_source
+
+    model = _small()
+    (tmp_path / "arch.py").write_text("from test_hostile_model_files import Small\n\ndef small():\n"
+                                      "    return Small()\n")
+    torch.save({"state_dict": {prefix + k: v for k, v in model.state_dict().items()}}, tmp_path / "w.ckpt")
+    src = resolve_source(tmp_path / "w.ckpt", arch=f"{tmp_path / 'arch.py'}:small")
+    assert src.provenance["stripped_prefix"] == prefix
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        np.testing.assert_allclose(src.torch_module()(x), model(x), atol=1e-6)
+
+
+def test_a_model_with_a_hundred_unnamed_classes_gives_a_short_error(tmp_path, capsys):
+    class Hundred(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 100, 3)
+
+        def forward(self, x):
+            return self.c(x).mean((2, 3))
+
+    path = _onnx(Hundred().eval(), tmp_path / "c100.onnx", (torch.rand(2, 3, 32, 32),),
+                 dynamic_axes={"input": {0: "N"}})
+    line = assert_user_error(capsys, "eval", path, "--data", "synthetic:20", match="not among the model's classes")
+    assert len(line) < 400 and "(100 in all)" in line and "--classes" in line
+
+
+def test_a_one_channel_model_is_told_about_channels_not_sizes(tmp_path, capsys):
+    torch.manual_seed(0)
+    gray = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)).eval()
+    torch.jit.save(torch.jit.trace(gray, torch.rand(2, 1, 32, 32)), str(tmp_path / "gray.ts"))
+    line = assert_user_error(capsys, "eval", tmp_path / "gray.ts", "--data", "synthetic:20", match="3 channels")
+    assert "--input-size" not in line and "[N, 3, 32, 32]" in line

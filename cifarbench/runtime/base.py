@@ -102,13 +102,14 @@ class Runtime(ABC):
         # runs in bounded memory, each chunk moved, normalized and made contiguous on its own
         step = self.fixed_batch or self.max_batch or max(1, LOGITS_PIXELS // (size * size))
         if len(batch) <= step and not (self.fixed_batch and len(batch) < self.fixed_batch):
-            return self._run(self._prepare(batch))
+            return self._run(self._contract_batch(batch))
         out = torch.empty(len(batch), self.num_classes, device=self.device)
         for i in range(0, len(batch), step):
-            out[i:i + step] = self._chunk(self._prepare(batch[i:i + step]))
+            out[i:i + step] = self._chunk(self._contract_batch(batch[i:i + step]))
         return out
 
-    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
+    def _contract_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        """A chunk as ``_run`` takes it: on the device, float32, normalized, contiguous, never the caller's storage."""
         given = batch
         batch = batch.to(self.device, torch.float32)
         if self.applies_normalization:
